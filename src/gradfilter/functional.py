@@ -1,0 +1,394 @@
+"""Gradient-filtered convolution: the math of DESIGN §1, and nothing else.
+
+The forward is the plain convolution (bit-identical to ``F.conv2d``/``F.conv1d``) and saves only
+the patch sums of the input, x̃, plus the kernel summed over its non-dilated taps, W̃. The backward
+replaces the output gradient by its mean over r×r patches, which turns the convolution backward into
+small matrix products at patch resolution followed by a nearest upsampling of the input gradient.
+
+Everything is computed in 2-D; a 1-D convolution is a 2-D one with a height of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IntOrPair = int | tuple[int, ...]
+
+__all__ = [
+    "UnsupportedDilationError",
+    "AxisGeometry",
+    "axis_geometry",
+    "check_dilation",
+    "conv1d",
+    "conv2d",
+    "validate_radius",
+]
+
+
+class UnsupportedDilationError(ValueError):
+    """A dilation the filtered backward cannot represent at patch resolution (DESIGN §1.8)."""
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _half_up(a: int) -> int:
+    """ceil(a / 2) for any integer, negative included."""
+    return -((-a) // 2)
+
+
+@dataclass(frozen=True)
+class AxisGeometry:
+    """Patch geometry of one spatial axis (DESIGN §1.1–§1.3, §1.8)."""
+
+    size: int  # input length
+    out_size: int  # output length
+    kernel: int
+    stride: int
+    radius: int
+    patches: int  # P = ceil(out_size / radius)
+    out_pad: int  # rows of padding before the output grid (0 <= out_pad < radius)
+    in_pad: int  # rows of padding before the input grid (negative: the grid starts inside)
+    tap_dilation: int  # 0: taps summed; otherwise the dilation of the conv at patch resolution
+
+    @property
+    def in_patch(self) -> int:
+        """Input patch length: the output patch scaled by the stride."""
+        return self.radius * self.stride
+
+    @property
+    def keeps_taps(self) -> bool:
+        return self.tap_dilation > 0
+
+
+def check_dilation(kernel: int, stride: int, dilation: int, radius: int) -> int:
+    """Return the patch-resolution dilation of one axis (0 when the taps are summed).
+
+    Taps closer than one input patch fall into the same or the next patch and are summed (§1.4).
+    Taps at least a patch apart (atrous convs) are kept: the conv at patch resolution then has
+    dilation ``d / (r·s)``, which must be an integer with a centred kernel (§1.8).
+    """
+    in_patch = radius * stride
+    if kernel == 1 or dilation == 1 or dilation < in_patch:
+        return 0
+    if dilation % in_patch or ((kernel - 1) * (dilation // in_patch)) % 2:
+        raise UnsupportedDilationError(
+            f"dilation {dilation} with kernel {kernel}, stride {stride} and radius {radius} is not "
+            f"handled: a dilation of at least radius*stride={in_patch} must be a multiple of it "
+            f"with a centred kernel; pick a radius that divides {dilation} (or one above it)"
+        )
+    return dilation // in_patch
+
+
+def axis_geometry(
+    size: int, out_size: int, kernel: int, stride: int, dilation: int, radius: int
+) -> AxisGeometry:
+    patches = _ceil_div(out_size, radius)
+    return AxisGeometry(
+        size=size,
+        out_size=out_size,
+        kernel=kernel,
+        stride=stride,
+        radius=radius,
+        patches=patches,
+        out_pad=_half_up(patches * radius - out_size),
+        in_pad=_half_up(patches * radius * stride - size),
+        tap_dilation=check_dilation(kernel, stride, dilation, radius),
+    )
+
+
+def validate_radius(radius: object, ndim: int = 2) -> tuple[int, ...]:
+    """Normalise ``radius`` to a tuple of ``ndim`` positive ints, or raise one clear error."""
+    values = radius if isinstance(radius, (tuple, list)) else (radius,) * ndim
+    if len(values) != ndim or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        raise TypeError(f"radius must be an int (or {ndim} ints), got {radius!r}")
+    if any(v < 1 for v in values):
+        raise ValueError(f"radius must be >= 1, got {radius!r}")
+    return tuple(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch pooling and unpooling (the only passes over full-resolution tensors)
+
+
+def _sum_exact(t: Tensor, kh: int, kw: int) -> Tensor:
+    """Sum over non-overlapping kh×kw patches of a map that the patches tile exactly."""
+    if kh > 1:  # rows first: a reduction over a strided dim with a contiguous inner dim
+        t = t.unflatten(-2, (t.shape[-2] // kh, kh)).sum(-2)
+    if kw == 1:
+        return t
+    if kw > 4:
+        return t.unflatten(-1, (t.shape[-1] // kw, kw)).sum(-1)
+    out = t[..., 0::kw] + t[..., 1::kw]
+    for j in range(2, kw):
+        out.add_(t[..., j::kw])
+    return out
+
+
+def patch_sum_input(x: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
+    """x̃: sum of x over each input patch (stride-scaled, grid centred on the map; §1.3)."""
+    pads = []
+    for dim, g in ((-2, gh), (-1, gw)):
+        span = g.patches * g.in_patch
+        if g.in_pad < 0:  # the grid lies inside the map: a view, no copy
+            x = x.narrow(dim, -g.in_pad, span)
+            pads.append((0, 0))
+        else:  # the grid overhangs the map: zero padding adds nothing to a sum
+            pads.append((g.in_pad, span - g.size - g.in_pad))
+    (top, bottom), (left, right) = pads
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))
+    return _sum_exact(x, gh.in_patch, gw.in_patch)
+
+
+def patch_mean_output(gy: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> tuple[Tensor, Tensor]:
+    """ḡ: mean of gy over the real pixels of each output patch (§1.2), and the per-channel sum.
+
+    The channel sum is the exact bias gradient (§1.7), recovered from the patch means and the
+    number of real pixels per patch so that gy is read only once.
+    """
+    rh, rw = gh.radius, gw.radius
+    if gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
+        gw.patches * rw == gy.shape[-1]
+    ):
+        sums = _sum_exact(gy, rh, rw)
+        return sums * (1.0 / (rh * rw)), sums.sum((0, 2, 3))
+    mean = F.avg_pool2d(
+        gy, (rh, rw), (rh, rw), padding=(gh.out_pad, gw.out_pad), count_include_pad=False
+    )
+    counts = torch.outer(_real_counts(gh, gy.device), _real_counts(gw, gy.device))
+    return mean, (mean * counts.to(mean.dtype)).sum((0, 2, 3))
+
+
+def _real_counts(g: AxisGeometry, device: torch.device) -> Tensor:
+    """Number of real (non-padding) output pixels in each patch along one axis."""
+    start = torch.arange(g.patches, device=device) * g.radius - g.out_pad
+    return (start + g.radius).clamp(max=g.out_size) - start.clamp(min=0)
+
+
+def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
+    """gx: g̃x repeated over each input patch, cropped (or zero-extended) to the input map (§1.6)."""
+    n, c, ph, pw = gxt.shape
+    kh, kw = gh.in_patch, gw.in_patch
+    full = gxt
+    if kw > 1:  # columns first, on the small map; then whole rows are copied
+        full = gxt.unsqueeze(-1).expand(n, c, ph, pw, kw).reshape(n, c, ph, pw * kw)
+    if kh > 1:
+        full = full.unsqueeze(-2).expand(n, c, ph, kh, pw * kw).reshape(n, c, ph * kh, pw * kw)
+    top, left = gh.in_pad, gw.in_pad
+    bottom = ph * kh - gh.size - top
+    right = pw * kw - gw.size - left
+    if top or left or bottom or right:
+        full = F.pad(full, (-left, -right, -top, -bottom))
+    return full
+
+
+# ----------------------------------------------------------------------------------------------
+# The autograd Function
+
+
+def _summed_kernel(weight: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
+    """W̃: the kernel summed over the axes whose taps are not kept (§1.4)."""
+    dims = [d for d, g in ((2, gh), (3, gw)) if not g.keeps_taps]
+    return weight.sum(dims, keepdim=True) if dims else weight
+
+
+def _patch_conv_args(kernel_shape, gh: AxisGeometry, gw: AxisGeometry):
+    """Padding and dilation of the 'same' conv at patch resolution with this kernel shape."""
+    dil = (max(gh.tap_dilation, 1), max(gw.tap_dilation, 1))
+    pad = ((kernel_shape[2] - 1) * dil[0] // 2, (kernel_shape[3] - 1) * dil[1] // 2)
+    return pad, dil
+
+
+def _grad_weight(gbar: Tensor, xt: Tensor, wsum_shape, groups: int, gh, gw) -> Tensor:
+    """gW̃ = Σ_{n,patches} ḡ·x̃ (per group), or the patch-resolution conv weight grad (§1.5, §1.8)."""
+    n, cout, ph, pw = gbar.shape
+    cin = xt.shape[1]
+    if wsum_shape[2] == 1 and wsum_shape[3] == 1:
+        g = gbar.reshape(n, groups, cout // groups, ph * pw)
+        x = xt.reshape(n, groups, cin // groups, ph * pw)
+        if cout == groups and cin == groups:  # depthwise, multiplier 1
+            return (g * x).sum((0, 3)).reshape(wsum_shape)
+        return torch.einsum("ngop,ngip->goi", g, x).reshape(wsum_shape)
+    pad, dil = _patch_conv_args(wsum_shape, gh, gw)
+    return torch.nn.grad.conv2d_weight(xt, wsum_shape, gbar, 1, pad, dil, groups)
+
+
+def _grad_input_patches(gbar: Tensor, wsum: Tensor, cin: int, groups: int, gh, gw) -> Tensor:
+    """g̃x = Σ_co W̃·ḡ (per group), or the patch-resolution transposed conv (§1.6, §1.8)."""
+    n, cout, ph, pw = gbar.shape
+    if wsum.shape[2] == 1 and wsum.shape[3] == 1:
+        if cout == groups and cin == groups:  # depthwise, multiplier 1
+            return gbar * wsum.reshape(1, cout, 1, 1)
+        g = gbar.reshape(n, groups, cout // groups, ph * pw)
+        w = wsum.reshape(groups, cout // groups, cin // groups)
+        return torch.einsum("goi,ngop->ngip", w, g).reshape(n, cin, ph, pw)
+    pad, dil = _patch_conv_args(wsum.shape, gh, gw)
+    return torch.nn.grad.conv2d_input((n, cin, ph, pw), wsum, gbar, 1, pad, dil, groups)
+
+
+class _FilteredConv(torch.autograd.Function):
+    """conv forward; gradient-filtered backward (DESIGN §1). Works on 2-D views of 1-D convs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, radius, one_d):
+        if one_d:
+            y = F.conv1d(x, weight, bias, stride[1:], padding, dilation[1:], groups)
+            x2, w2, y2 = x.unsqueeze(-2), weight.unsqueeze(-2), y.unsqueeze(-2)
+        else:
+            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            x2, w2, y2 = x, weight, y
+        gh, gw = (
+            axis_geometry(x2.shape[d], y2.shape[d], w2.shape[d], stride[i], dilation[i], radius[i])
+            for i, d in enumerate((-2, -1))
+        )
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        xt = patch_sum_input(x2, gh, gw) if need_w else None
+        # The weight itself is saved (it is alive anyway); W̃ is formed in the backward.
+        ctx.save_for_backward(xt, weight if need_x else None)
+        ctx.geometry = (gh, gw)
+        ctx.meta = (groups, tuple(w2.shape), x.shape[1], one_d, need_x, need_w, need_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(
+                "gradfilter: double backward (create_graph=True) through a filtered convolution "
+                "is not supported; the filtered gradient is differentiated only once"
+            )
+        xt, weight = ctx.saved_tensors
+        gh, gw = ctx.geometry
+        groups, w_shape, cin, one_d, need_x, need_w, need_b = ctx.meta
+        if one_d:
+            gy = gy.unsqueeze(-2)
+        gbar, gb = patch_mean_output(gy, gh, gw)
+        scale = 1.0 / (gh.stride * gw.stride)
+        if scale != 1.0:
+            gbar = gbar * scale
+        gx = gw_ = None
+        if need_w:
+            taps_shape = (
+                w_shape[0],
+                w_shape[1],
+                w_shape[2] if gh.keeps_taps else 1,
+                w_shape[3] if gw.keeps_taps else 1,
+            )
+            gw_ = _grad_weight(gbar, xt.to(gbar.dtype), taps_shape, groups, gh, gw)
+            gw_ = gw_.expand(w_shape).contiguous()
+            if one_d:
+                gw_ = gw_.squeeze(-2)
+        if need_x:
+            wsum = _summed_kernel(weight.reshape(w_shape), gh, gw).to(gbar.dtype)
+            gxt = _grad_input_patches(gbar, wsum, cin, groups, gh, gw)
+            gx = unpool_input(gxt, gh, gw)
+            if one_d:
+                gx = gx.squeeze(-2)
+        return gx, gw_, (gb if need_b else None), None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functional API
+
+
+def _tuple(v: IntOrPair, n: int, name: str) -> tuple[int, ...]:
+    t = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    if len(t) != n:
+        raise ValueError(f"{name} must be an int or {n} ints, got {v!r}")
+    return t
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d: bool) -> Tensor:
+    nd = 1 if one_d else 2
+    name = "conv1d" if one_d else "conv2d"
+    radius_t = validate_radius(radius, nd)
+    if x.dim() not in (nd + 1, nd + 2):
+        raise ValueError(
+            f"gradfilter.{name}: expected a {nd + 2}-D (batched) or {nd + 1}-D (unbatched) input, "
+            f"got {x.dim()}-D with shape {tuple(x.shape)}"
+        )
+    stride_t = _tuple(stride, nd, "stride")
+    dilation_t = _tuple(dilation, nd, "dilation")
+    if not isinstance(padding, str):
+        padding = _tuple(padding, nd, "padding")
+    if one_d:
+        radius_t, stride_t, dilation_t = (1, *radius_t), (1, *stride_t), (1, *dilation_t)
+    kernel = (1, weight.shape[-1]) if one_d else tuple(weight.shape[-2:])
+    for i in range(2):  # fail before any work if a dilation cannot be handled
+        check_dilation(kernel[i], stride_t[i], dilation_t[i], radius_t[i])
+    plain = F.conv1d if one_d else F.conv2d
+    if not _needs_graph(x, weight, bias):
+        return plain(x, weight, bias, stride_t[-nd:], padding, dilation_t[-nd:], groups)
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Convolutions run in the autocast dtype; cast as autocast would, then run unautocast so
+        # the saved x̃ and the backward use that same dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            y = _FilteredConv.apply(
+                x, weight, bias, stride_t, padding, dilation_t, groups, radius_t, one_d
+            )
+    else:
+        y = _FilteredConv.apply(
+            x, weight, bias, stride_t, padding, dilation_t, groups, radius_t, one_d
+        )
+    return y.squeeze(0) if unbatched else y
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    radius: IntOrPair = 4,
+) -> Tensor:
+    """``F.conv2d`` whose backward is gradient-filtered over ``radius``×``radius`` output patches.
+
+    The output is bit-identical to ``F.conv2d``; under ``torch.no_grad()`` (or when nothing
+    requires a gradient) it *is* ``F.conv2d`` and saves nothing.
+    """
+    return _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d=False)
+
+
+def conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    radius: IntOrPair = 4,
+) -> Tensor:
+    """``F.conv1d`` whose backward is gradient-filtered over length-``radius`` output patches."""
+    return _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d=True)
+
+
+def filtered_saved_bytes(
+    in_shape, out_shape, weight_shape, stride, dilation, radius, element_size: int = 4
+) -> int:
+    """Bytes of x̃, what the filtered conv saves besides the weight, from 2-D shapes alone."""
+    gh, gw = (
+        axis_geometry(in_shape[d], out_shape[d], weight_shape[d], stride[i], dilation[i], radius[i])
+        for i, d in enumerate((-2, -1))
+    )
+    return in_shape[0] * in_shape[1] * gh.patches * gw.patches * element_size

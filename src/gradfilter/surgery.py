@@ -1,0 +1,351 @@
+"""Model surgery: turn chosen convolutions of any model into filtered ones, and back.
+
+Conversion swaps the class of the existing module in place, so parameter objects, hooks, optimizer
+references and ``state_dict`` keys stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import functional as GF
+from .nn import FilteredConv1d, FilteredConv2d
+
+__all__ = ["ConversionReport", "LayerReport", "apply", "freeze", "remove", "conv_layers"]
+
+RadiusSpec = int | Mapping[str, int] | Callable[[str, nn.Module], int]
+FilterFn = Callable[[nn.Module, str], bool]
+
+_FILTERED = (FilteredConv1d, FilteredConv2d)
+_PLAIN_TO_FILTERED: dict[type, type] = {nn.Conv2d: FilteredConv2d, nn.Conv1d: FilteredConv1d}
+
+
+def _is_timm_conv2d_same(module: nn.Module) -> bool:
+    """timm's ``Conv2dSame``: TF 'SAME' padding computed at run time (tf_* EfficientNets)."""
+    cls = type(module)
+    return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.")
+
+
+def _target_class(module: nn.Module) -> tuple[type | None, str]:
+    """The filtered class for ``module``, or None and the reason it cannot be filtered."""
+    if isinstance(module, _FILTERED):
+        return type(module), ""
+    cls = type(module)
+    if cls in _PLAIN_TO_FILTERED or _is_timm_conv2d_same(module):
+        if module.padding_mode != "zeros":
+            return None, f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+        return (FilteredConv2d if isinstance(module, nn.Conv2d) else FilteredConv1d), ""
+    return None, f"{cls.__module__}.{cls.__qualname__} overrides the convolution's forward"
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All 1-D/2-D convolutions of ``model`` (qualified name, module), in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+
+
+@dataclass
+class LayerReport:
+    """One converted layer: where it is, what it sees, and what it saves for backward."""
+
+    name: str
+    kind: str
+    radius: int
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+    vanilla_saved_bytes: int | None = None
+    filtered_saved_bytes: int | None = None
+
+
+@dataclass
+class ConversionReport:
+    """What ``apply`` converted (in forward order when traced) and what it skipped, and why."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [row.name for row in self.layers]
+
+    def total_saved_bytes(self) -> tuple[int, int]:
+        """(vanilla, filtered) bytes saved for backward by the converted layers' inputs."""
+        v = sum(r.vanilla_saved_bytes or 0 for r in self.layers)
+        f = sum(r.filtered_saved_bytes or 0 for r in self.layers)
+        return v, f
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [asdict(r) for r in self.layers], "skipped": self.skipped}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __str__(self) -> str:
+        def shape(s):
+            return "x".join(map(str, s)) if s else "?"
+
+        def size(b):
+            return "?" if b is None else _fmt_bytes(b)
+
+        head = ("layer", "kind", "r", "input", "output", "saved vanilla", "saved filtered")
+        rows = [
+            (r.name, r.kind, str(r.radius), shape(r.in_shape), shape(r.out_shape),
+             size(r.vanilla_saved_bytes), size(r.filtered_saved_bytes))
+            for r in self.layers
+        ]
+        v, f = self.total_saved_bytes()
+        if any(r.vanilla_saved_bytes for r in self.layers):
+            ratio = f"{v / f:.1f}x less" if f else ""
+            rows.append(("total", "", "", "", "", _fmt_bytes(v), f"{_fmt_bytes(f)} ({ratio})"))
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"skipped {n}: {why}" for n, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def _call(model: nn.Module, example_input: Any) -> None:
+    if isinstance(example_input, Mapping):
+        model(**example_input)
+    elif isinstance(example_input, (tuple, list)):
+        model(*example_input)
+    else:
+        model(example_input)
+
+
+def _trace(model: nn.Module, modules: dict[str, nn.Module], example_input: Any):
+    """Run one no-grad eval forward; return {name: (in_shape, out_shape, dtype)} in call order."""
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name, mod in modules.items():
+        def hook(m, args, out, name=name):
+            if name not in seen:
+                seen[name] = (tuple(args[0].shape), tuple(out.shape), args[0].dtype)
+        handles.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _match(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _radius_for(radius: RadiusSpec, name: str, module: nn.Module) -> int | None:
+    if isinstance(radius, Mapping):
+        if name in radius:
+            return radius[name]
+        for pattern, r in radius.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return r
+        return None
+    if callable(radius):
+        return radius(name, module)
+    return radius
+
+
+def _as_2d(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:-1] + (1, shape[-1]) if len(shape) == 3 else shape
+
+
+def _saved_bytes(module: nn.Module, radius: int, in_shape, out_shape, dtype) -> tuple[int, int]:
+    elem = torch.empty((), dtype=dtype).element_size()
+    in2, out2 = _as_2d(in_shape), _as_2d(out_shape)
+    if len(in2) != 4:  # unbatched input
+        in2, out2 = (1, *in2), (1, *out2)
+    one_d = isinstance(module, nn.Conv1d)
+    w_shape = _as_2d(tuple(module.weight.shape))
+    stride = (1, *module.stride) if one_d else module.stride
+    dilation = (1, *module.dilation) if one_d else module.dilation
+    radius2 = (1, radius) if one_d else (radius, radius)
+    if getattr(module, "tf_same", False) or _is_timm_conv2d_same(module):
+        # The conv sees the TF-'SAME'-padded input.
+        pads = [max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0)
+                for s, k, st, d in zip(in2[2:], w_shape[2:], stride, dilation)]
+        in2 = (*in2[:2], in2[2] + pads[0], in2[3] + pads[1])
+    vanilla = elem
+    for s in in_shape:
+        vanilla *= s
+    filtered = GF.filtered_saved_bytes(in2, out2, w_shape, stride, dilation, radius2, elem)
+    return vanilla, filtered
+
+
+def apply(
+    model: nn.Module,
+    radius: RadiusSpec = 4,
+    last: int | None = None,
+    names: str | Iterable[str] | None = None,
+    filter_fn: FilterFn | None = None,
+    example_input: Any = None,
+    on_unsupported: str = "error",
+) -> ConversionReport:
+    """Convert matching ``nn.Conv2d``/``nn.Conv1d`` modules of ``model`` in place; return a report.
+
+    Selection (criteria combine; none given means every convolution):
+      names     glob patterns on qualified module names (``"layer4.*"``);
+      filter_fn ``filter_fn(module, name) -> bool``;
+      last      the last N selected convolutions in forward execution order, found with one
+                no-grad forward on ``example_input`` (required for ``last``).
+    ``radius`` is an int, a ``{name or glob: radius}`` dict (which also restricts the selection to
+    the layers it names) or ``radius(name, module) -> int``.
+    ``on_unsupported``: ``"error"`` (default) raises for a selected layer that cannot be
+    filtered (custom conv subclass, non-zero padding mode, unhandled dilation); ``"skip"`` leaves
+    it plain and lists it in ``report.skipped``. Converting an already filtered layer just
+    updates its radius.
+    """
+    if on_unsupported not in ("error", "skip"):
+        raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
+    if last is not None and (not isinstance(last, int) or last < 1):
+        raise ValueError(f"last must be a positive int, got {last!r}")
+    if last is not None and example_input is None:
+        raise ValueError("last=N needs example_input to find the forward execution order")
+    if isinstance(names, str):
+        names = [names]
+    found = conv_layers(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nn.Conv1d/nn.Conv2d modules to filter")
+
+    selected = {}
+    for name, mod in found:
+        if names is not None and not _match(name, names):
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        if isinstance(radius, Mapping) and _radius_for(radius, name, mod) is None:
+            continue
+        selected[name] = mod
+
+    traced = _trace(model, dict(found), example_input) if example_input is not None else {}
+    if last is not None:
+        order = [n for n in traced if n in selected]
+        selected = {n: selected[n] for n in order[-last:]}
+    if not selected:
+        listing = "\n  ".join(f"{n} ({type(m).__name__})" for n, m in found)
+        raise ValueError(f"no convolution matched the selection; the model has:\n  {listing}")
+
+    report = ConversionReport()
+    plan = []
+    for name, mod in selected.items():
+        r = _radius_for(radius, name, mod)
+        problem = ""
+        try:
+            r = GF.validate_radius(r, 1)[0]
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
+        cls, problem = _target_class(mod)
+        if cls is not None:
+            try:
+                ks = mod.kernel_size if cls is FilteredConv2d else (1, *mod.kernel_size)
+                st = mod.stride if cls is FilteredConv2d else (1, *mod.stride)
+                dl = mod.dilation if cls is FilteredConv2d else (1, *mod.dilation)
+                rr = (r, r) if cls is FilteredConv2d else (1, r)
+                for i in range(2):
+                    GF.check_dilation(ks[i], st[i], dl[i], rr[i])
+            except GF.UnsupportedDilationError as e:
+                problem = str(e)
+        if problem:
+            if on_unsupported == "error":
+                raise ValueError(f"cannot filter {name}: {problem}")
+            report.skipped.append((name, problem))
+            continue
+        plan.append((name, mod, cls, r))
+
+    for name, mod, cls, r in plan:
+        if not isinstance(mod, _FILTERED):
+            mod._gradfilter_original_class = type(mod)
+            mod.tf_same = _is_timm_conv2d_same(mod)
+            mod.__class__ = cls
+        mod.radius = r
+        row = LayerReport(name=name, kind=cls.__name__, radius=r)
+        if name in traced:
+            in_shape, out_shape, dtype = traced[name]
+            row.in_shape, row.out_shape = in_shape, out_shape
+            row.vanilla_saved_bytes, row.filtered_saved_bytes = _saved_bytes(
+                mod, r, in_shape, out_shape, dtype
+            )
+        report.layers.append(row)
+    if traced:
+        order = {n: i for i, n in enumerate(traced)}
+        report.layers.sort(key=lambda row: order.get(row.name, len(order)))
+    return report
+
+
+def remove(model: nn.Module) -> list[str]:
+    """Turn every filtered convolution back into its original class; return their names."""
+    reverted = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _FILTERED):
+            original = mod.__dict__.pop("_gradfilter_original_class", None)
+            if original is None:
+                original = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Conv1d
+            for attr in ("radius", "tf_same"):
+                mod.__dict__.pop(attr, None)
+            mod.__class__ = original
+            reverted.append(name)
+    return reverted
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` replacement for BatchNorm layers pinned to eval mode by ``freeze``."""
+    return nn.Module.train(self, False)
+
+
+def freeze(
+    model: nn.Module,
+    trainable: ConversionReport | Iterable[str] | Callable[[str, nn.Module], bool],
+    bn_eval: bool = True,
+) -> list[str]:
+    """Freeze every parameter except those of the ``trainable`` modules; return trainable names.
+
+    ``trainable`` is a report from :func:`apply`, module names / glob patterns (a module's
+    submodules train with it), or ``fn(name, module) -> bool``. With ``bn_eval`` every BatchNorm
+    layer is put in eval mode and kept there through later ``model.train()`` calls (the paper's
+    protocol: running statistics frozen, affine parameters train where their module trains).
+    """
+    if isinstance(trainable, ConversionReport):
+        trainable = trainable.names
+    if isinstance(trainable, str):
+        trainable = [trainable]
+    if callable(trainable):
+        chosen = [n for n, m in model.named_modules() if n and trainable(n, m)]
+    else:
+        patterns = list(trainable)
+        chosen = [n for n, _ in model.named_modules() if n and _match(n, patterns)]
+        missing = [p for p in patterns if not any(_match(n, [p]) for n in chosen)]
+        if missing:
+            raise ValueError(f"freeze: no module matches {missing}")
+    prefixes = tuple(f"{n}." for n in chosen)
+    names = []
+    for pname, p in model.named_parameters():
+        p.requires_grad_(pname.startswith(prefixes))
+        if p.requires_grad:
+            names.append(pname)
+    if bn_eval:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train = types.MethodType(_stay_in_eval, m)
+                m.train()
+    return names
