@@ -1,0 +1,1 @@
+"""Benchmarks: vanilla and filtered in the same process, alternating, reported as ratios."""
