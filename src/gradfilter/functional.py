@@ -148,23 +148,26 @@ def patch_sum_input(x: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
     return _sum_exact(x, gh.in_patch, gw.in_patch)
 
 
-def patch_mean_output(gy: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> tuple[Tensor, Tensor]:
-    """ḡ: mean of gy over the real pixels of each output patch (§1.2), and the per-channel sum.
+def patch_mean_output(
+    gy: Tensor, gh: AxisGeometry, gw: AxisGeometry
+) -> tuple[Tensor, float, Tensor]:
+    """ḡ = sums · scale: gy averaged over the real pixels of each output patch (§1.2).
 
-    The channel sum is the exact bias gradient (§1.7), recovered from the patch means and the
-    number of real pixels per patch so that gy is read only once.
+    Returns (sums, scale, bias gradient). The channel sum of gy is the exact bias gradient (§1.7),
+    taken from the patch sums so that gy is read only once; the scale is folded into the small
+    matrices later instead of costing a pass over the patch map.
     """
     rh, rw = gh.radius, gw.radius
     if gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
         gw.patches * rw == gy.shape[-1]
     ):
         sums = _sum_exact(gy, rh, rw)
-        return sums * (1.0 / (rh * rw)), sums.sum((0, 2, 3))
+        return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
     mean = F.avg_pool2d(
         gy, (rh, rw), (rh, rw), padding=(gh.out_pad, gw.out_pad), count_include_pad=False
     )
     counts = torch.outer(_real_counts(gh, gy.device), _real_counts(gw, gy.device))
-    return mean, (mean * counts.to(mean.dtype)).sum((0, 2, 3))
+    return mean, 1.0, (mean * counts.to(mean.dtype)).sum((0, 2, 3))
 
 
 def _real_counts(g: AxisGeometry, device: torch.device) -> Tensor:
@@ -174,7 +177,10 @@ def _real_counts(g: AxisGeometry, device: torch.device) -> Tensor:
 
 
 def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
-    """gx: g̃x repeated over each input patch, cropped (or zero-extended) to the input map (§1.6)."""
+    """gx: g̃x repeated over each input patch, cropped (or zero-extended) to the input map (§1.6).
+
+    ``gxt`` may be a permuted view; the first expansion copies it into a contiguous layout.
+    """
     n, c, ph, pw = gxt.shape
     kh, kw = gh.in_patch, gw.in_patch
     full = gxt
@@ -187,17 +193,49 @@ def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
     right = pw * kw - gw.size - left
     if top or left or bottom or right:
         full = F.pad(full, (-left, -right, -top, -bottom))
+    elif kh == 1 and kw == 1:
+        full = full.contiguous()
     return full
 
 
 # ----------------------------------------------------------------------------------------------
-# The autograd Function
+# Patch-resolution products (§1.5, §1.6) and their dilated form (§1.8)
 
 
 def _summed_kernel(weight: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
     """W̃: the kernel summed over the axes whose taps are not kept (§1.4)."""
     dims = [d for d, g in ((2, gh), (3, gw)) if not g.keeps_taps]
     return weight.sum(dims, keepdim=True) if dims else weight
+
+
+def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
+    """Taps summed on both axes: gW̃ and g̃x are matrix products over (batch × patches).
+
+    Channel-major copies of ḡ and x̃, (C, N·P), make each product a single GEMM per group.
+    Returns gW̃ (Cout, Cin/G) and g̃x as a (N, Cin, Ph, Pw) view of a channel-major tensor.
+    """
+    n, cout, ph, pw = gbar.shape
+    cpg = w_shape[1]
+    cin = cpg * groups
+    g_t = gbar.transpose(0, 1).reshape(groups, cout // groups, n * ph * pw)
+    depthwise = cout == groups and cpg == 1
+    gw_ = gxt = None
+    if need_w:
+        x_t = xt.transpose(0, 1).reshape(groups, cpg, n * ph * pw).to(gbar.dtype)
+        if depthwise:
+            gw_ = (g_t * x_t).sum(-1)
+        else:
+            gw_ = torch.bmm(g_t, x_t.transpose(1, 2))
+        gw_ = gw_.reshape(cout, cpg).mul_(scale)
+    if need_x:
+        w_t = weight.sum((2, 3)).to(gbar.dtype).mul_(scale)  # W̃ · scale, (Cout, Cin/G)
+        if depthwise:
+            gx_t = g_t * w_t.reshape(groups, 1, 1)
+        else:
+            w_t = w_t.reshape(groups, cout // groups, cpg).transpose(1, 2)
+            gx_t = torch.bmm(w_t, g_t)  # (G, Cin/G, N·P)
+        gxt = gx_t.reshape(cin, n, ph, pw).transpose(0, 1)
+    return gw_, gxt
 
 
 def _patch_conv_args(kernel_shape, gh: AxisGeometry, gw: AxisGeometry):
@@ -207,31 +245,31 @@ def _patch_conv_args(kernel_shape, gh: AxisGeometry, gw: AxisGeometry):
     return pad, dil
 
 
-def _grad_weight(gbar: Tensor, xt: Tensor, wsum_shape, groups: int, gh, gw) -> Tensor:
-    """gW̃ = Σ_{n,patches} ḡ·x̃ (per group), or the patch-resolution conv weight grad (§1.5, §1.8)."""
-    n, cout, ph, pw = gbar.shape
-    cin = xt.shape[1]
-    if wsum_shape[2] == 1 and wsum_shape[3] == 1:
-        g = gbar.reshape(n, groups, cout // groups, ph * pw)
-        x = xt.reshape(n, groups, cin // groups, ph * pw)
-        if cout == groups and cin == groups:  # depthwise, multiplier 1
-            return (g * x).sum((0, 3)).reshape(wsum_shape)
-        return torch.einsum("ngop,ngip->goi", g, x).reshape(wsum_shape)
-    pad, dil = _patch_conv_args(wsum_shape, gh, gw)
-    return torch.nn.grad.conv2d_weight(xt, wsum_shape, gbar, 1, pad, dil, groups)
+def _taps_shape(w_shape, gh: AxisGeometry, gw: AxisGeometry) -> tuple[int, int, int, int]:
+    """Shape of W̃: taps kept only along the axes that keep them."""
+    return (w_shape[0], w_shape[1], w_shape[2] if gh.keeps_taps else 1,
+            w_shape[3] if gw.keeps_taps else 1)
 
 
-def _grad_input_patches(gbar: Tensor, wsum: Tensor, cin: int, groups: int, gh, gw) -> Tensor:
-    """g̃x = Σ_co W̃·ḡ (per group), or the patch-resolution transposed conv (§1.6, §1.8)."""
-    n, cout, ph, pw = gbar.shape
-    if wsum.shape[2] == 1 and wsum.shape[3] == 1:
-        if cout == groups and cin == groups:  # depthwise, multiplier 1
-            return gbar * wsum.reshape(1, cout, 1, 1)
-        g = gbar.reshape(n, groups, cout // groups, ph * pw)
-        w = wsum.reshape(groups, cout // groups, cin // groups)
-        return torch.einsum("goi,ngop->ngip", w, g).reshape(n, cin, ph, pw)
-    pad, dil = _patch_conv_args(wsum.shape, gh, gw)
-    return torch.nn.grad.conv2d_input((n, cin, ph, pw), wsum, gbar, 1, pad, dil, groups)
+def _tap_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x, gh, gw):
+    """Taps kept on an axis (atrous, §1.8): the conv at patch resolution, dilation d/(r·s)."""
+    taps = _taps_shape(w_shape, gh, gw)
+    pad, dil = _patch_conv_args(taps, gh, gw)
+    gbar = gbar * scale
+    gw_ = gxt = None
+    if need_w:
+        gw_ = torch.nn.grad.conv2d_weight(xt.to(gbar.dtype), taps, gbar, 1, pad, dil, groups)
+    if need_x:
+        n, _, ph, pw = gbar.shape
+        wsum = _summed_kernel(weight, gh, gw).to(gbar.dtype)
+        gxt = torch.nn.grad.conv2d_input(
+            (n, w_shape[1] * groups, ph, pw), wsum, gbar, 1, pad, dil, groups
+        )
+    return gw_, gxt
+
+
+# ----------------------------------------------------------------------------------------------
+# The autograd Function
 
 
 class _FilteredConv(torch.autograd.Function):
@@ -254,7 +292,7 @@ class _FilteredConv(torch.autograd.Function):
         # The weight itself is saved (it is alive anyway); W̃ is formed in the backward.
         ctx.save_for_backward(xt, weight if need_x else None)
         ctx.geometry = (gh, gw)
-        ctx.meta = (groups, tuple(w2.shape), x.shape[1], one_d, need_x, need_w, need_b)
+        ctx.meta = (groups, tuple(w2.shape), one_d, need_x, need_w, need_b)
         return y
 
     @staticmethod
@@ -266,28 +304,23 @@ class _FilteredConv(torch.autograd.Function):
             )
         xt, weight = ctx.saved_tensors
         gh, gw = ctx.geometry
-        groups, w_shape, cin, one_d, need_x, need_w, need_b = ctx.meta
+        groups, w_shape, one_d, need_x, need_w, need_b = ctx.meta
         if one_d:
             gy = gy.unsqueeze(-2)
-        gbar, gb = patch_mean_output(gy, gh, gw)
-        scale = 1.0 / (gh.stride * gw.stride)
-        if scale != 1.0:
-            gbar = gbar * scale
-        gx = gw_ = None
+            weight = weight.unsqueeze(-2) if weight is not None else None
+        sums, scale, gb = patch_mean_output(gy, gh, gw)
+        scale /= gh.stride * gw.stride  # §1: the 1/(sh·sw) stride scale
+        args = (sums, xt, weight, w_shape, groups, scale, need_w, need_x)
+        if gh.keeps_taps or gw.keeps_taps:
+            gw_, gxt = _tap_grads(*args, gh, gw)
+        else:
+            gw_, gxt = _pointwise_grads(*args)
+        gx = None
         if need_w:
-            taps_shape = (
-                w_shape[0],
-                w_shape[1],
-                w_shape[2] if gh.keeps_taps else 1,
-                w_shape[3] if gw.keeps_taps else 1,
-            )
-            gw_ = _grad_weight(gbar, xt.to(gbar.dtype), taps_shape, groups, gh, gw)
-            gw_ = gw_.expand(w_shape).contiguous()
+            gw_ = gw_.reshape(_taps_shape(w_shape, gh, gw)).expand(w_shape).contiguous()
             if one_d:
                 gw_ = gw_.squeeze(-2)
         if need_x:
-            wsum = _summed_kernel(weight.reshape(w_shape), gh, gw).to(gbar.dtype)
-            gxt = _grad_input_patches(gbar, wsum, cin, groups, gh, gw)
             gx = unpool_input(gxt, gh, gw)
             if one_d:
                 gx = gx.squeeze(-2)
