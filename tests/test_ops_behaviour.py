@@ -221,3 +221,17 @@ def test_torch_compile_inductor():
     ref = torch.autograd.grad(model(x).sum(), x)[0]
     out = torch.compile(model)(x)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], ref)
+
+
+@pytest.mark.parametrize("k,groups,radius,padding", [(1, 1, 2, 0), (1, 4, 2, 0), (3, 1, 4, 1),
+                                                     (3, 4, 3, 1)])
+def test_backward_leaves_inputs_untouched(k, groups, radius, padding):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 10, 10, requires_grad=True)
+    w = torch.randn(4, 4 // groups, k, k, requires_grad=True)
+    x0, w0 = x.detach().clone(), w.detach().clone()
+    y = gf.conv2d(x, w, None, 1, padding, 1, groups, radius)
+    gy = torch.randn_like(y)
+    gy0 = gy.clone()
+    y.backward(gy)
+    assert torch.equal(x, x0) and torch.equal(w, w0) and torch.equal(gy, gy0)

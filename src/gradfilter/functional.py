@@ -118,17 +118,49 @@ def validate_radius(radius: object, ndim: int = 2) -> tuple[int, ...]:
 # Patch pooling and unpooling (the only passes over full-resolution tensors)
 
 
+# Work on at most this many bytes of a full-resolution map at a time, so that intermediates stay
+# in cache and below malloc's mmap threshold (fresh mmapped pages cost more than the arithmetic).
+_CHUNK_BYTES = 8 << 20
+
+
+def _batch_chunks(t: Tensor) -> int:
+    per_sample = t[0].numel() * t.element_size() if t.shape[0] else 1
+    return max(1, _CHUNK_BYTES // max(per_sample, 1))
+
+
+def _strided_sum(t: Tensor, dim: int, k: int) -> Tensor:
+    """Sum of every k consecutive entries along ``dim`` (length divisible by k)."""
+    if k > 4:
+        return t.unflatten(dim, (t.shape[dim] // k, k)).sum(dim if dim < 0 else dim + 1)
+    idx = [slice(None)] * t.dim()
+
+    def part(j):
+        idx[dim] = slice(j, None, k)
+        return t[tuple(idx)]
+
+    out = part(0) + part(1)
+    for j in range(2, k):
+        out.add_(part(j))
+    return out
+
+
 def _sum_exact(t: Tensor, kh: int, kw: int) -> Tensor:
     """Sum over non-overlapping kh×kw patches of a map that the patches tile exactly."""
-    if kh > 1:  # rows first: a reduction over a strided dim with a contiguous inner dim
-        t = t.unflatten(-2, (t.shape[-2] // kh, kh)).sum(-2)
-    if kw == 1:
+    if kh == 1 and kw == 1:
         return t
-    if kw > 4:
-        return t.unflatten(-1, (t.shape[-1] // kw, kw)).sum(-1)
-    out = t[..., 0::kw] + t[..., 1::kw]
-    for j in range(2, kw):
-        out.add_(t[..., j::kw])
+
+    def pool(c: Tensor) -> Tensor:
+        if kh > 1:  # rows first: strided row adds read whole contiguous rows
+            c = _strided_sum(c, -2, kh)
+        return _strided_sum(c, -1, kw) if kw > 1 else c
+
+    step = _batch_chunks(t)
+    if step >= t.shape[0]:
+        return pool(t)
+    n, c, h, w = t.shape
+    out = t.new_empty(n, c, h // kh, w // kw)
+    for i in range(0, n, step):
+        out[i : i + step] = pool(t[i : i + step])
     return out
 
 
@@ -148,14 +180,32 @@ def patch_sum_input(x: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
     return _sum_exact(x, gh.in_patch, gw.in_patch)
 
 
+def _padded_axis_sum(t: Tensor, dim: int, g: AxisGeometry) -> Tensor:
+    """Sums over the output patches of one axis whose grid overhangs the map (0 < pad < r)."""
+    length, k, pad = t.shape[dim], g.radius, g.out_pad
+    shape = list(t.shape)
+    shape[dim] = g.patches
+    out = t.new_zeros(shape)
+    for j in range(k):  # offset j inside each patch: one strided slice of the map
+        lo = max(0, _ceil_div(pad - j, k))
+        hi = min(g.patches, (length - 1 - j + pad) // k + 1)
+        if hi > lo:
+            src = t.narrow(dim, lo * k + j - pad, (hi - lo - 1) * k + 1)
+            idx = [slice(None)] * t.dim()
+            idx[dim] = slice(None, None, k)
+            out.narrow(dim, lo, hi - lo).add_(src[tuple(idx)])
+    return out
+
+
 def patch_mean_output(
     gy: Tensor, gh: AxisGeometry, gw: AxisGeometry
-) -> tuple[Tensor, float, Tensor]:
+) -> tuple[Tensor, float | Tensor, Tensor]:
     """ḡ = sums · scale: gy averaged over the real pixels of each output patch (§1.2).
 
     Returns (sums, scale, bias gradient). The channel sum of gy is the exact bias gradient (§1.7),
-    taken from the patch sums so that gy is read only once; the scale is folded into the small
-    matrices later instead of costing a pass over the patch map.
+    taken from the patch sums so that gy is read only once. The scale is 1/(r·r) where the grid
+    tiles the map, else a (Ph, Pw) map of 1/(real pixels per patch); callers fold it into the
+    small patch-resolution products instead of spending a pass on it.
     """
     rh, rw = gh.radius, gw.radius
     if gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
@@ -163,38 +213,53 @@ def patch_mean_output(
     ):
         sums = _sum_exact(gy, rh, rw)
         return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
-    mean = F.avg_pool2d(
-        gy, (rh, rw), (rh, rw), padding=(gh.out_pad, gw.out_pad), count_include_pad=False
+    rows = _padded_axis_sum(gy, -2, gh) if gh.out_pad or gh.patches * rh != gy.shape[-2] else (
+        _strided_sum(gy, -2, rh) if rh > 1 else gy
     )
+    if gw.out_pad or gw.patches * rw != gy.shape[-1]:
+        sums = _padded_axis_sum(rows, -1, gw)
+    else:
+        sums = _strided_sum(rows, -1, rw) if rw > 1 else rows
     counts = torch.outer(_real_counts(gh, gy.device), _real_counts(gw, gy.device))
-    return mean, 1.0, (mean * counts.to(mean.dtype)).sum((0, 2, 3))
+    return sums, counts.reciprocal().to(sums.dtype), sums.sum((0, 2, 3))
 
 
 def _real_counts(g: AxisGeometry, device: torch.device) -> Tensor:
     """Number of real (non-padding) output pixels in each patch along one axis."""
     start = torch.arange(g.patches, device=device) * g.radius - g.out_pad
-    return (start + g.radius).clamp(max=g.out_size) - start.clamp(min=0)
+    return ((start + g.radius).clamp(max=g.out_size) - start.clamp(min=0)).double()
+
+
+def _repeat_patches(g: Tensor, kh: int, kw: int, out: Tensor | None = None) -> Tensor:
+    """Nearest upsampling by (kh, kw): columns first on the small map, then whole rows."""
+    n, c, ph, pw = g.shape
+    if kw > 1:
+        g = g.unsqueeze(-1).expand(n, c, ph, pw, kw).reshape(n, c, ph, pw * kw)
+    if out is None:
+        return g.unsqueeze(-2).expand(n, c, ph, kh, pw * kw).reshape(n, c, ph * kh, pw * kw)
+    out.view(n, c, ph, kh, pw * kw).copy_(g.unsqueeze(-2).expand(n, c, ph, kh, pw * kw))
+    return out
 
 
 def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
     """gx: g̃x repeated over each input patch, cropped (or zero-extended) to the input map (§1.6).
 
-    ``gxt`` may be a permuted view; the first expansion copies it into a contiguous layout.
+    ``gxt`` may be a permuted view; the expansion copies it into a contiguous layout.
     """
     n, c, ph, pw = gxt.shape
     kh, kw = gh.in_patch, gw.in_patch
-    full = gxt
-    if kw > 1:  # columns first, on the small map; then whole rows are copied
-        full = gxt.unsqueeze(-1).expand(n, c, ph, pw, kw).reshape(n, c, ph, pw * kw)
-    if kh > 1:
-        full = full.unsqueeze(-2).expand(n, c, ph, kh, pw * kw).reshape(n, c, ph * kh, pw * kw)
+    if kh == 1 and kw == 1:
+        full = gxt.contiguous()
+    else:
+        full = gxt.new_empty(n, c, ph * kh, pw * kw)
+        step = _batch_chunks(full)
+        for i in range(0, n, step):
+            _repeat_patches(gxt[i : i + step], kh, kw, out=full[i : i + step])
     top, left = gh.in_pad, gw.in_pad
     bottom = ph * kh - gh.size - top
     right = pw * kw - gw.size - left
     if top or left or bottom or right:
         full = F.pad(full, (-left, -right, -top, -bottom))
-    elif kh == 1 and kw == 1:
-        full = full.contiguous()
     return full
 
 
@@ -208,33 +273,63 @@ def _summed_kernel(weight: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor
     return weight.sum(dims, keepdim=True) if dims else weight
 
 
+def _kernel_sum(weight: Tensor) -> Tensor:
+    """W̃ (Cout, Cin/G): the kernel summed over all taps, as a matrix-vector product."""
+    cout, cpg = weight.shape[:2]
+    taps = weight.shape[2] * weight.shape[3]
+    if taps == 1:
+        return weight.reshape(cout, cpg)
+    flat = weight.reshape(cout * cpg, taps)
+    return torch.mv(flat, flat.new_ones(taps)).reshape(cout, cpg)
+
+
 def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
     """Taps summed on both axes: gW̃ and g̃x are matrix products over (batch × patches).
 
-    Channel-major copies of ḡ and x̃, (C, N·P), make each product a single GEMM per group.
-    Returns gW̃ (Cout, Cin/G) and g̃x as a (N, Cin, Ph, Pw) view of a channel-major tensor.
+    Returns gW̃ (Cout, Cin/G) and g̃x (N, Cin, Ph, Pw). Dense convs use one GEMM per product,
+    choosing the layout that moves fewer bytes; depthwise convs are elementwise.
     """
+    if isinstance(scale, Tensor):  # per-patch 1/count where the grid overhangs the map
+        gbar, scale = gbar * scale, 1.0
     n, cout, ph, pw = gbar.shape
+    p = ph * pw
     cpg = w_shape[1]
     cin = cpg * groups
-    g_t = gbar.transpose(0, 1).reshape(groups, cout // groups, n * ph * pw)
     depthwise = cout == groups and cpg == 1
+    narrow = p < 128 and groups == 1  # narrow GEMMs: one big GEMM on channel-major copies
+    g_t = gbar.transpose(0, 1).reshape(cout, n * p) if narrow and not depthwise else None
     gw_ = gxt = None
     if need_w:
-        x_t = xt.transpose(0, 1).reshape(groups, cpg, n * ph * pw).to(gbar.dtype)
+        xt = xt.to(gbar.dtype)
         if depthwise:
-            gw_ = (g_t * x_t).sum(-1)
+            gw_ = (gbar * xt).sum((0, 2, 3)).reshape(cout, 1)
+        elif groups == 1 and g_t is None and n * cout * cin <= n * p * (cout + cin):
+            gw_ = torch.bmm(gbar.reshape(n, cout, p), xt.reshape(n, cin, p).transpose(1, 2)).sum(0)
+        elif groups == 1:
+            if g_t is None:
+                g_t = gbar.transpose(0, 1).reshape(cout, n * p)
+            gw_ = torch.mm(g_t, xt.transpose(0, 1).reshape(cin, n * p).t())
         else:
-            gw_ = torch.bmm(g_t, x_t.transpose(1, 2))
-        gw_ = gw_.reshape(cout, cpg).mul_(scale)
+            gw_ = torch.einsum(
+                "ngop,ngip->goi",
+                gbar.reshape(n, groups, cout // groups, p),
+                xt.reshape(n, groups, cpg, p),
+            ).reshape(cout, cpg)
+        gw_ = gw_.mul_(scale)
     if need_x:
-        w_t = weight.sum((2, 3)).to(gbar.dtype).mul_(scale)  # W̃ · scale, (Cout, Cin/G)
+        w_t = _kernel_sum(weight).to(gbar.dtype) * scale  # W̃ · scale (a new tensor)
         if depthwise:
-            gx_t = g_t * w_t.reshape(groups, 1, 1)
+            gxt = gbar * w_t.reshape(1, cout, 1, 1)
+        elif g_t is not None:
+            gxt = torch.mm(w_t.t(), g_t).reshape(cin, n, ph, pw).transpose(0, 1)
+        elif groups == 1:
+            gxt = torch.matmul(w_t.t(), gbar.reshape(n, cout, p)).reshape(n, cin, ph, pw)
         else:
-            w_t = w_t.reshape(groups, cout // groups, cpg).transpose(1, 2)
-            gx_t = torch.bmm(w_t, g_t)  # (G, Cin/G, N·P)
-        gxt = gx_t.reshape(cin, n, ph, pw).transpose(0, 1)
+            gxt = torch.einsum(
+                "goi,ngop->ngip",
+                w_t.reshape(groups, cout // groups, cpg),
+                gbar.reshape(n, groups, cout // groups, p),
+            ).reshape(n, cin, ph, pw)
     return gw_, gxt
 
 
@@ -255,7 +350,7 @@ def _tap_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x, gh, gw)
     """Taps kept on an axis (atrous, §1.8): the conv at patch resolution, dilation d/(r·s)."""
     taps = _taps_shape(w_shape, gh, gw)
     pad, dil = _patch_conv_args(taps, gh, gw)
-    gbar = gbar * scale
+    gbar = gbar * scale  # scale: a float, or a (Ph, Pw) map of 1/(real pixels per patch)
     gw_ = gxt = None
     if need_w:
         gw_ = torch.nn.grad.conv2d_weight(xt.to(gbar.dtype), taps, gbar, 1, pad, dil, groups)
@@ -309,7 +404,7 @@ class _FilteredConv(torch.autograd.Function):
             gy = gy.unsqueeze(-2)
             weight = weight.unsqueeze(-2) if weight is not None else None
         sums, scale, gb = patch_mean_output(gy, gh, gw)
-        scale /= gh.stride * gw.stride  # §1: the 1/(sh·sw) stride scale
+        scale = scale / (gh.stride * gw.stride)  # §1: the 1/(sh·sw) stride scale
         args = (sums, xt, weight, w_shape, groups, scale, need_w, need_x)
         if gh.keeps_taps or gw.keeps_taps:
             gw_, gxt = _tap_grads(*args, gh, gw)
@@ -317,7 +412,9 @@ class _FilteredConv(torch.autograd.Function):
             gw_, gxt = _pointwise_grads(*args)
         gx = None
         if need_w:
-            gw_ = gw_.reshape(_taps_shape(w_shape, gh, gw)).expand(w_shape).contiguous()
+            gw_ = torch.empty(w_shape, dtype=gw_.dtype, device=gw_.device).copy_(
+                gw_.reshape(_taps_shape(w_shape, gh, gw)).expand(w_shape)
+            )
             if one_d:
                 gw_ = gw_.squeeze(-2)
         if need_x:

@@ -2,13 +2,15 @@
 
 For each config and radius, the forward and the backward of one conv are timed for vanilla
 PyTorch and for the filtered op, alternating in the same process; the median of the repeats is
-reported with the ratio vanilla / filtered and the geometric mean of the ratios.
+reported with the ratio vanilla / filtered and the geometric mean of the ratios. Each config runs
+in a fresh worker process so that one config's heap and cache state does not leak into the next.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -36,14 +38,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -62,19 +56,24 @@ def bench_config(c: int, h: int, w: int, radius: int, batch: int, repeats: int,
     def fwd_filtered():
         return GF.conv2d(x, weight, None, 1, 1, radius=radius)
 
-    y_v, y_f = fwd_vanilla(), fwd_filtered()
     times: dict[str, list[float]] = {k: [] for k in ("fwd_v", "fwd_f", "bwd_v", "bwd_f")}
-    for i in range(repeats + 1):  # the first round warms up and is dropped
-        order = [("v", fwd_vanilla, y_v), ("f", fwd_filtered, y_f)]
+    for i in range(repeats + 2):  # two warm-up rounds are dropped
+        order = [("v", fwd_vanilla), ("f", fwd_filtered)]
         if i % 2:
             order.reverse()
-        for tag, fwd, y in order:
-            t_f = _time(fwd, device)
-            t_b = _time(lambda y=y: torch.autograd.grad(y, (x, weight), gy, retain_graph=True),
-                        device)
-            if i:
-                times[f"fwd_{tag}"].append(t_f)
-                times[f"bwd_{tag}"].append(t_b)
+        for tag, fwd in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            y = fwd()
+            _sync(device)
+            t1 = time.perf_counter()
+            torch.autograd.grad(y, (x, weight), gy)
+            _sync(device)
+            t2 = time.perf_counter()
+            del y
+            if i >= 2:
+                times[f"fwd_{tag}"].append(t1 - t0)
+                times[f"bwd_{tag}"].append(t2 - t1)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {
         "channels": c, "height": h, "width": w, "radius": radius, "batch": batch,
@@ -85,15 +84,23 @@ def bench_config(c: int, h: int, w: int, radius: int, batch: int, repeats: int,
     }
 
 
+def _bench_in_worker(c, h, w, r, batch, repeats, device, threads):
+    torch.set_num_threads(threads)
+    return bench_config(c, h, w, r, batch, repeats, torch.device(device))
+
+
 def run_layers(radii=(2, 4), batch: int | None = None, repeats: int = 7, device: str = "cpu",
                out: str | None = None, quiet: bool = False) -> int:
     dev = torch.device(device)
     batch = batch or (32 if dev.type == "cuda" else 8)
     info = machine_info(device)
     rows = []
+    ctx = multiprocessing.get_context("spawn")
     for r in radii:
         for c, h, w in CONFIGS:
-            row = bench_config(c, h, w, r, batch, repeats, dev)
+            with ctx.Pool(1) as pool:
+                row = pool.apply(_bench_in_worker, (c, h, w, r, batch, repeats, device,
+                                                    torch.get_num_threads()))
             ref = REFERENCE_CPU.get(r)
             if ref is not None and dev.type == "cpu":
                 row["reference_speedup"] = ref[CONFIGS.index((c, h, w))]
