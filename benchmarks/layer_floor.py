@@ -1,0 +1,85 @@
+"""Where the filtered backward's time goes: the floor of DESIGN §1 measured on this machine.
+
+For each per-layer config, times (median of repeats) the unavoidable parts of a filtered backward
+with plain PyTorch ops: one read of gy and one fresh full-size write of gx (an allocation plus a
+copy, page faults included), the two GEMMs at patch resolution, and one read of W plus a write of
+gW. Their sum is the floor for any implementation built from PyTorch ops on this machine.
+
+    python benchmarks/layer_floor.py --out benchmarks/results/layer_floor_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gradfilter.bench.layers import CONFIGS
+from gradfilter.bench.machine import machine_info
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def floor(c: int, h: int, w: int, r: int, n: int, repeats: int) -> dict:
+    gy = torch.randn(n, c, h, w)
+    p = -(-h // r) * -(-w // r)
+    g_small = torch.randn(c, n * p)
+    x_small = torch.randn(c, n * p)
+    w_mat = torch.randn(c, c)
+    weight = torch.randn(c, c, 3, 3)
+    parts = {
+        "read_gy_ms": _median_ms(lambda: gy.sum(), repeats),
+        "write_gx_ms": _median_ms(lambda: torch.empty_like(gy).fill_(1.0), repeats),
+        "gemms_ms": _median_ms(lambda: (w_mat @ g_small, g_small @ x_small.t()), repeats),
+        "weight_ms": _median_ms(lambda: (weight.sum(), torch.empty_like(weight).fill_(1.0)),
+                                repeats),
+    }
+    parts["floor_ms"] = sum(parts.values())
+    return {"channels": c, "height": h, "width": w, "radius": r, **parts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--radii", default="2,4")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--layers", default="benchmarks/results/layers_cpu.json",
+                    help="per-layer result to compare against (gradfilter bench layers)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    measured = {}
+    if Path(args.layers).exists():
+        for row in json.loads(Path(args.layers).read_text())["rows"]:
+            key = (row["channels"], row["height"], row["width"], row["radius"])
+            measured[key] = row
+    rows = []
+    for r in (int(x) for x in args.radii.split(",")):
+        for c, h, w in CONFIGS:
+            row = floor(c, h, w, r, args.batch, args.repeats)
+            m = measured.get((c, h, w, r))
+            if m:
+                row["filtered_ms"] = m["backward_filtered_ms"]
+                row["vanilla_ms"] = m["backward_vanilla_ms"]
+                row["speedup_bound"] = m["backward_vanilla_ms"] / row["floor_ms"]
+            rows.append(row)
+            print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items()), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
