@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import random
 import sys
 import time
@@ -21,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .bench.machine import machine_info
 
 MODEL = "tf_efficientnet_lite0"
 DATASET = "digits"
@@ -34,36 +34,13 @@ EPOCHS = 3
 SEED = 0
 RUNS: tuple[tuple[str, int | None], ...] = (("vanilla", None), ("gradfilter", 2), ("gradfilter", 4))
 
-__all__ = ["run_demo", "machine_info"]
+__all__ = ["run_demo"]
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, core count, torch threads and versions: what the timings were measured on."""
-    return {
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-    }
 
 
 def _mib(n: int | None) -> float:
