@@ -35,16 +35,31 @@ def tf_same_pad(x: Tensor, kernel, stride, dilation) -> Tensor:
 
 
 class _FilteredMixin:
-    """Shared state of the filtered modules: the radius and TF-style dynamic 'same' padding."""
+    """Shared by the filtered modules: radius, TF-style dynamic 'same' padding and the forward.
+
+    Constructor: the parent's (``in_channels, out_channels, kernel_size, stride=1, padding=0,
+    dilation=1, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None``) plus
+    ``radius`` (int >= 1, default 4). Only ``padding_mode="zeros"`` is supported.
+    """
 
     radius: int
     tf_same: bool = False
+    _filtered_conv = None  # gradfilter.functional.conv2d or conv1d
 
-    def _init_filter(self, radius: int, padding_mode: str) -> None:
+    def __init__(self, *args, radius: int = 4, padding_mode: str = "zeros", **kwargs) -> None:
         GF.validate_radius(radius, 1)
         _check_padding_mode(padding_mode)
+        super().__init__(*args, padding_mode=padding_mode, **kwargs)
         self.radius = radius
         self.tf_same = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = self.padding
+        if self.tf_same:  # timm's Conv2dSame, converted in place by gradfilter.apply
+            x = tf_same_pad(x, self.kernel_size, self.stride, self.dilation)
+            padding = 0
+        return type(self)._filtered_conv(x, self.weight, self.bias, self.stride, padding,
+                                         self.dilation, self.groups, radius=self.radius)
 
     def extra_repr(self) -> str:
         extra = ", tf_same=True" if self.tf_same else ""
@@ -54,38 +69,10 @@ class _FilteredMixin:
 class FilteredConv2d(_FilteredMixin, nn.Conv2d):
     """``nn.Conv2d`` with a gradient-filtered backward over ``radius``×``radius`` output patches."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, radius: int = 4,
-                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
-        _check_padding_mode(padding_mode)
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-        self._init_filter(radius, padding_mode)
-
-    def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
-        if self.tf_same:
-            x = tf_same_pad(x, self.kernel_size, self.stride, self.dilation)
-            padding = 0
-        return GF.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                         self.groups, radius=self.radius)
+    _filtered_conv = staticmethod(GF.conv2d)
 
 
 class FilteredConv1d(_FilteredMixin, nn.Conv1d):
     """``nn.Conv1d`` with a gradient-filtered backward over length-``radius`` output patches."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, radius: int = 4,
-                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
-        _check_padding_mode(padding_mode)
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-        self._init_filter(radius, padding_mode)
-
-    def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
-        if self.tf_same:
-            x = tf_same_pad(x, self.kernel_size, self.stride, self.dilation)
-            padding = 0
-        return GF.conv1d(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                         self.groups, radius=self.radius)
+    _filtered_conv = staticmethod(GF.conv1d)
