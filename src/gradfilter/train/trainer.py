@@ -238,6 +238,9 @@ def train(
     cosine: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    start_epoch: int = 0,
+    resume_state: Mapping[str, Any] | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the parameters of ``model`` that require grad; return metrics.
 
@@ -252,9 +255,17 @@ def train(
     ``loss.backward()`` alone), ``saved_activation_bytes`` (distinct storages
     autograd saved for backward in the first step's forward and loss, parameters excluded),
     ``train_time_s`` and ``trainable_params``.
+
+    Resuming: ``start_epoch`` skips the epochs already done; ``resume_state`` is the
+    ``on_epoch_end`` payload of that run's last epoch with ``optimizer`` and ``scheduler`` as
+    state dicts (the model's weights are loaded by the caller). ``on_epoch_end`` is called after
+    every epoch with ``epoch`` (epochs done), ``optimizer`` and ``scheduler`` (objects, the
+    scheduler may be None) and ``history`` (the metric lists and counters so far, plain Python).
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if not 0 <= start_epoch <= epochs:
+        raise ValueError(f"start_epoch must be in 0..{epochs}, got {start_epoch}")
     device = torch.device(device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -284,9 +295,23 @@ def train(
     train_loss: list[float] = []
     val_metric: list[float] = []
     step = 0
+    time_before = 0.0  # training time spent by the run(s) being resumed
+    if resume_state is not None:
+        if resume_state.get("optimizer") is not None:
+            opt.load_state_dict(resume_state["optimizer"])
+        if sched is not None and resume_state.get("scheduler") is not None:
+            sched.load_state_dict(resume_state["scheduler"])
+        hist = resume_state.get("history") or {}
+        step_times = [float(t) for t in hist.get("step_times", [])]
+        backward_times = [float(t) for t in hist.get("backward_times", [])]
+        saved_bytes = hist.get("saved_activation_bytes")
+        train_loss = [float(v) for v in hist.get("train_loss", [])]
+        val_metric = [float(v) for v in hist.get(f"val_{metric_name}", [])]
+        step = int(hist.get("steps", 0))
+        time_before = float(hist.get("train_time_s", 0.0))
     t_start = time.perf_counter()
-    epoch_bar = _Bar(progress, epochs, desc="epochs", unit="ep")
-    for epoch in range(epochs):
+    epoch_bar = _Bar(progress, epochs, desc="epochs", unit="ep", initial=start_epoch)
+    for epoch in range(start_epoch, epochs):
         model.train()
         loss_sum, loss_n = 0.0, 0
         batches = _Bar(progress, steps_per_epoch or None, desc=f"epoch {epoch + 1}",
@@ -326,8 +351,23 @@ def train(
         if val_metric:
             postfix[metric_name] = f"{val_metric[-1]:.4f}"
         epoch_bar.update(**postfix)
+        if on_epoch_end is not None:
+            on_epoch_end({
+                "epoch": epoch + 1,
+                "optimizer": opt,
+                "scheduler": sched,
+                "history": {
+                    "train_loss": list(train_loss),
+                    f"val_{metric_name}": list(val_metric),
+                    "step_times": list(step_times),
+                    "backward_times": list(backward_times),
+                    "saved_activation_bytes": saved_bytes,
+                    "steps": step,
+                    "train_time_s": time_before + time.perf_counter() - t_start,
+                },
+            })
     epoch_bar.close()
-    train_time = time.perf_counter() - t_start
+    train_time = time_before + time.perf_counter() - t_start
 
     def median_ms(times: list[float]) -> float:
         timed = times[TIMING_WARMUP_STEPS:] or times

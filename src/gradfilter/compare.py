@@ -1,0 +1,122 @@
+"""``gradfilter compare``: put several ``gradfilter finetune`` runs side by side - a table of
+accuracy, step time and activation memory, and a plot of accuracy against each."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["compare_runs", "format_table", "load_runs", "plot_runs"]
+
+COLUMNS = ("run", "method", "radius", "train_last", "val_accuracy", "step_time_ms", "saved MiB")
+
+
+def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """Each folder's ``metrics.json`` (a ``finetune`` run's dict), with ``run`` set to the
+    folder."""
+    if not run_dirs:
+        raise ValueError("give at least one run folder")
+    rows = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"run folder {d} has no metrics.json (is it a finished "
+                                    f"'gradfilter finetune' --out folder?)")
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not readable JSON: {exc}") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} does not hold one run's metrics (a JSON object)")
+        missing = [k for k in ("method", "val_accuracy", "step_time_ms",
+                               "saved_activation_bytes") if k not in row]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}")
+        rows.append({**row, "run": str(d)})
+    return rows
+
+
+def _mib(n: Any) -> float:
+    return n / 2**20 if isinstance(n, (int, float)) else math.nan
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    body = [
+        (
+            row["run"],
+            str(row["method"]),
+            _fmt(row.get("radius")),
+            _fmt(row.get("train_last")),
+            "-" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.2f}%",
+            _fmt(row["step_time_ms"], ".1f"),
+            _fmt(_mib(row["saved_activation_bytes"]), ".2f"),
+        )
+        for row in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(COLUMNS, *body)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))).rstrip() for r in [COLUMNS, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _label(row: dict[str, Any]) -> str:
+    name = row["method"] if row.get("radius") is None else f"{row['method']} r={row['radius']}"
+    return f"{name} last {row['train_last']}" if row.get("train_last") is not None else name
+
+
+def plot_runs(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy vs median step time and vs saved activation MiB, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    try:
+        for row in rows:
+            acc = 100 * row["val_accuracy"] if row["val_accuracy"] is not None else math.nan
+            xs = (row["step_time_ms"], _mib(row["saved_activation_bytes"]))
+            for ax, x in zip(axes, xs):
+                ax.scatter([x], [acc], s=60, label=_label(row))
+                ax.annotate(_label(row), (x, acc), textcoords="offset points", xytext=(6, 4),
+                            fontsize=8)
+        axes[0].set_xlabel("median training step (ms)")
+        axes[1].set_xlabel("activations saved for backward per step (MiB)")
+        axes[0].set_ylabel("val accuracy (%)")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.margins(x=0.2, y=0.15)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> int:
+    """Print the table; write the plot to ``out`` (default ``compare.png`` in the current
+    folder); return an exit code."""
+    rows = load_runs(run_dirs)
+    print(format_table(rows))
+    try:
+        plot_path = plot_runs(rows, out if out is not None else "compare.png")
+    except ImportError:
+        print("\nno plot: matplotlib is not installed", file=sys.stderr)
+        return 0
+    print(f"\nwrote {plot_path}")
+    return 0

@@ -1,0 +1,301 @@
+"""``gradfilter finetune`` and ``gradfilter evaluate``: one fine-tuning run of a named model on a
+named data set, checkpointed after every epoch and resumable, and the evaluation of a saved
+model.
+
+A run folder holds ``checkpoint.pt`` (the last complete epoch, see :mod:`.checkpoint`) and, once
+the run finishes, ``metrics.json``. Resuming restores the weights, optimizer and scheduler
+state, metric history and every RNG (Python, NumPy, torch and the data order's generator), so
+a run killed during epoch k and resumed trains epoch k again from where epoch k - 1 ended, and
+ends with the same weights as a run never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    _chmod_default,
+    get_rng_state,
+    load_training_checkpoint,
+    save_atomic,
+    set_rng_state,
+)
+from .trainer import METHODS, evaluate, prepare_model, train
+
+__all__ = ["MATCH_KEYS", "evaluate_checkpoint", "finetune"]
+
+# Config entries a resumed run must share with its checkpoint: anything else would give a
+# different model, different data or an optimizer state that does not fit.
+MATCH_KEYS = ("model", "data", "image_size", "num_classes", "method", "radius", "train_last",
+              "optimizer")
+# Entries that may change on resume (with a note): the schedule / data order then differ from
+# an uninterrupted run of the new config.
+NOTE_KEYS = ("epochs", "batch_size", "lr")
+EVAL_BATCH_SIZE = 256
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _normalise_data_spec(spec: str) -> str:
+    """Make ``kind:PATH`` specs independent of the working directory."""
+    kind, sep, arg = spec.partition(":")
+    if sep and arg:
+        return f"{kind}:{Path(arg).expanduser().resolve()}"
+    return spec
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        _chmod_default(tmp)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_resume_config(ckpt_path: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, command {config[k]!r}"
+        for k in MATCH_KEYS
+        if saved.get(k) != config[k]
+    ]
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {ckpt_path}: the run's config differs ("
+            + "; ".join(diffs) + "); use another --out for a new run"
+        )
+    for k in NOTE_KEYS:
+        if saved.get(k) != config[k]:
+            print(f"note: resuming with {k}={config[k]!r} (the checkpoint's run had "
+                  f"{saved.get(k)!r})", file=sys.stderr)
+
+
+def _validate(epochs: int, batch_size: int, lr: float, method: str, radius: int | None,
+              image_size: int) -> None:
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    if method == "gradfilter" and (radius is None or radius < 1):
+        raise ValueError(f"--radius must be >= 1 for gradfilter, got {radius}")
+    if image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
+
+
+def finetune(
+    *,
+    model: str,
+    data: str,
+    out: str | Path,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    method: str,
+    radius: int | None,
+    train_last: int,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    image_size: int = 64,
+    seed: int = 0,
+    optimizer: str = "adamw",
+    resume: bool = False,
+    quiet: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
+    ``out``; write and return ``out/metrics.json``'s content."""
+    from torch.utils.data import DataLoader
+
+    from ..bench.machine import machine_info
+    from ..data import get_dataset
+    from ..models import create_model
+
+    _validate(epochs, batch_size, lr, method, radius, image_size)
+    out_dir = Path(out)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        if ckpt_path.exists():
+            ckpt = load_training_checkpoint(ckpt_path)
+        else:
+            print(f"note: no {ckpt_path} to resume from; starting at epoch 1", file=sys.stderr)
+    elif ckpt_path.exists():
+        raise ValueError(
+            f"{ckpt_path} already exists; pass --resume to continue that run or choose "
+            f"another --out"
+        )
+
+    splits = get_dataset(data, image_size=image_size)
+    if len(splits.train) == 0:
+        raise ValueError(f"data set '{data}' has no training images")
+    config: dict[str, Any] = {
+        "model": model,
+        "data": _normalise_data_spec(data),
+        "image_size": image_size,
+        "num_classes": splits.num_classes,
+        "method": method,
+        "radius": radius if method == "gradfilter" else None,
+        "train_last": train_last,
+        "optimizer": optimizer,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "pretrained": pretrained,
+        "init_checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+    }
+    start_epoch = 0
+    if ckpt is not None:
+        _check_resume_config(ckpt_path, ckpt["config"], config)
+        start_epoch = int(ckpt["epoch"])
+        if start_epoch > epochs:
+            raise ValueError(
+                f"{ckpt_path} already holds {start_epoch} epochs, more than --epochs {epochs}"
+            )
+
+    _seed_everything(seed)
+    # On resume the weights come from the run's checkpoint, not from the initial ones.
+    net = create_model(
+        model, splits.num_classes,
+        pretrained=pretrained and ckpt is None,
+        checkpoint=checkpoint if ckpt is None else None,
+    )
+    order = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True,
+                              generator=order, drop_last=len(splits.train) >= batch_size)
+    val_loader = DataLoader(splits.val, batch_size=EVAL_BATCH_SIZE) \
+        if splits.val is not None else None
+    n_example = min(batch_size, len(splits.train))
+    example = torch.stack([splits.train[i][0] for i in range(n_example)])
+    net, info = prepare_model(net, method, radius or 0, train_last, example)
+    resume_state = None
+    if ckpt is not None:
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {ckpt_path} does not fit the model: {exc}") from exc
+        set_rng_state(ckpt["rng"], order)
+        resume_state = {"optimizer": ckpt["optimizer"], "scheduler": ckpt.get("scheduler"),
+                        "history": ckpt["history"]}
+        if not quiet:
+            print(f"resuming {ckpt_path} after epoch {start_epoch} of {epochs}", file=sys.stderr)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(state: dict[str, Any]) -> None:
+        sched = state["scheduler"]
+        save_atomic({
+            "format": FORMAT_VERSION,
+            "epoch": state["epoch"],
+            "model": net.state_dict(),
+            "optimizer": state["optimizer"].state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "rng": get_rng_state(order),
+            "config": config,
+            "history": state["history"],
+        }, ckpt_path)
+
+    t0 = time.perf_counter()
+    metrics = train(net, train_loader, val_loader, epochs=epochs, lr=lr, optimizer=optimizer,
+                    device=device, progress=not quiet, start_epoch=start_epoch,
+                    resume_state=resume_state, on_epoch_end=save)
+    val_acc = metrics["val_accuracy"]
+    history = [
+        {"epoch": i + 1, "train_loss": loss, "val_accuracy": val_acc[i] if i < len(val_acc)
+         else None}
+        for i, loss in enumerate(metrics["train_loss"])
+    ]
+    result: dict[str, Any] = {
+        **config,
+        "data": data,
+        "val_accuracy": val_acc[-1] if val_acc else None,
+        "epochs": metrics["epochs"],
+        "resumed_from_epoch": start_epoch if ckpt is not None else None,
+        "steps": metrics["steps"],
+        "step_time_ms": metrics["step_time_ms"],
+        "backward_time_ms": metrics["backward_time_ms"],
+        "saved_activation_bytes": metrics["saved_activation_bytes"],
+        "train_time_s": metrics["train_time_s"],
+        "run_time_s": time.perf_counter() - t0,
+        "trainable_params": metrics["trainable_params"],
+        "blocks": info.blocks,
+        "filtered_layers": info.report.names if info.report is not None else [],
+        "history": history,
+        "checkpoint": str(ckpt_path),
+        "machine": machine_info(device),
+    }
+    _write_json_atomic(result, out_dir / "metrics.json")
+    return result
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} is corrupt or not a PyTorch file: "
+                         f"{type(exc).__name__}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state if isinstance(state, dict) else {}
+
+
+def evaluate_checkpoint(
+    *,
+    model: str,
+    checkpoint: str | Path,
+    data: str,
+    image_size: int = 64,
+    quiet: bool = False,
+    device: str = "cpu",
+) -> float:
+    """Validation accuracy of ``model`` with the weights in ``checkpoint`` (a ``finetune``
+    checkpoint, or a plain state_dict) on ``data``'s validation split."""
+    from torch.utils.data import DataLoader
+
+    from ..data import get_dataset
+    from ..models import classifier_name, create_model
+
+    path = Path(checkpoint)
+    splits = get_dataset(data, image_size=image_size, split="val")
+    net = create_model(model, splits.num_classes, checkpoint=path)
+    # load_checkpoint keeps a fresh classifier when the file's has another size (fine for a
+    # starting point, wrong here): insist that the head was loaded.
+    head = classifier_name(net)
+    state = _read_state(path)
+    own = net.state_dict()
+    for key, value in state.items():
+        if head is not None and key.startswith(head + ".") and key in own \
+                and own[key].shape != value.shape:
+            raise ValueError(
+                f"checkpoint {path}: classifier '{key}' has shape {tuple(value.shape)}, but "
+                f"'{data}' has {splits.num_classes} classes"
+            )
+    loader = DataLoader(splits.val, batch_size=EVAL_BATCH_SIZE)
+    net.to(device)
+    return evaluate(net, loader, device=device, progress=not quiet)
