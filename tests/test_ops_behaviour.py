@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from spec import filtered_grads
 from torch import nn
 
 import gradfilter as gf
@@ -235,3 +236,17 @@ def test_backward_leaves_inputs_untouched(k, groups, radius, padding):
     gy0 = gy.clone()
     y.backward(gy)
     assert torch.equal(x, x0) and torch.equal(w, w0) and torch.equal(gy, gy0)
+
+
+@pytest.mark.parametrize("size,radius", [(1, 2), (2, 4), (3, 3)])
+def test_never_saves_more_than_vanilla_on_tiny_maps(size, radius):
+    """Maps no larger than one patch: x̃ would be as large as x, so x itself is kept."""
+    x = torch.randn(4, 8, size, size, requires_grad=True)
+    conv = gf.FilteredConv2d(8, 8, 3, padding=1, radius=radius)
+    saved, y = _saved(lambda: conv(x), conv.parameters())
+    assert saved.bytes <= x.numel() * x.element_size()
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    _, gw, _ = filtered_grads(x.detach(), conv.weight.detach(), gy, (1, 1), (1, 1), 1,
+                              (radius, radius))
+    torch.testing.assert_close(conv.weight.grad.double(), gw, rtol=1e-4, atol=1e-4)

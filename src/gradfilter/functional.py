@@ -383,7 +383,11 @@ class _FilteredConv(torch.autograd.Function):
             for i, d in enumerate((-2, -1))
         )
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        xt = patch_sum_input(x2, gh, gw) if need_w else None
+        # Where the patch grid does not shrink the map (maps no larger than a patch), x̃ would be
+        # a new tensor as large as x: keep x itself (as vanilla does) and pool it in the backward.
+        keep_x = need_w and gh.patches * gw.patches >= x2.shape[-2] * x2.shape[-1]
+        xt = x2 if keep_x else (patch_sum_input(x2, gh, gw) if need_w else None)
+        ctx.pool_in_backward = keep_x
         # The weight itself is saved (it is alive anyway); W̃ is formed in the backward.
         ctx.save_for_backward(xt, weight if need_x else None)
         ctx.geometry = (gh, gw)
@@ -399,6 +403,8 @@ class _FilteredConv(torch.autograd.Function):
             )
         xt, weight = ctx.saved_tensors
         gh, gw = ctx.geometry
+        if ctx.pool_in_backward:
+            xt = patch_sum_input(xt, gh, gw)
         groups, w_shape, one_d, need_x, need_w, need_b = ctx.meta
         if one_d:
             gy = gy.unsqueeze(-2)
