@@ -230,15 +230,12 @@ def _real_counts(g: AxisGeometry, device: torch.device) -> Tensor:
     return ((start + g.radius).clamp(max=g.out_size) - start.clamp(min=0)).double()
 
 
-def _repeat_patches(g: Tensor, kh: int, kw: int, out: Tensor | None = None) -> Tensor:
-    """Nearest upsampling by (kh, kw): columns first on the small map, then whole rows."""
+def _repeat_patches_into(out: Tensor, g: Tensor, kh: int, kw: int) -> None:
+    """Nearest upsampling of g by (kh, kw) into out: columns first on the small map, then rows."""
     n, c, ph, pw = g.shape
     if kw > 1:
         g = g.unsqueeze(-1).expand(n, c, ph, pw, kw).reshape(n, c, ph, pw * kw)
-    if out is None:
-        return g.unsqueeze(-2).expand(n, c, ph, kh, pw * kw).reshape(n, c, ph * kh, pw * kw)
     out.view(n, c, ph, kh, pw * kw).copy_(g.unsqueeze(-2).expand(n, c, ph, kh, pw * kw))
-    return out
 
 
 def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
@@ -254,7 +251,7 @@ def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
         full = gxt.new_empty(n, c, ph * kh, pw * kw)
         step = _batch_chunks(full)
         for i in range(0, n, step):
-            _repeat_patches(gxt[i : i + step], kh, kw, out=full[i : i + step])
+            _repeat_patches_into(full[i : i + step], gxt[i : i + step], kh, kw)
     top, left = gh.in_pad, gw.in_pad
     bottom = ph * kh - gh.size - top
     right = pw * kw - gw.size - left
