@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare_runs", "format_table", "load_runs", "plot_runs"]
+__all__ = ["compare_runs", "format_table", "load_runs", "plot_runs", "to_mib"]
 
 COLUMNS = ("run", "method", "radius", "train_last", "val_accuracy", "step_time_ms", "saved MiB")
 
@@ -39,7 +39,8 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _mib(n: Any) -> float:
+def to_mib(n: Any) -> float:
+    """Bytes as MiB; NaN for a missing value."""
     return n / 2**20 if isinstance(n, (int, float)) else math.nan
 
 
@@ -60,7 +61,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _fmt(row.get("train_last")),
             "-" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.2f}%",
             _fmt(row["step_time_ms"], ".1f"),
-            _fmt(_mib(row["saved_activation_bytes"]), ".2f"),
+            _fmt(to_mib(row["saved_activation_bytes"]), ".2f"),
         )
         for row in rows
     ]
@@ -76,7 +77,7 @@ def _label(row: dict[str, Any]) -> str:
     return f"{name} last {row['train_last']}" if row.get("train_last") is not None else name
 
 
-def plot_runs(rows: list[dict[str, Any]], path: str | Path) -> Path:
+def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Accuracy vs median step time and vs saved activation MiB, one point per run."""
     import matplotlib
 
@@ -89,7 +90,7 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     try:
         for row in rows:
             acc = 100 * row["val_accuracy"] if row["val_accuracy"] is not None else math.nan
-            xs = (row["step_time_ms"], _mib(row["saved_activation_bytes"]))
+            xs = (row["step_time_ms"], to_mib(row["saved_activation_bytes"]))
             for ax, x in zip(axes, xs):
                 ax.scatter([x], [acc], s=60, label=_label(row))
                 ax.annotate(_label(row), (x, acc), textcoords="offset points", xytext=(6, 4),
@@ -101,6 +102,8 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path) -> Path:
             ax.grid(alpha=0.3)
             ax.margins(x=0.2, y=0.15)
         axes[0].legend(fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     finally:

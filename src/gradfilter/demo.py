@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .bench.machine import machine_info
+from .compare import to_mib
+from .train import seed_everything
 
 MODEL = "tf_efficientnet_lite0"
 DATASET = "digits"
@@ -37,16 +37,6 @@ RUNS: tuple[tuple[str, int | None], ...] = (("vanilla", None), ("gradfilter", 2)
 __all__ = ["run_demo"]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _mib(n: int | None) -> float:
-    return float("nan") if n is None else n / 2**20
-
-
 def _table(rows: list[dict[str, Any]]) -> str:
     head = ("method", "r", "val acc", "step ms", "backward ms", "saved MiB/step", "memory")
     body = []
@@ -59,7 +49,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"{100 * row['val_accuracy']:.2f}%",
             f"{row['step_time_ms']:.0f}",
             f"{row['backward_time_ms']:.0f}",
-            f"{_mib(row['saved_activation_bytes']):.1f}",
+            f"{to_mib(row['saved_activation_bytes']):.1f}",
             f"{ratio:.2f}x less" if row is not base else "1.00x",
         ))
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
@@ -69,36 +59,15 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
+    from .compare import plot_runs
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    first = rows[0]
+    title = (f"{MODEL} on {DATASET} ({first['image_size']} px, last {first['train_last']} "
+             f"blocks, batch {first['batch_size']}, {first['epochs']} epochs)")
+    try:
+        plot_runs(rows, path, title=title)
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for row in rows:
-        label = row["method"] if row["radius"] is None else f"{row['method']} r={row['radius']}"
-        acc = 100 * row["val_accuracy"]
-        for ax, x in zip(axes, (row["step_time_ms"], _mib(row["saved_activation_bytes"]))):
-            ax.scatter([x], [acc], s=60, label=label)
-            ax.annotate(label, (x, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    axes[0].set_xlabel("median training step (ms)")
-    axes[1].set_xlabel("activations saved for backward per step (MiB)")
-    axes[0].set_ylabel("val accuracy (%)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.2, y=0.15)  # room for the labels
-    axes[0].legend(fontsize=8)
-    first = rows[0]
-    fig.suptitle(
-        f"{MODEL} on {DATASET} ({first['image_size']} px, last {first['train_last']} blocks, "
-        f"batch {first['batch_size']}, {first['epochs']} epochs)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 

@@ -78,13 +78,13 @@ def _build_random(name: str, num_classes: int) -> nn.Module:
     )
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path, keep_fresh_head: bool = True) -> nn.Module:
     """Load a state_dict file (also accepted wrapped as ``{"state_dict": ...}`` or
     ``{"model": ...}``) into ``model``, with ``weights_only=True``.
 
-    Classifier tensors whose shape differs (e.g. a 1000-class checkpoint for a 10-class model)
-    are skipped so the fresh head stays; any other missing, extra or misshapen tensor is an
-    error naming it.
+    With ``keep_fresh_head``, classifier tensors whose shape differs (e.g. a 1000-class
+    checkpoint for a 10-class model) are skipped so the fresh head stays; otherwise, and for any
+    other missing, extra or misshapen tensor, it is an error naming the tensor.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -106,7 +106,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     state = dict(state)
     for key, value in list(state.items()):
         if key in own and own[key].shape != value.shape:
-            if head is not None and key.startswith(head + "."):
+            if keep_fresh_head and head is not None and key.startswith(head + "."):
                 del state[key]
                 continue
             raise ValueError(

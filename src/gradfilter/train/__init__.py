@@ -7,6 +7,7 @@ from .trainer import (
     cross_entropy,
     evaluate,
     prepare_model,
+    seed_everything,
     train,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "prepare_model",
+    "seed_everything",
     "train",
 ]

@@ -9,12 +9,13 @@ crash leaves either the previous checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "load_training_checkpoint",
     "save_atomic",
     "set_rng_state",
+    "write_json_atomic",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -82,24 +84,21 @@ def _chmod_default(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, rename,
-    then fsync the folder so the rename itself is durable."""
+def _write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` atomically: ``write`` fills a temp file in the same folder, which is
+    fsynced and renamed over ``path``; then the folder is fsynced so the rename is durable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         _chmod_default(tmp)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -112,6 +111,17 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (a kill leaves the old file or the new one)."""
+    return _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> Path:
+    """``obj`` as indented JSON at ``path``, written atomically."""
+    data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    return _write_atomic(path, lambda f: f.write(data))
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -11,28 +11,23 @@ ends with the same weights as a run never interrupted.
 
 from __future__ import annotations
 
-import json
-import os
-import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
-    _chmod_default,
     get_rng_state,
     load_training_checkpoint,
     save_atomic,
     set_rng_state,
+    write_json_atomic,
 )
-from .trainer import METHODS, evaluate, prepare_model, train
+from .trainer import METHODS, evaluate, prepare_model, seed_everything, train
 
 __all__ = ["MATCH_KEYS", "evaluate_checkpoint", "finetune"]
 
@@ -46,32 +41,12 @@ NOTE_KEYS = ("epochs", "batch_size", "lr")
 EVAL_BATCH_SIZE = 256
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _normalise_data_spec(spec: str) -> str:
     """Make ``kind:PATH`` specs independent of the working directory."""
     kind, sep, arg = spec.partition(":")
     if sep and arg:
         return f"{kind}:{Path(arg).expanduser().resolve()}"
     return spec
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _chmod_default(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_resume_config(ckpt_path: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
@@ -178,7 +153,7 @@ def finetune(
                 f"{ckpt_path} already holds {start_epoch} epochs, more than --epochs {epochs}"
             )
 
-    _seed_everything(seed)
+    seed_everything(seed)
     # On resume the weights come from the run's checkpoint, not from the initial ones.
     net = create_model(
         model, splits.num_classes,
@@ -249,20 +224,8 @@ def finetune(
         "checkpoint": str(ckpt_path),
         "machine": machine_info(device),
     }
-    _write_json_atomic(result, out_dir / "metrics.json")
+    write_json_atomic(result, out_dir / "metrics.json")
     return result
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} is corrupt or not a PyTorch file: "
-                         f"{type(exc).__name__}") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state if isinstance(state, dict) else {}
 
 
 def evaluate_checkpoint(
@@ -279,23 +242,12 @@ def evaluate_checkpoint(
     from torch.utils.data import DataLoader
 
     from ..data import get_dataset
-    from ..models import classifier_name, create_model
+    from ..models import create_model, load_checkpoint
 
-    path = Path(checkpoint)
     splits = get_dataset(data, image_size=image_size, split="val")
-    net = create_model(model, splits.num_classes, checkpoint=path)
-    # load_checkpoint keeps a fresh classifier when the file's has another size (fine for a
-    # starting point, wrong here): insist that the head was loaded.
-    head = classifier_name(net)
-    state = _read_state(path)
-    own = net.state_dict()
-    for key, value in state.items():
-        if head is not None and key.startswith(head + ".") and key in own \
-                and own[key].shape != value.shape:
-            raise ValueError(
-                f"checkpoint {path}: classifier '{key}' has shape {tuple(value.shape)}, but "
-                f"'{data}' has {splits.num_classes} classes"
-            )
+    net = create_model(model, splits.num_classes)
+    # Evaluating needs the checkpoint's own head: a classifier of another size is an error here.
+    load_checkpoint(net, checkpoint, keep_fresh_head=False)
     loader = DataLoader(splits.val, batch_size=EVAL_BATCH_SIZE)
     net.to(device)
     return evaluate(net, loader, device=device, progress=not quiet)

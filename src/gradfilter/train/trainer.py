@@ -17,12 +17,14 @@ without touching the loop:
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,11 +40,19 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "prepare_model",
+    "seed_everything",
     "train",
 ]
 
 METHODS = ("vanilla", "gradfilter")
 TIMING_WARMUP_STEPS = 2  # first steps (allocator, oneDNN/cuDNN kernel selection) are not timed
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
