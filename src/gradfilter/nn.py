@@ -24,12 +24,17 @@ def _check_padding_mode(mode: str) -> None:
         )
 
 
+def tf_same_total(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """Total TensorFlow 'SAME' padding of one axis (the extra pixel goes at the end)."""
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
 def tf_same_pad(x: Tensor, kernel, stride, dilation) -> Tensor:
-    """TensorFlow 'SAME' padding, computed from the input size (extra pixel at the end)."""
+    """TensorFlow 'SAME' padding, computed from the input size."""
     pads = []
     for size, k, s, d in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride),
                              reversed(dilation)):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        total = tf_same_total(size, k, s, d)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads) if any(pads) else x
 

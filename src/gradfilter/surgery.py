@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import functional as GF
-from .nn import FilteredConv1d, FilteredConv2d
+from .nn import FilteredConv1d, FilteredConv2d, tf_same_total
 
 __all__ = ["ConversionReport", "LayerReport", "apply", "freeze", "remove", "conv_layers"]
 
@@ -183,7 +183,7 @@ def _saved_bytes(module: nn.Module, radius: int, in_shape, out_shape, dtype) -> 
     radius2 = (1, radius) if one_d else (radius, radius)
     if getattr(module, "tf_same", False) or _is_timm_conv2d_same(module):
         # The conv sees the TF-'SAME'-padded input.
-        pads = [max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0)
+        pads = [tf_same_total(s, k, st, d)
                 for s, k, st, d in zip(in2[2:], w_shape[2:], stride, dilation)]
         in2 = (*in2[:2], in2[2] + pads[0], in2[3] + pads[1])
     vanilla = elem
