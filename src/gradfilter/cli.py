@@ -64,6 +64,11 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (the last complete epoch)")
+    p.add_argument("--cache-features", action="store_true",
+                   help="compute the frozen prefix's features once and train the last blocks "
+                        "from that cache (inputs are never augmented here, so it is exact)")
+    p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+                   help="storage of the feature cache (float16 halves its RAM)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt and metrics.json")
 
@@ -77,7 +82,8 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 radius=args.radius, train_last=args.train_last, pretrained=args.pretrained,
                 checkpoint=args.checkpoint, image_size=args.image_size, seed=args.seed,
                 optimizer=args.optimizer, resume=args.resume, quiet=args.quiet,
-                device=args.device,
+                device=args.device, cache_features=args.cache_features,
+                cache_dtype=args.cache_dtype,
             )
         except KeyboardInterrupt:
             print(f"gradfilter finetune: interrupted; continue with --resume --out {args.out}",

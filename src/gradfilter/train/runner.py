@@ -11,6 +11,7 @@ ends with the same weights as a run never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .cache import FeatureCache, skip_prefix
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -39,6 +41,11 @@ MATCH_KEYS = ("model", "data", "image_size", "num_classes", "method", "radius", 
 # an uninterrupted run of the new config.
 NOTE_KEYS = ("epochs", "batch_size", "lr")
 EVAL_BATCH_SIZE = 256
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# The last feature cache built in this process, reused by the next run with the same frozen
+# prefix (same model, initial weights, data, image size and first trainable block): a sweep of
+# methods and seeds computes it once. Resumed runs rebuild it (their prefix comes from the run).
+_CACHE_MEMO: dict[str, Any] = {}
 
 
 def _normalise_data_spec(spec: str) -> str:
@@ -101,9 +108,15 @@ def finetune(
     resume: bool = False,
     quiet: bool = False,
     device: str = "cpu",
+    cache_features: bool = False,
+    cache_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
-    ``out``; write and return ``out/metrics.json``'s content."""
+    ``out``; write and return ``out/metrics.json``'s content.
+
+    ``cache_features``: compute the frozen prefix's output once (stored as ``cache_dtype``,
+    "float32" or "float16") and train the last blocks from that cache (:mod:`.cache`); with
+    float32 the run is the same as without the cache, only faster."""
     from torch.utils.data import DataLoader
 
     from ..bench.machine import machine_info
@@ -111,6 +124,8 @@ def finetune(
     from ..models import create_model
 
     _validate(epochs, batch_size, lr, method, radius, image_size)
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {cache_dtype!r}")
     out_dir = Path(out)
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt: dict[str, Any] | None = None
@@ -180,6 +195,30 @@ def finetune(
         if not quiet:
             print(f"resuming {ckpt_path} after epoch {start_epoch} of {epochs}", file=sys.stderr)
 
+    cache, cache_reused = None, False
+    if cache_features:
+        net.to(device)
+        init = str(Path(checkpoint).resolve()) if checkpoint is not None else None
+        key = (model, pretrained, init, config["data"], image_size, info.blocks[0], cache_dtype,
+               str(device))
+        if ckpt is None and _CACHE_MEMO.get("key") == key:
+            cache = _CACHE_MEMO["cache"]  # same frozen prefix and data: reuse (a sweep)
+            cache_reused = True
+        else:
+            cache = FeatureCache.build(net, info.blocks[0], splits.train, splits.val, example,
+                                       device=device, dtype=CACHE_DTYPES[cache_dtype])
+            if ckpt is None:
+                _CACHE_MEMO.update(key=key, cache=cache)
+        train_loader = DataLoader(cache.train, batch_size=batch_size, shuffle=True,
+                                  generator=order, drop_last=len(cache.train) >= batch_size)
+        val_loader = DataLoader(cache.val, batch_size=EVAL_BATCH_SIZE) \
+            if cache.val is not None else None
+        if not quiet:
+            print(f"cached the input of {info.blocks[0]} for {len(cache.train)} + "
+                  f"{0 if cache.val is None else len(cache.val)} images "
+                  f"({cache.bytes / 2**20:.1f} MiB, {cache.build_time_s:.1f} s); skipping "
+                  f"{len(cache.prefix)} prefix modules", file=sys.stderr)
+
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(state: dict[str, Any]) -> None:
@@ -196,9 +235,11 @@ def finetune(
         }, ckpt_path)
 
     t0 = time.perf_counter()
-    metrics = train(net, train_loader, val_loader, epochs=epochs, lr=lr, optimizer=optimizer,
-                    device=device, progress=not quiet, start_epoch=start_epoch,
-                    resume_state=resume_state, on_epoch_end=save)
+    with skip_prefix(net, cache.prefix) if cache is not None else contextlib.nullcontext():
+        metrics = train(net, train_loader, val_loader, epochs=epochs, lr=lr,
+                        optimizer=optimizer, device=device, progress=not quiet,
+                        start_epoch=start_epoch, resume_state=resume_state, on_epoch_end=save)
+    epochs_run = epochs - start_epoch
     val_acc = metrics["val_accuracy"]
     history = [
         {"epoch": i + 1, "train_loss": loss, "val_accuracy": val_acc[i] if i < len(val_acc)
@@ -216,6 +257,13 @@ def finetune(
         "backward_time_ms": metrics["backward_time_ms"],
         "saved_activation_bytes": metrics["saved_activation_bytes"],
         "train_time_s": metrics["train_time_s"],
+        "epoch_time_s": metrics["train_time_s"] / epochs if epochs_run == epochs and epochs
+        else None,
+        "cache_features": cache_features,
+        "cache_dtype": cache_dtype if cache_features else None,
+        "cache_time_s": cache.build_time_s if cache is not None else None,
+        "cache_reused": cache_reused,
+        "cache_bytes": cache.bytes if cache is not None else None,
         "run_time_s": time.perf_counter() - t0,
         "trainable_params": metrics["trainable_params"],
         "blocks": info.blocks,
