@@ -58,6 +58,21 @@ def test_matches_float64_spec(c):
     torch.testing.assert_close(b.grad, gb, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_cuda_matches_float64_spec(c):
+    """The same spec check with the op running on the GPU (float64 there too)."""
+    x, w, b, y, gy = _run_fast(c, device="cuda")
+    gx, gw, gb = filtered_grads(x.detach().cpu(), w.detach().cpu(), gy.cpu(),
+                                (c["stride"],) * 2, (c["dilation"],) * 2, c["groups"],
+                                (c["radius"],) * 2)
+    torch.testing.assert_close(x.grad.cpu(), gx, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w.grad.cpu(), gw, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(b.grad.cpu(), gb, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("rh,rw,sh,sw", [(2, 3, 1, 2), (3, 1, 2, 1)])
 def test_anisotropic_radius_and_stride(rh, rw, sh, sw):
     g = torch.Generator().manual_seed(1)

@@ -3,7 +3,15 @@
 from .functional import UnsupportedDilationError, conv1d, conv2d
 from .memory import count_saved
 from .nn import FilteredConv1d, FilteredConv2d
-from .surgery import ConversionReport, LayerReport, apply, conv_layers, freeze, remove
+from .surgery import (
+    ConversionReport,
+    LayerReport,
+    apply,
+    conv_layers,
+    freeze,
+    remove,
+    slim,
+)
 
 __version__ = "0.1.0"
 
@@ -20,4 +28,5 @@ __all__ = [
     "count_saved",
     "freeze",
     "remove",
+    "slim",
 ]

@@ -23,20 +23,39 @@ def _demo(sub: argparse._SubParsersAction) -> None:
 
 def _bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: vanilla vs filtered, alternating, same process")
-    p.add_argument("suite", choices=["layers"], help="layers: the paper's per-layer configs")
-    p.add_argument("--radii", default="2,4", help="comma-separated radii")
-    p.add_argument("--batch", type=int, default=None, help="batch size (8 on CPU, 32 on GPU)")
+    p.add_argument("suite", choices=["layers", "step"],
+                   help="layers: the paper's per-layer configs; step: one training step of "
+                        "real models (end to end)")
+    p.add_argument("--radii", default=None,
+                   help="comma-separated radii (layers: 2,4; step: 4)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size (layers: 8 on CPU, 32 on GPU; step: 16 on CPU, 32 on GPU)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per method")
+    p.add_argument("--models", default="mobilenet_v2,resnet18,tf_efficientnet_lite0",
+                   help="step: comma-separated model names")
+    p.add_argument("--last", default="4,8", help="step: comma-separated 'last N blocks'")
+    p.add_argument("--image-size", type=int, default=224, help="step: input size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="JSON file for the results (a PNG is written "
                                                "beside it)")
 
     def run(args: argparse.Namespace) -> int:
-        from .bench.layers import run_layers
+        if args.suite == "layers":
+            from .bench.layers import run_layers
 
-        radii = [int(r) for r in args.radii.split(",")]
-        return run_layers(radii=radii, batch=args.batch, repeats=args.repeats,
-                          device=args.device, out=args.out)
+            radii = [int(r) for r in (args.radii or "2,4").split(",")]
+            return run_layers(radii=radii, batch=args.batch, repeats=args.repeats,
+                              device=args.device, out=args.out)
+        from .bench.step import run_step_bench
+
+        radii = [int(r) for r in (args.radii or "4").split(",")]
+        if len(radii) != 1:
+            raise ValueError("bench step takes one radius")
+        run_step_bench(models=args.models.split(","),
+                       lasts=[int(n) for n in args.last.split(",")], radius=radii[0],
+                       batch=args.batch, size=args.image_size, repeats=args.repeats,
+                       device=args.device, out=args.out)
+        return 0
 
     p.set_defaults(func=run)
 
@@ -64,6 +83,10 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (the last complete epoch)")
+    p.add_argument("--lean", choices=["exact", "patch", "frozen"], default=None,
+                   help="also slim the trained blocks' ReLU/ReLU6 (bit masks, exact) and "
+                        "BatchNorm: exact (saves x only for its weight grad), patch (weight "
+                        "grad from patch sums at --radius), frozen (weight frozen, saves nothing)")
     p.add_argument("--cache-features", action="store_true",
                    help="compute the frozen prefix's features once and train the last blocks "
                         "from that cache (inputs are never augmented here, so it is exact)")
@@ -83,7 +106,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 checkpoint=args.checkpoint, image_size=args.image_size, seed=args.seed,
                 optimizer=args.optimizer, resume=args.resume, quiet=args.quiet,
                 device=args.device, cache_features=args.cache_features,
-                cache_dtype=args.cache_dtype,
+                cache_dtype=args.cache_dtype, lean=args.lean,
             )
         except KeyboardInterrupt:
             print(f"gradfilter finetune: interrupted; continue with --resume --out {args.out}",

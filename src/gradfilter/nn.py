@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as GF
+from . import lean
 
-__all__ = ["FilteredConv1d", "FilteredConv2d"]
+__all__ = [
+    "FilteredConv1d", "FilteredConv2d", "LeanBatchNormMixin", "PackedReLU", "PackedReLU6",
+]
 
 
 def _check_padding_mode(mode: str) -> None:
@@ -81,3 +84,42 @@ class FilteredConv1d(_FilteredMixin, nn.Conv1d):
     """``nn.Conv1d`` with a gradient-filtered backward over length-``radius`` output patches."""
 
     _filtered_conv = staticmethod(GF.conv1d)
+
+
+class PackedReLU(nn.ReLU):
+    """``nn.ReLU`` whose backward keeps its mask as bits (exact; ``inplace`` is ignored)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lean.relu(x)
+
+
+class PackedReLU6(nn.ReLU6):
+    """``nn.ReLU6`` whose backward keeps its mask as bits (exact; ``inplace`` is ignored)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lean.relu6(x)
+
+
+class LeanBatchNormMixin:
+    """Mixed in front of a BatchNorm class (``nn.BatchNorm1d/2d``, timm's ``BatchNormAct2d``) by
+    :func:`gradfilter.slim`: eval-mode BatchNorm through :func:`gradfilter.lean.batch_norm_eval`.
+    ``bn_radius`` None keeps the exact weight gradient (x saved), an int r its patch-sum form;
+    a frozen weight saves nothing. Training mode (batch statistics) is refused: this layer's
+    saving relies on the running statistics."""
+
+    bn_radius: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or self.running_mean is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs eval mode with running statistics (gradfilter.freeze "
+                "pins BatchNorm to eval); call gradfilter.remove(model) to train it in train mode"
+            )
+        y = lean.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                 self.eps, self.bn_radius)
+        if hasattr(self, "act"):  # timm BatchNormAct2d: norm, drop, act
+            y = self.act(self.drop(y))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bn_radius={self.bn_radius}"

@@ -16,9 +16,17 @@ import torch
 from torch import nn
 
 from . import functional as GF
-from .nn import FilteredConv1d, FilteredConv2d, tf_same_total
+from .nn import (
+    FilteredConv1d,
+    FilteredConv2d,
+    LeanBatchNormMixin,
+    PackedReLU,
+    PackedReLU6,
+    tf_same_total,
+)
 
-__all__ = ["ConversionReport", "LayerReport", "apply", "freeze", "remove", "conv_layers"]
+__all__ = ["BN_MODES", "ConversionReport", "LayerReport", "apply", "conv_layers", "freeze",
+           "remove", "slim"]
 
 RadiusSpec = int | Mapping[str, int] | Callable[[str, nn.Module], int]
 FilterFn = Callable[[nn.Module, str], bool]
@@ -293,11 +301,84 @@ def apply(
     return report
 
 
+BN_MODES = ("exact", "patch", "frozen")
+_PACKED = {nn.ReLU: PackedReLU, nn.ReLU6: PackedReLU6}
+_LEAN_BN_CLASSES: dict[type, type] = {}
+
+
+def _lean_bn_class(cls: type) -> type:
+    if cls not in _LEAN_BN_CLASSES:
+        _LEAN_BN_CLASSES[cls] = type(f"Lean{cls.__name__}", (LeanBatchNormMixin, cls), {})
+    return _LEAN_BN_CLASSES[cls]
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))
+
+
+def slim(
+    model: nn.Module,
+    names: str | Iterable[str] | None = None,
+    bn: str | None = "patch",
+    radius: RadiusSpec = 4,
+    pack_relu: bool = True,
+) -> list[str]:
+    """Make the activations and BatchNorm layers of the chosen part of ``model`` keep little
+    for backward (:mod:`gradfilter.lean`); return the converted module names.
+
+    ``names``: glob patterns of module names (None: the whole model). ``pack_relu``: every
+    ``nn.ReLU``/``nn.ReLU6`` keeps its mask as bits (exact). ``bn`` for every BatchNorm:
+    ``"exact"`` saves x only when its weight trains (exact gradients), ``"patch"`` saves x's
+    sums over ``radius`` patches (the weight gradient becomes the patch approximation),
+    ``"frozen"`` freezes the weight (the bias keeps training) and saves nothing; None leaves
+    BatchNorm alone. Lean BatchNorm runs in eval mode only (as :func:`freeze` pins it).
+    Call after :func:`freeze`: ``"frozen"`` changes ``requires_grad``. :func:`remove` undoes it.
+    """
+    if bn is not None and bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES} or None, got {bn!r}")
+    if isinstance(names, str):
+        names = [names]
+    converted = []
+    for name, mod in model.named_modules():
+        if not name or (names is not None and not _match(name, names)):
+            continue
+        if pack_relu and type(mod) in _PACKED:
+            mod._gradfilter_original_class = type(mod)
+            mod.__class__ = _PACKED[type(mod)]
+            converted.append(name)
+        elif bn is not None and (_is_batchnorm(mod) or isinstance(mod, LeanBatchNormMixin)):
+            if not isinstance(mod, LeanBatchNormMixin):
+                mod._gradfilter_original_class = type(mod)
+                mod.__class__ = _lean_bn_class(type(mod))
+            r = None
+            if bn == "patch":
+                r = _radius_for(radius, name, mod)
+                try:
+                    r = GF.validate_radius(r, 1)[0]
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{name}: {e}") from None
+            mod.bn_radius = r
+            if bn == "frozen" and mod.weight is not None:
+                mod.weight.requires_grad_(False)
+            converted.append(name)
+    if not converted:
+        raise ValueError("slim: no ReLU/ReLU6/BatchNorm module matched "
+                         f"{'the whole model' if names is None else list(names)}")
+    return converted
+
+
 def remove(model: nn.Module) -> list[str]:
-    """Turn every filtered convolution back into its original class; return their names."""
+    """Turn every filtered convolution and every :func:`slim` layer back into its original
+    class; return their names."""
     reverted = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _FILTERED):
+        original = mod.__dict__.get("_gradfilter_original_class")
+        if original is not None and not isinstance(mod, _FILTERED):
+            del mod._gradfilter_original_class
+            mod.__dict__.pop("bn_radius", None)
+            mod.__class__ = original
+            reverted.append(name)
+        elif isinstance(mod, _FILTERED):
             original = mod.__dict__.pop("_gradfilter_original_class", None)
             if original is None:
                 original = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Conv1d

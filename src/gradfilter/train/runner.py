@@ -36,7 +36,7 @@ __all__ = ["MATCH_KEYS", "evaluate_checkpoint", "finetune"]
 # Config entries a resumed run must share with its checkpoint: anything else would give a
 # different model, different data or an optimizer state that does not fit.
 MATCH_KEYS = ("model", "data", "image_size", "num_classes", "method", "radius", "train_last",
-              "optimizer")
+              "optimizer", "lean")
 # Entries that may change on resume (with a note): the schedule / data order then differ from
 # an uninterrupted run of the new config.
 NOTE_KEYS = ("epochs", "batch_size", "lr")
@@ -110,13 +110,15 @@ def finetune(
     device: str = "cpu",
     cache_features: bool = False,
     cache_dtype: str = "float32",
+    lean: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
     ``out``; write and return ``out/metrics.json``'s content.
 
     ``cache_features``: compute the frozen prefix's output once (stored as ``cache_dtype``,
     "float32" or "float16") and train the last blocks from that cache (:mod:`.cache`); with
-    float32 the run is the same as without the cache, only faster."""
+    float32 the run is the same as without the cache, only faster. ``lean``: see
+    :func:`.trainer.prepare_model`."""
     from torch.utils.data import DataLoader
 
     from ..bench.machine import machine_info
@@ -151,6 +153,7 @@ def finetune(
         "method": method,
         "radius": radius if method == "gradfilter" else None,
         "train_last": train_last,
+        "lean": lean,
         "optimizer": optimizer,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -182,7 +185,7 @@ def finetune(
         if splits.val is not None else None
     n_example = min(batch_size, len(splits.train))
     example = torch.stack([splits.train[i][0] for i in range(n_example)])
-    net, info = prepare_model(net, method, radius or 0, train_last, example)
+    net, info = prepare_model(net, method, radius or 0, train_last, example, lean=lean)
     resume_state = None
     if ckpt is not None:
         try:
@@ -268,6 +271,7 @@ def finetune(
         "trainable_params": metrics["trainable_params"],
         "blocks": info.blocks,
         "filtered_layers": info.report.names if info.report is not None else [],
+        "lean_layers": info.slimmed,
         "history": history,
         "checkpoint": str(ckpt_path),
         "machine": machine_info(device),

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..memory import count_saved
 from ..models.registry import block_names, classifier_name
-from ..surgery import ConversionReport, apply, freeze
+from ..surgery import ConversionReport, apply, freeze, slim
 
 __all__ = [
     "METHODS",
@@ -75,6 +75,8 @@ class PrepareInfo:
     trainable: list[str] = field(default_factory=list)  # modules left trainable
     trainable_params: int = 0
     report: ConversionReport | None = None
+    lean: str | None = None
+    slimmed: list[str] = field(default_factory=list)  # ReLU/BatchNorm layers made lean
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,8 @@ class PrepareInfo:
             "trainable": list(self.trainable),
             "trainable_params": self.trainable_params,
             "filtered_layers": self.report.names if self.report is not None else [],
+            "lean": self.lean,
+            "lean_layers": list(self.slimmed),
         }
 
 
@@ -93,6 +97,7 @@ def prepare_model(
     radius: int,
     train_last: int,
     example_input: Any,
+    lean: str | None = None,
 ) -> tuple[nn.Module, PrepareInfo]:
     """Set ``model`` up in place for fine-tuning its last ``train_last`` blocks.
 
@@ -101,6 +106,8 @@ def prepare_model(
     ``"vanilla"`` leaves them plain. Either way only those blocks and the classifier keep
     ``requires_grad``, and BatchNorm layers stay in eval mode. ``example_input`` is a batch the
     model accepts (one no-grad forward traces the converted layers' shapes).
+    ``lean`` ("exact", "patch" or "frozen"; None: off) also makes the blocks' ReLU/ReLU6 keep
+    bit masks and their BatchNorm layers keep little (:func:`gradfilter.slim`'s ``bn``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -122,6 +129,10 @@ def prepare_model(
     head = classifier_name(model)
     trainable = blocks + ([head] if head is not None else [])
     freeze(model, trainable=trainable, bn_eval=True)
+    slimmed: list[str] = []
+    if lean is not None:
+        slimmed = slim(model, names=[f"{b}.*" for b in blocks] + blocks, bn=lean,
+                       radius=radius if radius else 1)
     info = PrepareInfo(
         method=method,
         radius=radius if method == "gradfilter" else None,
@@ -129,6 +140,8 @@ def prepare_model(
         trainable=trainable,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         report=report,
+        lean=lean,
+        slimmed=slimmed,
     )
     return model, info
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU session script (run on a lent H100/H200 through the device tool, from the repo root):
+# CUDA correctness (the test suite, whose `device` fixture adds "cuda") and the GPU benchmarks.
+# Outputs land in $OUT (default benchmarks/results/gpu) and are committed from there.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
+  >> "$OUT/gpu.txt" 2>&1
+timeout 200 python3 -m pytest -q -p no:cacheprovider -x -k "cuda" tests/test_ops_spec.py \
+  tests/test_ops_behaviour.py tests/test_lean.py 2>&1 | tail -25 > "$OUT/tests_cuda.txt"
+echo "tests rc=${PIPESTATUS[0]}" >> "$OUT/tests_cuda.txt"
+timeout 150 python3 -m gradfilter.cli bench layers --device cuda --repeats 25 \
+  --out "$OUT/layers_cuda.json" > "$OUT/layers_cuda.txt" 2>&1
+timeout 150 python3 -m gradfilter.cli bench step --device cuda --repeats 15 \
+  --out "$OUT/step_cuda.json" > "$OUT/step_cuda.txt" 2>&1
+cat "$OUT"/*.txt

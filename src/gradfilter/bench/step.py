@@ -1,0 +1,252 @@
+"""End-to-end benchmark: one training step of a real model, vanilla vs gradient filtering.
+
+For each model and "last N blocks" setting, three copies of the model are prepared as a user
+would (:func:`gradfilter.train.prepare_model`: last N blocks + classifier train, BatchNorm in
+eval mode):
+
+* ``vanilla``   plain backprop;
+* ``filtered``  the convolutions of the trainable blocks filtered at radius r (what the paper's
+  reference code does);
+* ``lean``      filtered convolutions plus :func:`gradfilter.slim` (ReLU masks as bits,
+  BatchNorm weight gradient from patch sums at radius r).
+
+One step is forward + cross-entropy + backward + SGD step. The methods' steps alternate in one
+process; each figure is the median of ``repeats`` steps. The forward-only time (no grad) bounds
+what any backward trick can reach; the efficiency ``E = (T_vanilla - T_method) / (T_vanilla -
+T_forward_only)`` is the share of that bound reached. Saved bytes are what autograd keeps for
+backward (``saved_tensors_hooks``, parameters excluded), in total and within the trainable
+blocks; peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the growth of the
+process's peak RSS over one step in a fresh process on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .machine import describe, machine_info
+
+MODELS = ("mobilenet_v2", "resnet18", "tf_efficientnet_lite0")
+LAST = (4, 8)
+METHODS = ("vanilla", "filtered", "lean")
+
+
+def build(model_name: str, method: str, last: int, radius: int, example: torch.Tensor):
+    """A model set up for ``method``; returns (model, optimizer, trainable block names)."""
+    from .. import slim
+    from ..models import create_model
+    from ..train import prepare_model
+
+    torch.manual_seed(0)
+    net = create_model(model_name, 1000)
+    net, info = prepare_model(net, "vanilla" if method == "vanilla" else "gradfilter",
+                              radius, last, example)
+    if method == "lean":
+        slim(net, names=[f"{b}.*" for b in info.blocks] + info.blocks, bn="patch",
+             radius=radius)
+    params = [p for p in net.parameters() if p.requires_grad]
+    return net, torch.optim.SGD(params, lr=1e-3, momentum=0.9), info.blocks
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(net, opt, x, y) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+
+
+def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, repeats: int,
+               device: torch.device) -> dict[str, Any]:
+    from ..memory import count_saved
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    nets = {}
+    for m in METHODS:
+        net, opt, blocks = build(model_name, m, last, radius, x[:2].cpu())
+        nets[m] = (net.to(device).train(), opt)
+    row: dict[str, Any] = {"model": model_name, "last": last, "radius": radius, "batch": batch,
+                           "image_size": size, "blocks": blocks}
+    for m, (net, _) in nets.items():
+        with count_saved(net.parameters(), model=net) as saved:
+            F.cross_entropy(net(x), y)
+        row[f"saved_bytes_{m}"] = saved.bytes
+        row[f"saved_bytes_blocks_{m}"] = saved.bytes_under(blocks)
+    times: dict[str, list[float]] = {k: [] for k in (*METHODS, "forward_only")}
+    for i in range(repeats + 2):  # two warm-up rounds are dropped
+        order = list(METHODS) if i % 2 == 0 else list(reversed(METHODS))
+        for m in order:
+            net, opt = nets[m]
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(net, opt, x, y)
+            _sync(device)
+            if i >= 2:
+                times[m].append(time.perf_counter() - t0)
+        net = nets["vanilla"][0]
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            net(x)
+        _sync(device)
+        if i >= 2:
+            times["forward_only"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    row["forward_only_ms"] = med["forward_only"]
+    bound = med["vanilla"] - med["forward_only"]
+    for m in METHODS:
+        row[f"step_ms_{m}"] = med[m]
+        if m != "vanilla":
+            row[f"speedup_{m}"] = med["vanilla"] / med[m]
+            row[f"efficiency_{m}"] = (med["vanilla"] - med[m]) / bound if bound > 0 else None
+            row[f"saved_ratio_blocks_{m}"] = (row["saved_bytes_blocks_vanilla"]
+                                              / max(row[f"saved_bytes_blocks_{m}"], 1))
+    if device.type == "cuda":
+        row.update(_energy_per_step(nets, x, y, device, steps=max(repeats, 10)))
+        for m, (net, opt) in nets.items():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            _step(net, opt, x, y)
+            _sync(device)
+            row[f"peak_step_bytes_{m}"] = torch.cuda.max_memory_allocated(device) - base
+    return row
+
+
+def _energy_per_step(nets, x, y, device: torch.device, steps: int) -> dict[str, float]:
+    """GPU energy per training step in joules (NVML's total-energy counter over ``steps``
+    back-to-back steps per method); empty where NVML is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        out = {}
+        for m, (net, opt) in nets.items():
+            _sync(device)
+            e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            for _ in range(steps):
+                _step(net, opt, x, y)
+            _sync(device)
+            out[f"energy_j_{m}"] = (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - e0) \
+                / 1e3 / steps
+        return out
+    except pynvml.NVMLError as exc:
+        return {"energy_error": str(exc)}
+
+
+def _peak_rss_worker(model_name, method, last, radius, batch, size, threads) -> int:
+    """Growth of this (fresh) process's peak RSS over one training step, in bytes."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    y = torch.randint(0, 1000, (batch,), generator=gen)
+    net, opt, _ = build(model_name, method, last, radius, x[:2])
+    net.train()
+    with torch.no_grad():
+        net(x)  # the forward's own transient peak is in the baseline
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _step(net, opt, x, y)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def _case_in_worker(args) -> dict[str, Any]:
+    *case, device, threads = args
+    torch.set_num_threads(threads)
+    return bench_case(*case, torch.device(device))
+
+
+def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None = None,
+                   size: int = 224, repeats: int = 7, device: str = "cpu",
+                   out: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    dev = torch.device(device)
+    batch = batch or (32 if dev.type == "cuda" else 16)
+    threads = torch.get_num_threads()
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for model_name in models:
+        for last in lasts:
+            if dev.type == "cuda":
+                row = bench_case(model_name, last, radius, batch, size, repeats, dev)
+            else:
+                with ctx.Pool(1) as pool:
+                    row = pool.apply(_case_in_worker, ((model_name, last, radius, batch, size,
+                                                        repeats, device, threads),))
+                for m in METHODS:
+                    with ctx.Pool(1) as pool:
+                        row[f"peak_step_bytes_{m}"] = pool.apply(
+                            _peak_rss_worker, (model_name, m, last, radius, batch, size, threads))
+            rows.append(row)
+            if not quiet:
+                print(_line(row), flush=True)
+    result = {"machine": machine_info(device), "radius": radius, "batch": batch,
+              "image_size": size, "repeats": repeats, "rows": rows}
+    if not quiet:
+        print(f"machine: {describe(result['machine'])}")
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        try:
+            plot(result, path.with_suffix(".png"))
+        except ImportError:
+            pass
+    return result
+
+
+def _line(row: dict[str, Any]) -> str:
+    parts = [f"{row['model']:<22} last {row['last']}: fwd-only {row['forward_only_ms']:7.1f} ms"
+             f" | vanilla {row['step_ms_vanilla']:7.1f} ms"]
+    for m in METHODS[1:]:
+        eff = row[f"efficiency_{m}"]
+        parts.append(f"{m} {row[f'step_ms_{m}']:7.1f} ms ({row[f'speedup_{m}']:.2f}x, "
+                     f"E {'-' if eff is None else f'{100 * eff:.0f}%'}, saved in blocks "
+                     f"{row[f'saved_ratio_blocks_{m}']:.1f}x less)")
+    return " | ".join(parts)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['model']}\nlast {r['last']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.2
+    xs = range(len(rows))
+    for k, m in enumerate(("forward_only", *METHODS)):
+        key = "forward_only_ms" if m == "forward_only" else f"step_ms_{m}"
+        axes[0].bar([x + (k - 1.5) * width for x in xs], [r[key] for r in rows], width,
+                    label=m.replace("_", " "))
+    axes[0].set_ylabel("ms per training step (median)")
+    axes[0].set_xticks(list(xs), labels, fontsize=7)
+    axes[0].legend()
+    for k, m in enumerate(METHODS):
+        axes[1].bar([x + (k - 1) * width for x in xs],
+                    [r[f"saved_bytes_blocks_{m}"] / 2**20 for r in rows], width, label=m)
+    axes[1].set_ylabel("MiB saved for backward in the trainable blocks")
+    axes[1].set_xticks(list(xs), labels, fontsize=7)
+    axes[1].legend()
+    fig.suptitle(f"one training step, batch {result['batch']}, {result['image_size']}², "
+                 f"r={result['radius']} — {describe(result['machine'])}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
