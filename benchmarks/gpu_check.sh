@@ -14,6 +14,8 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -x -k "cuda" tests/test_ops
 echo "tests rc=${PIPESTATUS[0]}" >> "$OUT/tests_cuda.txt"
 timeout 150 python3 -m gradfilter.cli bench layers --device cuda --repeats 25 \
   --out "$OUT/layers_cuda.json" > "$OUT/layers_cuda.txt" 2>&1
-timeout 150 python3 -m gradfilter.cli bench step --device cuda --repeats 15 \
+timeout 240 python3 -m gradfilter.cli bench step --device cuda --repeats 15 \
   --out "$OUT/step_cuda.json" > "$OUT/step_cuda.txt" 2>&1
-cat "$OUT"/*.txt
+
+timeout 60 python3 benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
+cat "$OUT"/tests_cuda.txt "$OUT"/layers_cuda.txt "$OUT"/step_cuda.txt

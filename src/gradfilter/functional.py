@@ -124,6 +124,8 @@ _CHUNK_BYTES = 8 << 20
 
 
 def _batch_chunks(t: Tensor) -> int:
+    if t.device.type != "cpu":  # GPUs: one launch over the whole batch beats cache-sized pieces
+        return max(t.shape[0], 1)
     per_sample = t[0].numel() * t.element_size() if t.shape[0] else 1
     return max(1, _CHUNK_BYTES // max(per_sample, 1))
 
@@ -148,6 +150,10 @@ def _sum_exact(t: Tensor, kh: int, kw: int) -> Tensor:
     """Sum over non-overlapping kh×kw patches of a map that the patches tile exactly."""
     if kh == 1 and kw == 1:
         return t
+
+    if t.device.type != "cpu":  # one reduction kernel instead of strided adds
+        n, c, h, w = t.shape
+        return t.reshape(n, c, h // kh, kh, w // kw, kw).sum((3, 5))
 
     def pool(c: Tensor) -> Tensor:
         if kh > 1:  # rows first: strided row adds read whole contiguous rows
@@ -233,6 +239,10 @@ def _real_counts(g: AxisGeometry, device: torch.device) -> Tensor:
 def _repeat_patches_into(out: Tensor, g: Tensor, kh: int, kw: int) -> None:
     """Nearest upsampling of g by (kh, kw) into out: columns first on the small map, then rows."""
     n, c, ph, pw = g.shape
+    if out.device.type != "cpu":  # one copy kernel
+        out.view(n, c, ph, kh, pw, kw).copy_(g[:, :, :, None, :, None].expand(
+            n, c, ph, kh, pw, kw))
+        return
     if kw > 1:
         g = g.unsqueeze(-1).expand(n, c, ph, pw, kw).reshape(n, c, ph, pw * kw)
     out.view(n, c, ph, kh, pw * kw).copy_(g.unsqueeze(-2).expand(n, c, ph, kh, pw * kw))

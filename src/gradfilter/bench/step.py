@@ -115,7 +115,9 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
             row[f"saved_ratio_blocks_{m}"] = (row["saved_bytes_blocks_vanilla"]
                                               / max(row[f"saved_bytes_blocks_{m}"], 1))
     if device.type == "cuda":
-        row.update(_energy_per_step(nets, x, y, device, steps=max(repeats, 10)))
+        # NVML's counter moves in coarse steps: give each method about two seconds of steps
+        steps = max(10, int(2000 / max(min(med[m] for m in METHODS), 0.1)))
+        row.update(_energy_per_step(nets, x, y, device, steps=steps))
         for m, (net, opt) in nets.items():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
