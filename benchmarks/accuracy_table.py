@@ -29,7 +29,9 @@ SETTINGS = {  # per data set: epochs, batch size, lr (AdamW, cosine), image size
     "digits": dict(epochs=4, batch_size=32, lr=5e-4, image_size=128),
     "mnist5k": dict(epochs=3, batch_size=32, lr=5e-4, image_size=96),
 }
-METHODS = [("vanilla", None), ("gradfilter", 2), ("gradfilter", 4), ("gradfilter", 7)]
+# (method, radius, lean): lean="patch" also slims the blocks' ReLU/BatchNorm (gradfilter.slim)
+METHODS = [("vanilla", None, None), ("gradfilter", 2, None), ("gradfilter", 4, None),
+           ("gradfilter", 7, None), ("gradfilter", 2, "patch"), ("gradfilter", 4, "patch")]
 TARGET_DROP = {2: 0.5, 4: 1.5}  # points of accuracy, from the issue
 
 
@@ -39,10 +41,11 @@ def run_all(datasets, train_lasts, methods, seeds, out_root: Path) -> list[dict]
     i = 0
     for data in datasets:
         for n in train_lasts:
-            for method, radius in methods:
+            for method, radius, lean in methods:
                 for seed in seeds:
                     i += 1
-                    tag = f"{data}-last{n}-{method}{radius or ''}-s{seed}"
+                    tag = f"{data}-last{n}-{method}{radius or ''}{'-' + lean if lean else ''}" \
+                          f"-s{seed}"
                     out = out_root / tag
                     if (out / "metrics.json").exists():
                         m = json.loads((out / "metrics.json").read_text())
@@ -52,29 +55,30 @@ def run_all(datasets, train_lasts, methods, seeds, out_root: Path) -> list[dict]
                                 f.unlink()
                         m = finetune(model="tf_efficientnet_lite0", pretrained=True, data=data,
                                      out=out, method=method, radius=radius, train_last=n,
-                                     seed=seed, cache_features=True, quiet=True,
+                                     seed=seed, cache_features=True, quiet=True, lean=lean,
                                      **SETTINGS[data])
                     print(f"[{i}/{total}] {tag}: val acc {100 * m['val_accuracy']:.2f}%, "
                           f"step {m['step_time_ms']:.1f} ms", flush=True)
-                    rows.append({k: m[k] for k in (
+                    rows.append({"lean": m.get("lean"), **{k: m[k] for k in (
                         "data", "train_last", "method", "radius", "seed", "val_accuracy",
                         "step_time_ms", "saved_activation_bytes", "epochs", "image_size",
-                        "batch_size", "lr")})
+                        "batch_size", "lr")}})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["data"], r["train_last"], r["method"], r["radius"]), []).append(r)
+        key = (r["data"], r["train_last"], r["method"], r["radius"], r.get("lean"))
+        groups.setdefault(key, []).append(r)
     lines = ["| data | last N | method | val accuracy % (mean ± std) | Δ vs vanilla (pt) | target "
              "| seeds | step ms | saved MiB/step |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (data, n, method, radius), rs in groups.items():
+    for (data, n, method, radius, lean), rs in groups.items():
         accs = [100 * r["val_accuracy"] for r in rs]
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        base = groups.get((data, n, "vanilla", None))
+        base = groups.get((data, n, "vanilla", None, None))
         delta, target = "", ""
         if base and method != "vanilla":
             d = mean - statistics.mean(100 * r["val_accuracy"] for r in base)
@@ -82,7 +86,7 @@ def table(rows: list[dict]) -> str:
             if radius in TARGET_DROP:
                 ok = -d <= TARGET_DROP[radius]
                 target = f"≤ {TARGET_DROP[radius]} pt drop: {'met' if ok else 'NOT met'}"
-        label = method if radius is None else f"r={radius}"
+        label = method if radius is None else f"r={radius}" + (f" + lean {lean}" if lean else "")
         step = statistics.median(r["step_time_ms"] for r in rs)
         mib = statistics.median(r["saved_activation_bytes"] for r in rs) / 2**20
         lines.append(f"| {data} | {n} | {label} | {mean:.2f} ± {std:.2f} | {delta} | {target} "

@@ -1,0 +1,33 @@
+"""The benchmarks' bookkeeping (not their timings): one tiny case each, run in process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+
+
+def test_step_bench_case_reports_ratios_and_saved_bytes():
+    from gradfilter.bench.step import METHODS, bench_case
+
+    row = bench_case("mobilenet_v2", 2, 4, batch=2, size=64, repeats=1,
+                     device=torch.device("cpu"))
+    assert row["blocks"] == ["features.17", "features.18"]
+    for m in METHODS:
+        assert row[f"step_ms_{m}"] > 0
+    assert row["forward_only_ms"] > 0
+    for m in METHODS[1:]:
+        assert row[f"speedup_{m}"] == pytest.approx(row["step_ms_vanilla"] / row[f"step_ms_{m}"])
+    # what the blocks save: filtering alone shrinks the convs' inputs only; lean much more
+    assert row["saved_bytes_blocks_vanilla"] > row["saved_bytes_blocks_filtered"] \
+        > row["saved_bytes_blocks_lean"] > 0
+    assert row["saved_bytes_vanilla"] >= row["saved_bytes_blocks_vanilla"]
+
+
+def test_layer_bench_config_times_both_methods():
+    from gradfilter.bench.layers import bench_config
+
+    row = bench_config(8, 12, 12, radius=2, batch=2, repeats=1, device=torch.device("cpu"))
+    assert row["backward_speedup"] == pytest.approx(
+        row["backward_vanilla_ms"] / row["backward_filtered_ms"])
