@@ -73,8 +73,11 @@ def test_lean_batchnorm_exact_mode_matches_pytorch():
     x, mean, var, w, b, gy = _bn_case()
     for t in (x, w, b):
         t.requires_grad_()
-    ref = torch.autograd.grad(F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-3), (x, w, b), gy)
-    got = torch.autograd.grad(lean.batch_norm_eval(x, mean, var, w, b, 1e-3), (x, w, b), gy)
+    y_ref = F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-3)
+    y = lean.batch_norm_eval(x, mean, var, w, b, 1e-3)
+    assert torch.equal(y, y_ref)
+    ref = torch.autograd.grad(y_ref, (x, w, b), gy)
+    got = torch.autograd.grad(y, (x, w, b), gy)
     for a, e in zip(got, ref):
         torch.testing.assert_close(a, e)
 

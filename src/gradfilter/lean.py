@@ -112,11 +112,11 @@ def _patch_counts(spatial: torch.Size, radius: int, like: Tensor) -> Tensor:
 class _BatchNormEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, eps, radius):
+        # PyTorch's own eval-mode kernel: one pass, bit-identical to nn.BatchNorm in eval
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
         inv_std = torch.rsqrt(var + eps)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = inv_std if weight is None else weight * inv_std
-        y = x * scale.view(shape) + (-mean * scale if bias is None
-                                     else bias - mean * scale).view(shape)
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[3]
         ctx.radius = radius
         ctx.shape = shape
@@ -154,7 +154,7 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor,
                     radius: int | None = None) -> Tensor:
     """Eval-mode BatchNorm (running statistics) that saves only what its gradients need: nothing
     for the input and bias, x (``radius=None``) or x's patch sums (``radius=r``) for a weight
-    that requires grad. The forward is ``F.batch_norm(..., training=False)`` up to rounding."""
+    that requires grad. The forward is ``F.batch_norm(..., training=False)`` itself."""
     if radius is not None and (not isinstance(radius, int) or radius < 1):
         raise ValueError(f"radius must be None or an int >= 1, got {radius!r}")
     if x.dim() < 3:
