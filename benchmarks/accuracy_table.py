@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     write_json_atomic(result, ROOT / "benchmarks" / "results" / "accuracy_cpu.json")
     doc = ROOT / "docs" / "accuracy.md"
+    marker = "<!-- analysis: kept when the table is regenerated -->"
+    kept = doc.read_text().partition(marker)[2] if doc.exists() else ""
     doc.write_text(
         "# Accuracy: gradient filtering vs plain backprop\n\n"
         "Pretrained EfficientNet-Lite0 (ImageNet weights from the "
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         + f".\n\nMachine: {describe(info)}. Step times are medians per run and were measured "
         "while other work shared the CPU; see docs/performance.md for controlled timings.\n\n"
         "Regenerate: `.venv/bin/python benchmarks/accuracy_table.py`\n\n"
-        + table(rows) + "\n"
+        + table(rows) + "\n\n" + marker + kept.rstrip("\n") + "\n"
     )
     print(table(rows))
     print(f"wrote {doc}", file=sys.stderr)
