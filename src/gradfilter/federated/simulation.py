@@ -1,0 +1,64 @@
+"""One-machine federated runs on Flower's Simulation Engine (its Ray backend): the same
+``ServerApp`` / ``ClientApp`` as in deployment, with ``num-clients`` virtual SuperNodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import resolve_config
+
+__all__ = ["run_simulation"]
+
+
+def run_simulation(settings: Mapping[str, Any], workers: int | None = None) -> dict[str, Any]:
+    """Run the federated fine-tuning that ``settings`` (run-config keys, see
+    :data:`gradfilter.federated.DEFAULTS`) describes; return ``OUT/metrics.json``'s content.
+
+    ``workers`` Ray actors (default: the CPU count, at most ``num-clients``) run the clients'
+    rounds, each with ``client-threads`` torch threads.
+    """
+    cfg = resolve_config(settings)
+    out = Path(cfg["out"])
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists():
+        raise ValueError(f"{metrics_path} already exists; choose another --out")
+    resolve_model = {**settings, "out": str(out.resolve())}
+    resolve_model.pop("faults", None)
+
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from .client_app import make_client_app
+    from .server_app import make_server_app
+
+    n_workers = workers or min(cfg["num-clients"], os.cpu_count() or 1)
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": n_workers, "num_gpus": 0, "include_dashboard": False,
+                      "logging_level": logging.ERROR if cfg["quiet"] else logging.WARNING,
+                      "log_to_driver": not cfg["quiet"]},
+    }
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if cfg["quiet"]:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            flwr_run_simulation(
+                server_app=make_server_app(resolve_model),
+                client_app=make_client_app(resolve_model),
+                num_supernodes=cfg["num-clients"],
+                backend_config=backend_config,
+            )
+    finally:
+        flwr_logger.setLevel(level)
+    if not metrics_path.is_file():
+        raise RuntimeError(f"the Flower simulation ended without writing {metrics_path}; see "
+                           f"the log above for the ServerApp's error")
+    return json.loads(metrics_path.read_text(encoding="utf-8"))
