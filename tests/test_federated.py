@@ -146,6 +146,9 @@ def test_simulation_survives_a_failing_client_and_records_it(tmp_path):
                         "partition": "dirichlet:1.0", "fault": "raise:1@1", "out": str(out),
                         "quiet": True}, workers=2)
     assert json.loads((out / "metrics.json").read_text()) == m
+    from gradfilter.federated.simulation import _ray_orphans
+
+    assert not _ray_orphans()  # no Ray worker outlives the run
     assert m["flower_strategy"] == "FedProx"
     r1, r2 = m["rounds_log"]
     assert (r1["clients_ok"], r1["clients_failed"]) == (2, 1)

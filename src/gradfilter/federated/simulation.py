@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +61,45 @@ def run_simulation(settings: Mapping[str, Any], workers: int | None = None) -> d
             )
     finally:
         flwr_logger.setLevel(level)
+        _reap_ray_orphans()
     if not metrics_path.is_file():
         raise RuntimeError(f"the Flower simulation ended without writing {metrics_path}; see "
                            f"the log above for the ServerApp's error")
     return json.loads(metrics_path.read_text(encoding="utf-8"))
+
+
+def _ray_orphans() -> list[int]:
+    """Ray worker processes of this process group that outlived their raylet (reparented to
+    init). Seen once on a loaded machine: two ``ray::ClientAppActor`` kept spinning after
+    ``ray.shutdown()``."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")[0]
+        except (OSError, IndexError):
+            continue
+        if stat[0] != "Z" and int(stat[1]) == 1 and int(stat[2]) == os.getpgrp() \
+                and cmd.startswith(b"ray::"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _reap_ray_orphans(grace_s: float = 5.0) -> None:
+    if not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + grace_s
+    while (pids := _ray_orphans()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+        pids = _ray_orphans()
+        if not pids:
+            break
+    if pids:
+        print(f"warning: Ray worker processes {pids} survived SIGKILL", file=sys.stderr)
