@@ -118,6 +118,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: str | Path) -> Path:
         axes[1].set_ylabel("MiB sent by clients (cumulative)")
         for ax in axes:
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.tight_layout()

@@ -19,7 +19,8 @@ __all__ = [
 ]
 
 
-def run_simulation(*args, **kwargs):  # noqa: D103 - documented in .simulation
+def run_simulation(*args, **kwargs):
+    """:func:`gradfilter.federated.simulation.run_simulation` (imports Flower on first use)."""
     from .simulation import run_simulation as _run
 
     return _run(*args, **kwargs)

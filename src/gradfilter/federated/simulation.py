@@ -31,8 +31,8 @@ def run_simulation(settings: Mapping[str, Any], workers: int | None = None) -> d
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
         raise ValueError(f"{metrics_path} already exists; choose another --out")
-    resolve_model = {**settings, "out": str(out.resolve())}
-    resolve_model.pop("faults", None)
+    # The apps resolve the settings again; an absolute `out` does not depend on their cwd.
+    app_settings = {**settings, "out": str(out.resolve())}
 
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -54,8 +54,8 @@ def run_simulation(settings: Mapping[str, Any], workers: int | None = None) -> d
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             flwr_run_simulation(
-                server_app=make_server_app(resolve_model),
-                client_app=make_client_app(resolve_model),
+                server_app=make_server_app(app_settings),
+                client_app=make_client_app(app_settings),
                 num_supernodes=cfg["num-clients"],
                 backend_config=backend_config,
             )
