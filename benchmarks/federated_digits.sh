@@ -22,3 +22,4 @@ $GF compare "$RUNS"/fed_vanilla "$RUNS"/fed_gradfilter "$RUNS"/central_vanilla \
 for run in fed_vanilla fed_gradfilter central_vanilla central_gradfilter; do
   cp "$RUNS/$run/metrics.json" "$RESULTS/$run.json"
 done
+.venv/bin/python benchmarks/federated_table.py "$RESULTS"   # the tables in docs/federated.md

@@ -35,7 +35,7 @@ def main(folder: Path) -> None:
               + " | ".join(f"{100 * a:.1f}" for a in accs) + " |")
 
     print("\nPer run:\n")
-    print("| run | final acc | client step ms (median) | sent per client per round | "
+    print("| run | final acc | median step ms | sent per client per round | "
           "whole model | sent by all clients per round | failures | wall time |")
     print("|---|---|---|---|---|---|---|---|")
     for m, run in fed.items():
