@@ -162,6 +162,64 @@ def _compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _federated(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("federated", help="federated fine-tuning on Flower's simulation engine: "
+                                         "K clients, only the trainable parameters travel")
+    p.add_argument("--model", required=True)
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from built-in offline weights (tf_efficientnet_lite0 only)")
+    p.add_argument("--data", required=True, help="a built-in data set or kind:PATH")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--clients", type=int, required=True, help="number of clients (SuperNodes)")
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
+    p.add_argument("--method", choices=["vanilla", "gradfilter"], required=True)
+    p.add_argument("--radius", type=int, default=4, help="patch radius for gradfilter")
+    p.add_argument("--train-last", type=int, required=True,
+                   help="number of last blocks to train (plus the classifier)")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
+    p.add_argument("--fraction-train", type=float, default=1.0,
+                   help="fraction of clients sampled per round")
+    p.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds the server waits for replies; late clients count as failed")
+    p.add_argument("--fault", default="",
+                   help="inject failures, e.g. raise:1@2 (client 1 raises in round 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel client workers (default: CPU count)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, fewer Flower logs")
+    p.add_argument("--out", required=True, help="run folder: metrics.json and the model")
+
+    def run(args: argparse.Namespace) -> int:
+        from .federated import run_simulation
+
+        m = run_simulation({
+            "model": args.model, "pretrained": args.pretrained, "data": args.data,
+            "image-size": args.image_size, "num-clients": args.clients, "rounds": args.rounds,
+            "partition": args.partition, "method": args.method, "radius": args.radius,
+            "train-last": args.train_last, "local-epochs": args.local_epochs,
+            "batch-size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+            "strategy": args.strategy, "proximal-mu": args.proximal_mu,
+            "fraction-train": args.fraction_train, "round-timeout": args.round_timeout,
+            "fault": args.fault, "seed": args.seed, "out": args.out, "quiet": args.quiet,
+        }, workers=args.workers)
+        sent = [r["bytes_sent_by_clients"] / max(1, r["clients_ok"]) for r in m["rounds_log"]]
+        print(f"{m['model']} {m['method']} on {m['data']}, {m['num_clients']} clients, "
+              f"{m['rounds']} rounds ({m['flower_strategy']}): val accuracy "
+              f"{100 * m['val_accuracy']:.2f}%, {m['total_failures']} failed client rounds")
+        print(f"each client sends {sent[0] / 2**20:.3f} MiB per round (whole model "
+              f"{m['full_model_bytes'] / 2**20:.3f} MiB)")
+        print(f"wrote {args.out}/metrics.json")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune(sub)
     _evaluate(sub)
     _compare(sub)
+    _federated(sub)
     return parser
 
 

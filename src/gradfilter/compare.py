@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare_runs", "format_table", "load_runs", "plot_runs", "to_mib"]
+__all__ = ["compare_runs", "format_table", "load_runs", "plot_rounds", "plot_runs", "to_mib"]
 
 COLUMNS = ("run", "method", "radius", "train_last", "val_accuracy", "step_time_ms", "saved MiB")
 
@@ -111,6 +111,44 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str | None = 
     return path
 
 
+def plot_rounds(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Federated runs (``rounds_log`` in their metrics): global accuracy per round and the
+    bytes the clients sent, cumulated over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for row in rows:
+            log = row.get("rounds_log") or []
+            rounds = [0] + [r["round"] for r in log]
+            acc = [row.get("initial_val_accuracy")] + [r["val_accuracy"] for r in log]
+            sent, total = [0.0], 0
+            for r in log:
+                total += r["bytes_sent_by_clients"]
+                sent.append(to_mib(total))
+            axes[0].plot(rounds, [math.nan if a is None else 100 * a for a in acc],
+                         marker="o", label=_label(row))
+            axes[1].plot(rounds, sent, marker="o", label=_label(row))
+        axes[0].set_ylabel("global val accuracy (%)")
+        axes[1].set_ylabel("MiB sent by clients (cumulative)")
+        for ax in axes:
+            ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> int:
     """Print the table; write the plot to ``out`` (default ``compare.png`` in the current
     folder); return an exit code."""
@@ -122,4 +160,8 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> i
         print("\nno plot: matplotlib is not installed", file=sys.stderr)
         return 0
     print(f"\nwrote {plot_path}")
+    federated = [row for row in rows if row.get("rounds_log")]
+    if federated:
+        rounds_path = plot_path.with_name(plot_path.stem + "_rounds.png")
+        print(f"wrote {plot_rounds(federated, rounds_path)}")
     return 0

@@ -29,6 +29,7 @@ from .checkpoint import (
     set_rng_state,
     write_json_atomic,
 )
+from .distributed import EpochSampler, init_from_env, wrap
 from .trainer import METHODS, evaluate, prepare_model, seed_everything, train
 
 __all__ = ["MATCH_KEYS", "evaluate_checkpoint", "finetune"]
@@ -222,9 +223,24 @@ def finetune(
                   f"({cache.bytes / 2**20:.1f} MiB, {cache.build_time_s:.1f} s); skipping "
                   f"{len(cache.prefix)} prefix modules", file=sys.stderr)
 
+    # Under torchrun: this process trains on its shard through DDP (see .distributed).
+    dist_info = init_from_env(device)
+    trained = net
+    if dist_info is not None:
+        train_set = cache.train if cache is not None else splits.train
+        drop = len(train_set) >= batch_size * dist_info.world_size
+        sampler = EpochSampler(train_set, dist_info, seed, drop_last=drop,
+                               start_epoch=start_epoch)
+        train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler,
+                                  drop_last=drop)
+        trained = wrap(net, dist_info, device)
+    is_main = dist_info is None or dist_info.is_main
+
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(state: dict[str, Any]) -> None:
+        if not is_main:
+            return
         sched = state["scheduler"]
         save_atomic({
             "format": FORMAT_VERSION,
@@ -239,7 +255,7 @@ def finetune(
 
     t0 = time.perf_counter()
     with skip_prefix(net, cache.prefix) if cache is not None else contextlib.nullcontext():
-        metrics = train(net, train_loader, val_loader, epochs=epochs, lr=lr,
+        metrics = train(trained, train_loader, val_loader, epochs=epochs, lr=lr,
                         optimizer=optimizer, device=device, progress=not quiet,
                         start_epoch=start_epoch, resume_state=resume_state, on_epoch_end=save)
     epochs_run = epochs - start_epoch
@@ -275,8 +291,10 @@ def finetune(
         "history": history,
         "checkpoint": str(ckpt_path),
         "machine": machine_info(device),
+        "world_size": dist_info.world_size if dist_info is not None else 1,
     }
-    write_json_atomic(result, out_dir / "metrics.json")
+    if is_main:
+        write_json_atomic(result, out_dir / "metrics.json")
     return result
 
 
