@@ -17,9 +17,13 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gradfilter.bench.machine import machine_info
 from gradfilter.compare import plot_runs
@@ -37,13 +41,25 @@ def _methods(radii: list[int]) -> list[tuple[str, int | None]]:
     return [("vanilla", None), *(("gradfilter", r) for r in radii)]
 
 
-def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_all(args: argparse.Namespace, shard: int | None = None) -> list[dict[str, Any]]:
+    """Run (or reuse) every run of the plan; with ``shard``, only every ``workers``-th one.
+
+    Seed-major order, so that the vanilla and filtered runs of one config run close together
+    in time (the machine's load drifts) and shards get a mix of configs.
+    """
     runs = []
-    plan = [(m, n, meth, r, s) for m in args.models.split(",") for n in _ints(args.train_last)
-            for meth, r in _methods(_ints(args.radii)) for s in _ints(args.seeds)]
+    plan = [(m, n, meth, r, s) for s in _ints(args.seeds) for m in args.models.split(",")
+            for n in _ints(args.train_last) for meth, r in _methods(_ints(args.radii))]
     for i, (model, n, method, radius, seed) in enumerate(plan, 1):
         tag = "vanilla" if radius is None else f"r{radius}"
         out = Path(args.runs) / model / f"last{n}" / tag / f"seed{seed}"
+        if shard is not None:
+            if (i - 1) % args.workers != shard:
+                continue
+        elif not (out / "metrics.json").is_file():
+            if not args.partial:
+                raise RuntimeError(f"{out} has no metrics.json after all workers finished")
+            continue  # --partial: aggregate the runs that exist
         if not (out / "metrics.json").is_file():
             if (out / "checkpoint.pt").exists():  # killed mid-run: start that run again
                 (out / "checkpoint.pt").unlink()
@@ -116,19 +132,38 @@ def main() -> None:
     p.add_argument("--radii", default="2,4")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared, oversubscribed CPU two threads "
+                        "spin-wait on each other and run several times slower)")
     p.add_argument("--runs", default="runs/seg_table", help="folder of the run folders")
+    p.add_argument("--workers", type=int, default=2,
+                   help="run the plan in this many processes (each --threads threads)")
+    p.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--partial", action="store_true",
+                   help="only aggregate the finished runs (no training); for a cut-short table")
     p.add_argument("--json", default="benchmarks/results/seg_table_cpu.json")
     p.add_argument("--md", default="benchmarks/results/seg_table_cpu.md")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
+    if args.shard is not None:  # a worker: run its share, the parent aggregates
+        run_all(args, shard=args.shard)
+        return
     t0, load0 = time.perf_counter(), os.getloadavg()
+    cmd = [sys.executable, __file__, *sys.argv[1:]]
+    workers = [] if args.partial else [subprocess.Popen([*cmd, "--shard", str(i)])
+                                       for i in range(args.workers)]
+    codes = [w.wait() for w in workers]
+    if any(codes):
+        raise SystemExit(f"a worker failed (exit codes {codes}); rerun to resume")
     runs = run_all(args)
     rows = aggregate(runs)
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "md", "runs")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("json", "md", "runs", "shard")}
     result = {
         "settings": {**settings, "data": "synthetic-seg", "optimizer": "adamw",
                      "pretrained": True},

@@ -110,7 +110,7 @@ def _crop(rng: np.random.Generator, photos: tuple[Tensor, ...], size: int) -> Te
 def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
     """Boolean SxS mask of one shape of class ``cls`` (1 disk, 2 square, 3 triangle, 4 cross)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    radius = rng.uniform(0.12, 0.28) * size
+    radius = rng.uniform(0.15, 0.32) * size
     cy, cx = rng.uniform(radius * 0.6, size - radius * 0.6, size=2)
     angle = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(angle), np.sin(angle)
@@ -146,7 +146,7 @@ def _border(mask: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def make_synthetic_seg(n: int, size: int, seed: int) -> SegmentationArrays:
-    """``n`` images of ``size``x``size``: 1-4 shapes each on a photo background; image ``i``
+    """``n`` images of ``size``x``size``: 1-3 shapes each on a photo background; image ``i``
     depends only on (``seed``, ``i``, ``size``)."""
     if size < 16:
         raise ValueError(f"synthetic-seg needs an image size of at least 16, got {size}")
@@ -157,7 +157,7 @@ def make_synthetic_seg(n: int, size: int, seed: int) -> SegmentationArrays:
         rng = np.random.default_rng([seed, i, size])
         img = _crop(rng, backgrounds, size)
         mask = np.zeros((size, size), dtype=np.uint8)
-        for _ in range(rng.integers(1, 5)):
+        for _ in range(rng.integers(1, 4)):
             cls = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
             for _try in range(4):  # keep shapes mostly apart: at most 20 % may be covered
                 shape = _shape_mask(rng, cls, size)
