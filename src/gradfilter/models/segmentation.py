@@ -55,9 +55,32 @@ def is_segmentation_model(name: str) -> bool:
     return split_name(name) is not None
 
 
+def _norm(channels: int) -> nn.GroupNorm:
+    """The decoder's normalisation: GroupNorm (groups of 4 channels, at most 32 groups).
+
+    The fine-tuning protocol keeps every BatchNorm in eval mode; a freshly initialised decoder's
+    BatchNorm would then be the identity and the decoder effectively unnormalised, which trains
+    poorly (measured on synthetic-seg, 64 px, 125 AdamW steps at lr 3e-3: every pixel predicted
+    background; with GroupNorm both DeepLabV3 and UPerNet learn). GroupNorm has no running
+    statistics, normalises each sample on its own (any batch size, also 1 on a device), and is
+    left alone by ``freeze(bn_eval=True)``.
+    """
+    return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
+
+
+def _bn_to_gn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d inside ``module`` by :func:`_norm` (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _norm(child.num_features))
+        else:
+            _bn_to_gn(child)
+    return module
+
+
 def _conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), _norm(cout), nn.ReLU()
     )
 
 
@@ -169,15 +192,16 @@ class FCNHead(nn.Module):
 
 
 class DeepLabV3Head(nn.Module):
-    """DeepLabV3: torchvision's ASPP (1×1, three atrous 3×3, image pooling; projection), a 3×3
-    bottleneck and a 1×1 classifier on the last (dilated) feature map."""
+    """DeepLabV3: torchvision's ASPP (1×1, three atrous 3×3, image pooling; projection; its
+    BatchNorms swapped for GroupNorm, see :func:`_norm`), a 3×3 bottleneck and a 1×1
+    classifier on the last (dilated) feature map."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int,
                  rates: Sequence[int] = ATROUS_RATES) -> None:
         super().__init__()
         from torchvision.models.segmentation.deeplabv3 import ASPP
 
-        self.aspp = ASPP(in_channels[-1], list(rates), out_channels=channels)
+        self.aspp = _bn_to_gn(ASPP(in_channels[-1], list(rates), out_channels=channels))
         self.bottleneck = _conv_bn_relu(channels, channels)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
