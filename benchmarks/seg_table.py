@@ -132,8 +132,8 @@ def main() -> None:
     p.add_argument("--radii", default="2,4")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
