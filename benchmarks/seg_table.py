@@ -106,10 +106,10 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | last N | method | mIoU % (mean ± std) | Δ mIoU | pixel acc % | step ms "
-            "| speed-up | saved MiB | saved ratio | filtered-conv inputs MiB (vanilla → filtered)"
-            " |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| model | last N | method | seeds | mIoU % (mean ± std) | Δ mIoU | pixel acc % "
+            "| step ms | speed-up | saved MiB | saved ratio | filtered-conv inputs MiB "
+            "(vanilla → filtered) |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         conv = r["conv_input_bytes"]
         conv_s = "-" if not conv else (
@@ -118,7 +118,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         method = "vanilla" if r["radius"] is None else f"gradfilter r={r['radius']}"
         delta = "" if r["radius"] is None else f"{r['miou_delta']:+.1f}"
         lines.append(
-            f"| {r['model']} | {r['train_last']} | {method} | {r['miou_mean']:.1f} ± "
+            f"| {r['model']} | {r['train_last']} | {method} | {len(r['seeds'])} | "
+            f"{r['miou_mean']:.1f} ± "
             f"{r['miou_std']:.1f} | {delta} | {r['pixel_accuracy_mean']:.1f} | "
             f"{r['step_time_ms']:.0f} | {r['speedup']:.2f}× | "
             f"{r['saved_activation_bytes'] / 2**20:.2f} | {r['saved_ratio']:.2f}× | {conv_s} |")
