@@ -350,3 +350,28 @@ def test_cli_bad_segmentation_inputs_exit_2(tmp_path, capsys, model, data, needl
     assert main(_finetune(tmp_path / "bad", model=model, data=data)) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_cityscapes_loader_maps_label_ids_to_train_ids(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for d in ("leftImg8bit", "gtFine"):
+            (tmp_path / d / split / "aachen").mkdir(parents=True)
+        stem = f"aachen_000000_00001{split == 'val'}"
+        Image.fromarray(np.zeros((8, 16, 3), dtype=np.uint8)).save(
+            tmp_path / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png")
+        ids = np.zeros((8, 16), dtype=np.uint8)  # id 0: unlabeled -> ignore
+        ids[:, 4:8], ids[:, 8:12], ids[:, 12:] = 7, 26, 24  # road, car, person
+        Image.fromarray(ids).save(tmp_path / "gtFine" / split / "aachen" /
+                                  f"{stem}_gtFine_labelIds.png")
+    splits = get_dataset(f"cityscapes:{tmp_path}", image_size=16)
+    assert splits.num_classes == 19 and splits.classes[0] == "road"
+    _, m = splits.train[0]
+    assert m.shape == (16, 16)
+    # 8x16 resized to 16x16 (nearest): unlabeled -> 255, road -> 0, car -> 13, person -> 11.
+    assert (m[:, :4] == 255).all() and (m[:, 4:8] == 0).all()
+    assert (m[:, 8:12] == 13).all() and (m[:, 12:] == 11).all()
+    (tmp_path / "gtFine" / "val").rename(tmp_path / "gtFine" / "gone")
+    with pytest.raises(FileNotFoundError, match="gtFine"):
+        get_dataset(f"cityscapes:{tmp_path}")
