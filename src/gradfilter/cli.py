@@ -64,12 +64,14 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune the last N blocks of a model on a data set, "
                                         "checkpointing every epoch (resumable)")
     p.add_argument("--model", required=True, help="mobilenet_v2, resnet18, resnet34, "
-                                                  "tf_efficientnet_lite0 or a timm name")
+                   "tf_efficientnet_lite0 or a timm name; segmentation: <head>_<encoder>, "
+                   "head deeplabv3|fcn|pspnet|upernet, encoder tf_efficientnet_lite0|resnet18")
     p.add_argument("--pretrained", action="store_true",
                    help="start from built-in offline weights (tf_efficientnet_lite0 only)")
     p.add_argument("--checkpoint", default=None, help="state_dict file to start from")
     p.add_argument("--data", required=True, help="digits, mnist5k, lfw_faces, "
-                                                 "imagefolder:PATH, cifar10:PATH, cifar100:PATH")
+                   "imagefolder:PATH, cifar10:PATH, cifar100:PATH; segmentation: "
+                   "synthetic-seg, voc:PATH, cityscapes:PATH")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
@@ -116,9 +118,10 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
             print(f"gradfilter finetune: error: {e}", file=sys.stderr)
             return 2
         radius = "" if m["radius"] is None else f" r={m['radius']}"
-        acc = m["val_accuracy"]
+        label = "val mIoU" if "val_miou" in m else "val accuracy"
+        acc = m["val_miou"] if "val_miou" in m else m["val_accuracy"]
         print(f"{m['model']} {m['method']}{radius} last {m['train_last']} on {m['data']}: "
-              f"val accuracy {'-' if acc is None else f'{100 * acc:.2f}%'} after "
+              f"{label} {'-' if acc is None else f'{100 * acc:.2f}%'} after "
               f"{m['epochs']} epochs, step {m['step_time_ms']:.1f} ms, "
               f"{m['saved_activation_bytes'] / 2**20:.2f} MiB saved/step")
         print(f"wrote {args.out}/metrics.json and {m['checkpoint']}")
@@ -143,7 +146,10 @@ def _evaluate(sub: argparse._SubParsersAction) -> None:
         acc = evaluate_checkpoint(model=args.model, checkpoint=args.checkpoint, data=args.data,
                                   image_size=args.image_size, quiet=args.quiet,
                                   device=args.device)
-        print(f"val accuracy {100 * acc:.2f}% ({args.model}, {args.checkpoint}, {args.data})")
+        from .models.segmentation import is_segmentation_model
+
+        label = "val mIoU" if is_segmentation_model(args.model) else "val accuracy"
+        print(f"{label} {100 * acc:.2f}% ({args.model}, {args.checkpoint}, {args.data})")
         return 0
 
     p.set_defaults(func=run)

@@ -1,5 +1,6 @@
 """``gradfilter compare``: put several ``gradfilter finetune`` runs side by side - a table of
-accuracy, step time and activation memory, and a plot of accuracy against each."""
+accuracy (mIoU for segmentation runs), step time and activation memory, and a plot of accuracy
+against each."""
 
 from __future__ import annotations
 
@@ -9,9 +10,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare_runs", "format_table", "load_runs", "plot_rounds", "plot_runs", "to_mib"]
+__all__ = ["compare_runs", "format_table", "load_runs", "metric_key", "plot_rounds", "plot_runs",
+           "to_mib"]
 
 COLUMNS = ("run", "method", "radius", "train_last", "val_accuracy", "step_time_ms", "saved MiB")
+METRICS = {"val_accuracy": "val accuracy", "val_miou": "val mIoU"}  # metrics.json key: label
+
+
+def metric_key(rows: list[dict[str, Any]]) -> str:
+    """The quality metric the runs share: ``val_miou`` (segmentation) or ``val_accuracy``."""
+    keys = {next((k for k in ("val_miou", "val_accuracy") if k in row), None) for row in rows}
+    if len(keys) != 1:
+        raise ValueError("cannot compare segmentation runs (val_miou) with classification runs "
+                         "(val_accuracy)")
+    return keys.pop()
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
@@ -31,11 +43,14 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
             raise ValueError(f"{path} is not readable JSON: {exc}") from exc
         if not isinstance(row, dict):
             raise ValueError(f"{path} does not hold one run's metrics (a JSON object)")
-        missing = [k for k in ("method", "val_accuracy", "step_time_ms",
-                               "saved_activation_bytes") if k not in row]
+        missing = [k for k in ("method", "step_time_ms", "saved_activation_bytes")
+                   if k not in row]
+        if not any(k in row for k in METRICS):
+            missing.append("val_accuracy (or val_miou)")
         if missing:
             raise ValueError(f"{path} lacks {', '.join(missing)}")
         rows.append({**row, "run": str(d)})
+    metric_key(rows)
     return rows
 
 
@@ -53,21 +68,23 @@ def _fmt(value: Any, spec: str = "") -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    key = metric_key(rows)
     body = [
         (
             row["run"],
             str(row["method"]),
             _fmt(row.get("radius")),
             _fmt(row.get("train_last")),
-            "-" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.2f}%",
+            "-" if row[key] is None else f"{100 * row[key]:.2f}%",
             _fmt(row["step_time_ms"], ".1f"),
             _fmt(to_mib(row["saved_activation_bytes"]), ".2f"),
         )
         for row in rows
     ]
-    widths = [max(len(x) for x in col) for col in zip(COLUMNS, *body)]
+    columns = tuple(key if c == "val_accuracy" else c for c in COLUMNS)
+    widths = [max(len(x) for x in col) for col in zip(columns, *body)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))).rstrip() for r in [COLUMNS, *body]]
+                       enumerate(zip(r, widths))).rstrip() for r in [columns, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -78,18 +95,19 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Accuracy vs median step time and vs saved activation MiB, one point per run."""
+    """Accuracy (or mIoU) vs median step time and vs saved activation MiB, one point per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = metric_key(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     try:
         for row in rows:
-            acc = 100 * row["val_accuracy"] if row["val_accuracy"] is not None else math.nan
+            acc = 100 * row[key] if row[key] is not None else math.nan
             xs = (row["step_time_ms"], to_mib(row["saved_activation_bytes"]))
             for ax, x in zip(axes, xs):
                 ax.scatter([x], [acc], s=60, label=_label(row))
@@ -97,7 +115,7 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str | None = 
                             fontsize=8)
         axes[0].set_xlabel("median training step (ms)")
         axes[1].set_xlabel("activations saved for backward per step (MiB)")
-        axes[0].set_ylabel("val accuracy (%)")
+        axes[0].set_ylabel(f"{METRICS[key]} (%)")
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.margins(x=0.2, y=0.15)

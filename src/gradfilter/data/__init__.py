@@ -11,14 +11,18 @@ from .builtin import (
     load_mnist5k_splits,
     stratified_split,
 )
+from .segmentation import IGNORE_INDEX, get_segmentation_dataset, make_synthetic_seg
 
 __all__ = [
+    "IGNORE_INDEX",
     "ArrayImageDataset",
     "DatasetSplits",
     "get_dataset",
+    "get_segmentation_dataset",
     "list_datasets",
     "load_digits_splits",
     "load_lfw_faces_splits",
     "load_mnist5k_splits",
+    "make_synthetic_seg",
     "stratified_split",
 ]

@@ -52,6 +52,8 @@ class DatasetSplits:
     val: Dataset | None
     num_classes: int
     classes: tuple[str, ...] = field(default=())
+    task: str = "classification"  # or "segmentation": targets are HxW class-index masks
+    ignore_index: int | None = None  # mask value that carries no label (segmentation)
 
 
 class ArrayImageDataset(Dataset):
@@ -177,7 +179,8 @@ _ON_DISK = ("imagefolder", "cifar10", "cifar100")
 
 def list_datasets() -> list[str]:
     """Built-in names plus the path-taking spec kinds (as ``kind:PATH``)."""
-    return [*_BUILTIN, *(f"{k}:PATH" for k in _ON_DISK)]
+    return [*_BUILTIN, *(f"{k}:PATH" for k in _ON_DISK), "synthetic-seg", "voc:PATH",
+            "cityscapes:PATH"]
 
 
 def _image_transform(image_size: int, native: int | None = None) -> Callable:
@@ -243,13 +246,18 @@ def _cifar(kind: str, spec: str, root: Path, image_size: int, split: str) -> Dat
 
 def get_dataset(spec: str, image_size: int = 64, split: str = "both") -> DatasetSplits:
     """Parse ``spec`` (``digits``, ``mnist5k``, ``lfw_faces``, ``imagefolder:PATH``,
-    ``cifar10:PATH``, ``cifar100:PATH``) and build its ``split`` ("train", "val" or "both") at
-    ``image_size`` x ``image_size``."""
+    ``cifar10:PATH``, ``cifar100:PATH``; segmentation: ``synthetic-seg``, ``voc:PATH``,
+    ``cityscapes:PATH``, see :mod:`.segmentation`) and build its ``split`` ("train", "val" or
+    "both") at ``image_size`` x ``image_size``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     kind, sep, arg = spec.partition(":")
+    if kind in ("synthetic-seg", "voc", "cityscapes"):
+        from .segmentation import get_segmentation_dataset
+
+        return get_segmentation_dataset(spec, image_size, split)
     if kind in _BUILTIN and not sep:
         return _BUILTIN[kind](image_size=image_size, split=split)
     if kind in _ON_DISK:

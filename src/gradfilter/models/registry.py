@@ -26,12 +26,17 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def list_models() -> list[str]:
     """Names with explicit support; any other timm model name also works (random init)."""
-    return [*_TORCHVISION, "tf_efficientnet_lite0"]
+    from .segmentation import list_segmentation_models
+
+    return [*_TORCHVISION, "tf_efficientnet_lite0", *list_segmentation_models()]
 
 
 def has_offline_weights(name: str) -> bool:
     """Whether ``create_model(name, ..., pretrained=True)`` works without a checkpoint."""
-    return name in _OFFLINE_WEIGHTS
+    from .segmentation import split_name
+
+    seg = split_name(name)  # a segmentation model has its encoder's weights
+    return (seg[1] if seg else name) in _OFFLINE_WEIGHTS
 
 
 def create_model(
@@ -45,12 +50,18 @@ def create_model(
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if pretrained and name not in _OFFLINE_WEIGHTS and checkpoint is None:
+    offline = has_offline_weights(name)
+    if pretrained and not offline and checkpoint is None:
         raise ValueError(
             f"no offline pretrained weights for '{name}' (only for "
-            f"{', '.join(_OFFLINE_WEIGHTS)}); pass a checkpoint path instead"
+            f"{', '.join(_OFFLINE_WEIGHTS)} and segmentation models on its encoder); pass a "
+            "checkpoint path instead"
         )
-    if pretrained and name in _OFFLINE_WEIGHTS:
+    from .segmentation import create_segmentation_model, is_segmentation_model
+
+    if is_segmentation_model(name):
+        model: nn.Module = create_segmentation_model(name, num_classes, pretrained and offline)
+    elif pretrained and name in _OFFLINE_WEIGHTS:
         model = _OFFLINE_WEIGHTS[name](num_classes)
     else:
         model = _build_random(name, num_classes)
@@ -187,6 +198,9 @@ def block_names(model: nn.Module) -> list[str]:
     ``conv_head``, mobilenet_v2's ``features.18``) is appended as a tail block; the stem and
     the classifier are never blocks. A model without multi-layer units gets its weight layers.
     """
+    own = getattr(model, "gradfilter_blocks", None)
+    if callable(own):  # models that name their blocks (segmentation: encoder, then decoder)
+        return list(own())
     head = classifier_name(model)
 
     def is_head(name: str) -> bool:

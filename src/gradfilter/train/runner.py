@@ -12,6 +12,7 @@ ends with the same weights as a run never interrupted.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,7 @@ def finetune(
     from ..bench.machine import machine_info
     from ..data import get_dataset
     from ..models import create_model
+    from .metrics import task_for
 
     _validate(epochs, batch_size, lr, method, radius, image_size)
     if cache_dtype not in CACHE_DTYPES:
@@ -146,6 +148,7 @@ def finetune(
     splits = get_dataset(data, image_size=image_size)
     if len(splits.train) == 0:
         raise ValueError(f"data set '{data}' has no training images")
+    task = task_for(model, splits.task, splits.num_classes, splits.ignore_index)
     config: dict[str, Any] = {
         "model": model,
         "data": _normalise_data_spec(data),
@@ -257,18 +260,20 @@ def finetune(
     with skip_prefix(net, cache.prefix) if cache is not None else contextlib.nullcontext():
         metrics = train(trained, train_loader, val_loader, epochs=epochs, lr=lr,
                         optimizer=optimizer, device=device, progress=not quiet,
-                        start_epoch=start_epoch, resume_state=resume_state, on_epoch_end=save)
+                        start_epoch=start_epoch, resume_state=resume_state, on_epoch_end=save,
+                        loss_fn=task.loss_fn, metric_fn=task.metric_fn,
+                        metric_name=task.metric_name)
     epochs_run = epochs - start_epoch
-    val_acc = metrics["val_accuracy"]
+    key = f"val_{task.metric_name}"
+    val_acc = metrics[key]
     history = [
-        {"epoch": i + 1, "train_loss": loss, "val_accuracy": val_acc[i] if i < len(val_acc)
-         else None}
+        {"epoch": i + 1, "train_loss": loss, key: val_acc[i] if i < len(val_acc) else None}
         for i, loss in enumerate(metrics["train_loss"])
     ]
     result: dict[str, Any] = {
         **config,
         "data": data,
-        "val_accuracy": val_acc[-1] if val_acc else None,
+        key: val_acc[-1] if val_acc else None,
         "epochs": metrics["epochs"],
         "resumed_from_epoch": start_epoch if ckpt is not None else None,
         "steps": metrics["steps"],
@@ -289,6 +294,7 @@ def finetune(
         "filtered_layers": info.report.names if info.report is not None else [],
         "lean_layers": info.slimmed,
         "history": history,
+        **_task_extras(task, info, bool(val_acc)),
         "checkpoint": str(ckpt_path),
         "machine": machine_info(device),
         "world_size": dist_info.world_size if dist_info is not None else 1,
@@ -296,6 +302,19 @@ def finetune(
     if is_main:
         write_json_atomic(result, out_dir / "metrics.json")
     return result
+
+
+def _task_extras(task: Any, info: Any, evaluated: bool) -> dict[str, Any]:
+    """Segmentation: the last validation's pixel accuracy, and the filtered convs' input bytes
+    (vanilla vs filtered, from the conversion report)."""
+    extras: dict[str, Any] = {}
+    if task.name == "segmentation":
+        acc = task.metric_fn.pixel_accuracy() if evaluated else math.nan
+        extras["val_pixel_accuracy"] = None if math.isnan(acc) else acc
+    if info.report is not None:
+        vanilla, filtered = info.report.total_saved_bytes()
+        extras["filtered_conv_saved_bytes"] = {"vanilla": vanilla, "filtered": filtered}
+    return extras
 
 
 def evaluate_checkpoint(
@@ -307,17 +326,20 @@ def evaluate_checkpoint(
     quiet: bool = False,
     device: str = "cpu",
 ) -> float:
-    """Validation accuracy of ``model`` with the weights in ``checkpoint`` (a ``finetune``
-    checkpoint, or a plain state_dict) on ``data``'s validation split."""
+    """Validation accuracy (mIoU for segmentation) of ``model`` with the weights in
+    ``checkpoint`` (a ``finetune`` checkpoint, or a plain state_dict) on ``data``'s validation
+    split."""
     from torch.utils.data import DataLoader
 
     from ..data import get_dataset
     from ..models import create_model, load_checkpoint
+    from .metrics import task_for
 
     splits = get_dataset(data, image_size=image_size, split="val")
+    task = task_for(model, splits.task, splits.num_classes, splits.ignore_index)
     net = create_model(model, splits.num_classes)
     # Evaluating needs the checkpoint's own head: a classifier of another size is an error here.
     load_checkpoint(net, checkpoint, keep_fresh_head=False)
     loader = DataLoader(splits.val, batch_size=EVAL_BATCH_SIZE)
     net.to(device)
-    return evaluate(net, loader, device=device, progress=not quiet)
+    return evaluate(net, loader, task.metric_fn, device=device, progress=not quiet)

@@ -1,0 +1,192 @@
+"""Segmentation results table: vanilla vs gradient filtering on synthetic-seg.
+
+Every run is one ``gradfilter finetune`` (called in-process, same code path as the CLI) into
+``--runs/<model>/last<N>/<method>/seed<S>``; a run whose ``metrics.json`` exists is reused, so
+a killed table resumes. Then the runs are aggregated per (model, N, method): mIoU mean ± std
+over seeds, pixel accuracy, median step time, and activation bytes saved for backward (measured
+with ``saved_tensors_hooks`` over the whole trainable part, and the filtered convs' inputs alone
+from the conversion report). Writes JSON, a markdown table and one PNG per model.
+
+    python benchmarks/seg_table.py --json benchmarks/results/seg_table_cpu.json \\
+        --md benchmarks/results/seg_table_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradfilter.bench.machine import machine_info
+from gradfilter.compare import plot_runs
+from gradfilter.train.checkpoint import write_json_atomic
+from gradfilter.train.runner import finetune
+
+MODELS = ("deeplabv3_tf_efficientnet_lite0", "upernet_tf_efficientnet_lite0")
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def _methods(radii: list[int]) -> list[tuple[str, int | None]]:
+    return [("vanilla", None), *(("gradfilter", r) for r in radii)]
+
+
+def run_all(args: argparse.Namespace, shard: int | None = None) -> list[dict[str, Any]]:
+    """Run (or reuse) every run of the plan; with ``shard``, only every ``workers``-th one.
+
+    Seed-major order, so that the vanilla and filtered runs of one config run close together
+    in time (the machine's load drifts) and shards get a mix of configs.
+    """
+    runs = []
+    plan = [(m, n, meth, r, s) for s in _ints(args.seeds) for m in args.models.split(",")
+            for n in _ints(args.train_last) for meth, r in _methods(_ints(args.radii))]
+    for i, (model, n, method, radius, seed) in enumerate(plan, 1):
+        tag = "vanilla" if radius is None else f"r{radius}"
+        out = Path(args.runs) / model / f"last{n}" / tag / f"seed{seed}"
+        if shard is not None:
+            if (i - 1) % args.workers != shard:
+                continue
+        elif not (out / "metrics.json").is_file():
+            if not args.partial:
+                raise RuntimeError(f"{out} has no metrics.json after all workers finished")
+            continue  # --partial: aggregate the runs that exist
+        if not (out / "metrics.json").is_file():
+            if (out / "checkpoint.pt").exists():  # killed mid-run: start that run again
+                (out / "checkpoint.pt").unlink()
+            t = time.perf_counter()
+            finetune(model=model, data="synthetic-seg", out=out, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, method=method, radius=radius,
+                     train_last=n, pretrained=True, image_size=args.image_size, seed=seed,
+                     optimizer="adamw", quiet=True, device=args.device)
+            print(f"[{i}/{len(plan)}] {model} last {n} {tag} seed {seed}: "
+                  f"{time.perf_counter() - t:.0f} s", flush=True)
+        m = json.loads((out / "metrics.json").read_text())
+        runs.append({**m, "run": str(out)})
+    return runs
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["train_last"], r["method"], r["radius"]), []).append(r)
+    rows = []
+    for (model, n, method, radius), rs in groups.items():
+        miou = [100 * r["val_miou"] for r in rs]
+        conv = rs[0].get("filtered_conv_saved_bytes")
+        rows.append({
+            "model": model, "train_last": n, "method": method, "radius": radius,
+            "seeds": [r["seed"] for r in rs],
+            "miou_mean": statistics.mean(miou),
+            "miou_std": statistics.stdev(miou) if len(miou) > 1 else 0.0,
+            "miou": miou,
+            "pixel_accuracy_mean": 100 * statistics.mean(r["val_pixel_accuracy"] for r in rs),
+            "step_time_ms": statistics.median(r["step_time_ms"] for r in rs),
+            "saved_activation_bytes": rs[0]["saved_activation_bytes"],
+            "conv_input_bytes": conv,
+            "blocks": rs[0]["blocks"],
+            "filtered_layers": rs[0]["filtered_layers"],
+        })
+    for row in rows:  # deltas against vanilla on the same model and blocks
+        base = next(b for b in rows if b["model"] == row["model"] and b["method"] == "vanilla"
+                    and b["train_last"] == row["train_last"])
+        row["miou_delta"] = row["miou_mean"] - base["miou_mean"]
+        row["saved_ratio"] = base["saved_activation_bytes"] / row["saved_activation_bytes"]
+        row["speedup"] = base["step_time_ms"] / row["step_time_ms"]
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | last N | method | seeds | mIoU % (mean ± std) | Δ mIoU | pixel acc % "
+            "| step ms | speed-up | saved MiB | saved ratio | filtered-conv inputs MiB "
+            "(vanilla → filtered) |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        conv = r["conv_input_bytes"]
+        conv_s = "-" if not conv else (
+            f"{conv['vanilla'] / 2**20:.2f} → {conv['filtered'] / 2**20:.2f} "
+            f"({conv['vanilla'] / max(conv['filtered'], 1):.1f}×)")
+        method = "vanilla" if r["radius"] is None else f"gradfilter r={r['radius']}"
+        delta = "" if r["radius"] is None else f"{r['miou_delta']:+.1f}"
+        lines.append(
+            f"| {r['model']} | {r['train_last']} | {method} | {len(r['seeds'])} | "
+            f"{r['miou_mean']:.1f} ± "
+            f"{r['miou_std']:.1f} | {delta} | {r['pixel_accuracy_mean']:.1f} | "
+            f"{r['step_time_ms']:.0f} | {r['speedup']:.2f}× | "
+            f"{r['saved_activation_bytes'] / 2**20:.2f} | {r['saved_ratio']:.2f}× | {conv_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--train-last", default="5,10")
+    p.add_argument("--radii", default="2,4")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared, oversubscribed CPU two threads "
+                        "spin-wait on each other and run several times slower)")
+    p.add_argument("--runs", default="runs/seg_table", help="folder of the run folders")
+    p.add_argument("--workers", type=int, default=2,
+                   help="run the plan in this many processes (each --threads threads)")
+    p.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--partial", action="store_true",
+                   help="only aggregate the finished runs (no training); for a cut-short table")
+    p.add_argument("--json", default="benchmarks/results/seg_table_cpu.json")
+    p.add_argument("--md", default="benchmarks/results/seg_table_cpu.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.shard is not None:  # a worker: run its share, the parent aggregates
+        run_all(args, shard=args.shard)
+        return
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    cmd = [sys.executable, __file__, *sys.argv[1:]]
+    workers = [] if args.partial else [subprocess.Popen([*cmd, "--shard", str(i)])
+                                       for i in range(args.workers)]
+    codes = [w.wait() for w in workers]
+    if any(codes):
+        raise SystemExit(f"a worker failed (exit codes {codes}); rerun to resume")
+    runs = run_all(args)
+    rows = aggregate(runs)
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("json", "md", "runs", "shard")}
+    result = {
+        "settings": {**settings, "data": "synthetic-seg", "optimizer": "adamw",
+                     "pretrained": True},
+        "machine": machine_info(args.device),
+        "load_average_start": load0,
+        "load_average_end": os.getloadavg(),
+        "wall_s": time.perf_counter() - t0,
+        "rows": rows,
+        "runs": [{k: r[k] for k in ("run", "model", "train_last", "method", "radius", "seed",
+                                    "val_miou", "val_pixel_accuracy", "step_time_ms",
+                                    "saved_activation_bytes", "train_time_s")} for r in runs],
+    }
+    write_json_atomic(result, Path(args.json))
+    table = markdown(rows)
+    Path(args.md).write_text(table, encoding="utf-8")
+    for model in {r["model"] for r in rows}:
+        pts = [{**r, "val_miou": r["miou_mean"] / 100} for r in rows if r["model"] == model]
+        plot_runs(pts, Path(args.json).with_name(f"seg_table_{model}.png"),
+                  title=f"{model} on synthetic-seg (mean of {len(_ints(args.seeds))} seeds)")
+    print(table)
+    print(f"wrote {args.json}, {args.md} ({result['wall_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
