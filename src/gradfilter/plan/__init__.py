@@ -1,6 +1,15 @@
 """Planner: which blocks to train and each conv's radius under a memory / time budget."""
 
-from .planner import FORMAT, Plan, apply_plan, load_plan, make_plan, parse_bytes, parse_ms
+from .planner import (
+    FORMAT,
+    Plan,
+    apply_plan,
+    load_plan,
+    make_plan,
+    parse_bytes,
+    parse_ms,
+    predict,
+)
 from .profile import BlockCost, CostProfile, profile_model
 
 __all__ = [
@@ -13,5 +22,6 @@ __all__ = [
     "make_plan",
     "parse_bytes",
     "parse_ms",
+    "predict",
     "profile_model",
 ]

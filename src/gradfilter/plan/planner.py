@@ -28,7 +28,9 @@ from ..models.registry import block_names
 from ..surgery import conv_layers
 from .profile import CostProfile, profile_model
 
-__all__ = ["FORMAT", "Plan", "apply_plan", "load_plan", "make_plan", "parse_bytes", "parse_ms"]
+__all__ = [
+    "FORMAT", "Plan", "apply_plan", "load_plan", "make_plan", "parse_bytes", "parse_ms", "predict",
+]
 
 FORMAT = "gradfilter-plan/1"
 FIDELITY_BATCH = 8  # samples used to measure fidelity (a cap on the planned batch)
@@ -230,6 +232,17 @@ class _Costs:
         mem = self.base_mem() + sum(self.mem(k, r, k == start) for k, r in radii.items())
         ms = self.base_ms() + sum(self.ms(k, r) for k, r in radii.items())
         return mem, ms, sum(self.score(k, r) for k, r in radii.items())
+
+
+def predict(profile: CostProfile, radii: Sequence[int]) -> tuple[float, float]:
+    """(saved bytes, step ms) the cost model predicts for training the last ``len(radii)``
+    blocks, block i of them at radius ``radii[i]`` (0: vanilla)."""
+    n = len(profile.blocks)
+    if not 1 <= len(radii) <= n:
+        raise ValueError(f"radii must name 1..{n} blocks, got {len(radii)}")
+    start = n - len(radii)
+    mem, ms, _ = _Costs(profile, {}).totals(start, dict(zip(range(start, n), radii)))
+    return mem, ms
 
 
 def _fits(mem: float, ms: float, mem_budget: float | None, ms_budget: float | None) -> bool:
