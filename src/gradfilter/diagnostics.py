@@ -390,3 +390,48 @@ def inspect(
                 saved_vanilla=c.saved_vanilla, saved_filtered=c.saved_filtered,
             ))
     return report
+
+
+def run_inspect(
+    *,
+    model: str,
+    data: str,
+    out: str | Path,
+    layers: Sequence[str] | None = None,
+    train_last: int | None = None,
+    radii: Sequence[int] = (2, 4, 7),
+    batches: int = 2,
+    batch_size: int = 16,
+    image_size: int = 64,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    quiet: bool = False,
+) -> InspectReport:
+    """``gradfilter inspect``: the fidelity report of a named model on the first ``batches``
+    training batches of ``data``; table on stdout, JSON at ``out`` and a PNG beside it."""
+    from torch.utils.data import DataLoader
+
+    from .data import get_dataset
+    from .models import block_names, create_model
+    from .train.checkpoint import write_json_atomic
+
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"--batches and --batch-size must be >= 1, got {batches}, {batch_size}")
+    splits = get_dataset(data, image_size=image_size, split="train")
+    net = create_model(model, splits.num_classes, pretrained=pretrained, checkpoint=checkpoint)
+    if train_last is not None:
+        blocks = block_names(net)
+        if not 1 <= train_last <= len(blocks):
+            raise ValueError(f"--train-last must be in 1..{len(blocks)}, got {train_last}")
+        layers = [*(layers or []), *blocks[-train_last:]]
+    loader = DataLoader(splits.train, batch_size=batch_size, shuffle=False)
+    report = inspect(net, loader, layers=layers, radii=radii, max_batches=batches,
+                     progress=not quiet)
+    print(report.table())
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"model": model, "data": data, "image_size": image_size,
+                       "batch_size": batch_size, **report.to_dict()}, out)
+    png = report.plot(out.with_suffix(".png"))
+    print(f"wrote {out} and {png}")
+    return report
