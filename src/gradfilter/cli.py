@@ -203,6 +203,8 @@ def _plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--data", default=None,
                    help="measure fidelity on this data set's first batch (default: random)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed steps per calibration config")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="plan.json")
 
@@ -213,7 +215,7 @@ def _plan(sub: argparse._SubParsersAction) -> None:
                  memory_budget=args.memory_budget, time_budget=args.time_budget,
                  radii=_ints(args.radii, "--radii"), num_classes=args.num_classes,
                  pretrained=args.pretrained, checkpoint=args.checkpoint, data=args.data,
-                 quiet=args.quiet)
+                 repeats=args.repeats, quiet=args.quiet)
         return 0
 
     p.set_defaults(func=run)

@@ -32,6 +32,7 @@ def run_plan(
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
     data: str | None = None,
+    repeats: int = 3,
     quiet: bool = False,
 ) -> Plan:
     """Plan ``model``; fidelity from the first batch of ``data`` (random inputs without it)."""
@@ -49,7 +50,7 @@ def run_plan(
     net = create_model(model, num_classes, pretrained=pretrained, checkpoint=checkpoint)
     plan = make_plan(net, input_shape, radii=radii, memory_budget=memory_budget,
                      time_budget_ms=time_budget, model_name=model, fidelity_batches=batches,
-                     progress=not quiet)
+                     repeats=max(1, repeats), progress=not quiet)
     path = plan.save(out)
     print(plan.table())
     print(f"wrote {path}")

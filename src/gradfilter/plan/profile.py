@@ -263,7 +263,8 @@ def profile_model(
     progress: bool = False,
 ) -> CostProfile:
     """Calibrate the planner's cost model for ``model`` at ``input_shape`` (B, C, H, W) on this
-    machine, for ``radii`` and vanilla. ``model`` is not modified."""
+    machine, for ``radii`` and vanilla; ``repeats`` timed steps per calibration config (0: no
+    time model, saved bytes only). ``model`` is not modified."""
     input_shape = tuple(int(s) for s in input_shape)
     convs_all = conv_layers(model)
     if not convs_all:
@@ -313,7 +314,9 @@ def profile_model(
             _block_features(mod_of, traced, c, r, input_shape)
         del m
         tick()
-    base = _step_ms(_configure(model, [], head, VANILLA), x, repeats)
+    if repeats < 1:  # saved bytes only: no time model
+        timed = []
+    base = _step_ms(_configure(model, [], head, VANILLA), x, repeats) if timed else 0.0
     tick()
     rows, target, calibration = [], [], []
     for k, r in timed:
@@ -326,7 +329,7 @@ def profile_model(
         tick()
     if bar is not None:
         bar.close()
-    coef = _nnls(rows, target)
+    coef = _nnls(rows, target) if rows else [0.0] * len(FEATURES)
     for row in calibration:
         row["fitted_ms"] = base + sum(c * f for c, f in zip(coef, row.pop("features")))
     return CostProfile(
