@@ -150,10 +150,12 @@ def test_impossible_budget_names_smallest_feasible(tiny_profile):
     model, profile = tiny_profile
     with pytest.raises(ValueError, match="smallest feasible") as err:
         make_plan(model, SHAPE, (2, 4), memory_budget=100, profile=profile)
-    smallest = float(re.search(r"smallest feasible ([0-9.]+) MB", str(err.value)).group(1))
-    plan = make_plan(model, SHAPE, (2, 4), memory_budget=int(smallest * 1e6) + 10_000,
-                     profile=profile)
-    assert plan.train_last == 1
+    smallest = int(re.search(r"smallest feasible [0-9.]+ MB \(([0-9]+) bytes\)",
+                             str(err.value)).group(1))
+    plan = make_plan(model, SHAPE, (2, 4), memory_budget=smallest + 1, profile=profile)
+    assert plan.train_last == 1 and plan.predicted_saved_bytes <= smallest + 1
+    with pytest.raises(ValueError, match="smallest feasible"):
+        make_plan(model, SHAPE, (2, 4), memory_budget=smallest - 2, profile=profile)
     with pytest.raises(ValueError, match="time budget .* below the smallest feasible"):
         make_plan(model, SHAPE, (2, 4), time_budget_ms=1e-6, profile=profile)
 

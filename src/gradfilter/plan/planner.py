@@ -68,7 +68,7 @@ def parse_ms(text: str | int | float) -> float:
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / 1e6:.2f} MB"
+    return f"{n / 1e6:.2f} MB ({int(round(n))} bytes)"
 
 
 @dataclass
@@ -255,9 +255,12 @@ def _search(costs: _Costs, radii: Sequence[int], mem_budget: float | None,
     best: tuple[float, float, int, dict[int, int]] | None = None
     for start in range(n - 1, -1, -1):
         ks = range(start, n)
-        # cheapest radius of each block (memory first, then time)
-        chosen = {k: min(radii, key=lambda r, k=k: (costs.mem(k, r, k == start), costs.ms(k, r),
-                                                   -r)) for k in ks}
+
+        def share(k: int, r: int, start: int = start) -> float:
+            return ((costs.mem(k, r, k == start) / mem_budget if mem_budget else 0.0)
+                    + (costs.ms(k, r) / ms_budget if ms_budget else 0.0))
+
+        chosen = {k: min(radii, key=lambda r, k=k: (share(k, r), -r)) for k in ks}  # cheapest
         mem, ms, score = costs.totals(start, chosen)
         if not _fits(mem, ms, mem_budget, ms_budget):
             continue
