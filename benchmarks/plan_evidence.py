@@ -19,12 +19,31 @@ from torch.utils.data import DataLoader
 
 from gradfilter.bench.machine import machine_info
 from gradfilter.data import get_dataset
+from gradfilter.diagnostics import _geometry2d
 from gradfilter.models import create_model
-from gradfilter.plan import make_plan, parse_bytes, predict, profile_model
+from gradfilter.plan import load_plan, make_plan, parse_bytes, predict, profile_model
+from gradfilter.surgery import _trace, conv_layers
 from gradfilter.train.runner import finetune
 
 MODEL = "tf_efficientnet_lite0"
 RADII = (2, 4, 7)
+
+
+def _grids(model: torch.nn.Module, shape: tuple[int, ...]) -> dict:
+    """conv name -> (radius -> where its output and input patches start, real pixels only).
+    Two radii with the same partitions filter identically (e.g. r=4 and r=7 on a 4x4 map)."""
+    convs = dict(conv_layers(model))
+    traced = _trace(model, convs, torch.zeros(*shape))
+
+    def partition(name: str, r: int) -> tuple:
+        in_s, out_s, _ = traced[name]
+        gh, gw, _, _ = _geometry2d(convs[name], in_s, out_s, r)
+        return tuple(
+            (tuple(max(0, i * g.radius - g.out_pad) for i in range(g.patches)),
+             tuple(min(g.size, max(0, i * g.in_patch - g.in_pad)) for i in range(g.patches)))
+            for g in (gh, gw))
+
+    return {n: (lambda r, n=n: partition(n, r)) for n in traced}
 
 
 def main() -> None:
@@ -43,12 +62,17 @@ def main() -> None:
     splits = get_dataset("digits", image_size=args.image_size)
     torch.manual_seed(0)
     model = create_model(MODEL, splits.num_classes, pretrained=True)
-    profile = profile_model(model, shape, RADII, model_name=MODEL, progress=True)
-    fid_batch = next(iter(DataLoader(splits.train, batch_size=args.batch_size)))
-    plan = make_plan(model, shape, RADII, memory_budget=budget, model_name=MODEL,
-                     fidelity_batches=[fid_batch], profile=profile)
     runs = Path(args.runs)
-    plan_path = plan.save(runs / "plan.json")
+    plan_path = runs / "plan.json"
+    if plan_path.exists():  # a resumed evidence run: same plan, saved bytes re-profiled only
+        plan = load_plan(plan_path)
+        profile = profile_model(model, shape, RADII, model_name=MODEL, repeats=0)
+    else:
+        profile = profile_model(model, shape, RADII, model_name=MODEL, progress=True)
+        fid_batch = next(iter(DataLoader(splits.train, batch_size=args.batch_size)))
+        plan = make_plan(model, shape, RADII, memory_budget=budget, model_name=MODEL,
+                         fidelity_batches=[fid_batch], profile=profile)
+        plan.save(plan_path)
     print(plan.table(), flush=True)
 
     n = len(profile.blocks)
@@ -58,9 +82,21 @@ def main() -> None:
         if fits:
             k = max(fits)
             configs.append((f"last {k} r={r}", k, r, predict(profile, [r] * k)[0]))
+    grids = _grids(model, shape)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
+        done: dict[tuple, dict] = {}
         for label, k, radius, pred in configs:
+            blocks = [b.name for b in profile.blocks[-k:]]
+            radii = radius if isinstance(radius, dict) else {
+                c: radius for b in profile.blocks[-k:] for c in b.convs}
+            # the same patch grid on every conv is the same training run: reuse its result
+            key = (tuple(blocks), tuple(sorted((c, grids[c](r)) for c, r in radii.items())))
+            if key in done:
+                rows.append({**done[key], "config": label, "radius": radius,
+                             "same_run_as": done[key]["config"]})
+                print(f"seed {seed} {label:14s} = {done[key]['config']} (same patch grids)")
+                continue
             out = runs / f"seed{seed}" / label.replace(" ", "_").replace("=", "")
             m = finetune(model=MODEL, data="digits", out=out, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, method="gradfilter",
@@ -74,6 +110,7 @@ def main() -> None:
                          "measured_saved_bytes": m["saved_activation_bytes"],
                          "step_time_ms": m["step_time_ms"], "load": os.getloadavg()[0]})
             r = rows[-1]
+            done[key] = r
             print(f"seed {seed} {label:14s} acc {100 * r['val_accuracy']:.2f}%  saved "
                   f"{r['measured_saved_bytes'] / 1e6:.2f} MB (pred {pred / 1e6:.2f}, budget "
                   f"{budget / 1e6:.2f})  step {r['step_time_ms']:.0f} ms", flush=True)
@@ -82,6 +119,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({
             "budget_bytes": budget, "input_shape": list(shape), "epochs": args.epochs,
             "lr": args.lr, "plan": str(plan_path), "plan_blocks": plan.blocks, "rows": rows,
+            "seeds": args.seeds,
             "machine": machine_info("cpu")}, indent=1))
 
 
