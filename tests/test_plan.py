@@ -183,12 +183,12 @@ def test_plan_errors(tiny_profile, tmp_path):
 
 def test_cli_plan_writes_json_and_reports_impossible_budget(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    args = ["plan", "--model", "mobilenet_v2", "--input-shape", "2,3,32,32", "--radii", "2,4",
+    args = ["plan", "--model", "test_efficientnet", "--input-shape", "2,3,32,32", "--radii", "2,4",
             "--repeats", "1", "--quiet", "--out", str(out)]
     assert main([*args, "--memory-budget", "2MB"]) == 0
     data = json.loads(out.read_text())
     assert data["predicted_saved_bytes"] <= 2_000_000 and data["layers"]
-    assert data["model"] == "mobilenet_v2" and data["train_last"] == len(data["blocks"])
+    assert data["model"] == "test_efficientnet" and data["train_last"] == len(data["blocks"])
     assert main([*args, "--memory-budget", "1KB"]) == 2
     assert "smallest feasible" in capsys.readouterr().err
     assert main([*args[:4], "2,3,32", "--out", str(out)]) == 2
