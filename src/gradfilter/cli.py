@@ -77,10 +77,14 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--method", choices=["vanilla", "gradfilter"], required=True)
+    p.add_argument("--method", choices=["vanilla", "gradfilter"], default=None,
+                   help="required unless --plan is given")
     p.add_argument("--radius", type=int, default=2, help="patch radius for gradfilter")
-    p.add_argument("--train-last", type=int, required=True,
-                   help="number of last blocks to train (plus the classifier)")
+    p.add_argument("--train-last", type=int, default=None,
+                   help="number of last blocks to train (plus the classifier); required "
+                        "unless --plan is given")
+    p.add_argument("--plan", default=None,
+                   help="plan.json from `gradfilter plan`: its blocks and per-conv radii")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true",
@@ -100,11 +104,29 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from .train.runner import finetune
 
+        radius, method, train_last = args.radius, args.method, args.train_last
+        if args.plan is not None:
+            from .plan import load_plan
+
+            plan = load_plan(args.plan)
+            if plan.model and plan.model != args.model:
+                raise ValueError(f"--plan {args.plan} was made for {plan.model}, "
+                                 f"not {args.model}")
+            if method not in (None, "gradfilter") or train_last not in (None, plan.train_last):
+                raise ValueError("--plan sets --method gradfilter and --train-last "
+                                 f"{plan.train_last}; drop the conflicting flag")
+            radius, method, train_last = dict(plan.layers), "gradfilter", plan.train_last
+            if tuple(plan.input_shape[-2:]) != (args.image_size, args.image_size):
+                print(f"note: the plan was made for {plan.input_shape[-2]}x"
+                      f"{plan.input_shape[-1]} inputs, training at {args.image_size}",
+                      file=sys.stderr)
+        elif method is None or train_last is None:
+            raise ValueError("--method and --train-last are required (or give --plan)")
         try:
             m = finetune(
                 model=args.model, data=args.data, out=args.out, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, method=args.method,
-                radius=args.radius, train_last=args.train_last, pretrained=args.pretrained,
+                batch_size=args.batch_size, lr=args.lr, method=method,
+                radius=radius, train_last=train_last, pretrained=args.pretrained,
                 checkpoint=args.checkpoint, image_size=args.image_size, seed=args.seed,
                 optimizer=args.optimizer, resume=args.resume, quiet=args.quiet,
                 device=args.device, cache_features=args.cache_features,
@@ -117,7 +139,8 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
         except ModuleNotFoundError as e:
             print(f"gradfilter finetune: error: {e}", file=sys.stderr)
             return 2
-        radius = "" if m["radius"] is None else f" r={m['radius']}"
+        radius = "" if m["radius"] is None else (
+            " planned radii" if isinstance(m["radius"], dict) else f" r={m['radius']}")
         label = "val mIoU" if "val_miou" in m else "val accuracy"
         acc = m["val_miou"] if "val_miou" in m else m["val_accuracy"]
         print(f"{m['model']} {m['method']}{radius} last {m['train_last']} on {m['data']}: "
@@ -226,6 +249,78 @@ def _federated(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="gradient fidelity per layer and radius on real batches: "
+                                       "cosine to the exact gradients, energy kept, costs")
+    p.add_argument("--model", required=True)
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data", required=True, help="data set whose training batches are used")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--layers", default=None,
+                   help="comma-separated conv or block names / globs (default: every conv)")
+    p.add_argument("--train-last", type=int, default=None,
+                   help="inspect the convs of the last N blocks")
+    p.add_argument("--radii", default="2,4,7")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="runs/inspect/inspect.json",
+                   help="JSON report (a PNG is written beside it)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .diagnostics import run_inspect
+
+        run_inspect(model=args.model, data=args.data, out=args.out,
+                    layers=args.layers.split(",") if args.layers else None,
+                    train_last=args.train_last, radii=_ints(args.radii, "--radii"),
+                    batches=args.batches, batch_size=args.batch_size,
+                    image_size=args.image_size, pretrained=args.pretrained,
+                    checkpoint=args.checkpoint, quiet=args.quiet)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="choose the blocks to train and each conv's radius under a "
+                                    "memory / time budget; writes plan.json")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input-shape", required=True, help="B,C,H,W of a training batch")
+    p.add_argument("--memory-budget", default=None,
+                   help="bytes saved for backward per step, e.g. 20MB, 512KiB")
+    p.add_argument("--time-budget", default=None, help="training step time, e.g. 300ms, 1.5s")
+    p.add_argument("--radii", default="2,4,7")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data", default=None,
+                   help="measure fidelity on this data set's first batch (default: random)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed steps per calibration config")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="plan.json")
+
+    def run(args: argparse.Namespace) -> int:
+        from .plan.command import parse_shape, run_plan
+
+        run_plan(model=args.model, input_shape=parse_shape(args.input_shape), out=args.out,
+                 memory_budget=args.memory_budget, time_budget=args.time_budget,
+                 radii=_ints(args.radii, "--radii"), num_classes=args.num_classes,
+                 pretrained=args.pretrained, checkpoint=args.checkpoint, data=args.data,
+                 repeats=args.repeats, quiet=args.quiet)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated ints, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate(sub)
     _compare(sub)
     _federated(sub)
+    _inspect(sub)
+    _plan(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,8 @@ def _check_resume_config(ckpt_path: Path, saved: dict[str, Any], config: dict[st
                   f"{saved.get(k)!r})", file=sys.stderr)
 
 
-def _validate(epochs: int, batch_size: int, lr: float, method: str, radius: int | None,
-              image_size: int) -> None:
+def _validate(epochs: int, batch_size: int, lr: float, method: str,
+              radius: int | Mapping[str, int] | None, image_size: int) -> None:
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -85,7 +86,11 @@ def _validate(epochs: int, batch_size: int, lr: float, method: str, radius: int 
         raise ValueError(f"--lr must be > 0, got {lr}")
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
-    if method == "gradfilter" and (radius is None or radius < 1):
+    if isinstance(radius, Mapping):  # per-conv radii from a plan
+        bad = {k: v for k, v in radius.items() if not isinstance(v, int) or v < 1}
+        if method != "gradfilter" or not radius or bad:
+            raise ValueError(f"per-layer radii need method gradfilter and ints >= 1, got {bad}")
+    elif method == "gradfilter" and (radius is None or radius < 1):
         raise ValueError(f"--radius must be >= 1 for gradfilter, got {radius}")
     if image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {image_size}")
@@ -100,7 +105,7 @@ def finetune(
     batch_size: int,
     lr: float,
     method: str,
-    radius: int | None,
+    radius: int | Mapping[str, int] | None,
     train_last: int,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
@@ -155,7 +160,8 @@ def finetune(
         "image_size": image_size,
         "num_classes": splits.num_classes,
         "method": method,
-        "radius": radius if method == "gradfilter" else None,
+        "radius": (dict(radius) if isinstance(radius, Mapping) else radius)
+        if method == "gradfilter" else None,
         "train_last": train_last,
         "lean": lean,
         "optimizer": optimizer,
@@ -189,7 +195,8 @@ def finetune(
         if splits.val is not None else None
     n_example = min(batch_size, len(splits.train))
     example = torch.stack([splits.train[i][0] for i in range(n_example)])
-    net, info = prepare_model(net, method, radius or 0, train_last, example, lean=lean)
+    net, info = prepare_model(net, method, radius if radius is not None else 0, train_last,
+                              example, lean=lean)
     resume_state = None
     if ckpt is not None:
         try:

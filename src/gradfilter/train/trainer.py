@@ -70,7 +70,7 @@ class PrepareInfo:
     """What :func:`prepare_model` did: which blocks train, which convs were filtered."""
 
     method: str
-    radius: int | None
+    radius: int | dict[str, int] | None
     blocks: list[str]
     trainable: list[str] = field(default_factory=list)  # modules left trainable
     trainable_params: int = 0
@@ -94,7 +94,7 @@ class PrepareInfo:
 def prepare_model(
     model: nn.Module,
     method: str,
-    radius: int,
+    radius: int | Mapping[str, int],
     train_last: int,
     example_input: Any,
     lean: str | None = None,
@@ -106,6 +106,8 @@ def prepare_model(
     ``"vanilla"`` leaves them plain. Either way only those blocks and the classifier keep
     ``requires_grad``, and BatchNorm layers stay in eval mode. ``example_input`` is a batch the
     model accepts (one no-grad forward traces the converted layers' shapes).
+    ``radius`` may also be ``{conv name: radius}`` (a ``gradfilter plan``): only those convs are
+    filtered, each at its own radius; every name must be a conv inside the trained blocks.
     ``lean`` ("exact", "patch" or "frozen"; None: off) also makes the blocks' ReLU/ReLU6 keep
     bit masks and their BatchNorm layers keep little (:func:`gradfilter.slim`'s ``bn``).
     """
@@ -126,16 +128,29 @@ def prepare_model(
             names=[f"{b}.*" for b in blocks] + blocks,
             example_input=example_input,
         )
+        if isinstance(radius, Mapping):
+            unknown = sorted(set(radius) - set(report.names))
+            if unknown:
+                raise ValueError(f"radius names convs not in the last {train_last} blocks "
+                                 f"({', '.join(blocks)}): {', '.join(unknown[:5])}")
     head = classifier_name(model)
     trainable = blocks + ([head] if head is not None else [])
     freeze(model, trainable=trainable, bn_eval=True)
     slimmed: list[str] = []
     if lean is not None:
+        if isinstance(radius, Mapping):  # a plan: a BatchNorm takes its block's largest radius
+            def bn_radius(name: str, module: nn.Module) -> int:
+                owner = max((b for b in blocks if name.startswith(f"{b}.")), key=len)
+                return max((r for n, r in radius.items() if n.startswith(f"{owner}.")),
+                           default=1)
+        else:
+            bn_radius = radius if radius else 1
         slimmed = slim(model, names=[f"{b}.*" for b in blocks] + blocks, bn=lean,
-                       radius=radius if radius else 1)
+                       radius=bn_radius)
     info = PrepareInfo(
         method=method,
-        radius=radius if method == "gradfilter" else None,
+        radius=(dict(radius) if isinstance(radius, Mapping) else radius)
+        if method == "gradfilter" else None,
         blocks=blocks,
         trainable=trainable,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
