@@ -140,7 +140,8 @@ def prepare_model(
     if lean is not None:
         if isinstance(radius, Mapping):  # a plan: a BatchNorm takes its block's largest radius
             def bn_radius(name: str, module: nn.Module) -> int:
-                owner = max((b for b in blocks if name.startswith(f"{b}.")), key=len)
+                owner = max((b for b in blocks if name.startswith(f"{b}.")), key=len,
+                            default=name)
                 return max((r for n, r in radius.items() if n.startswith(f"{owner}.")),
                            default=1)
         else:
