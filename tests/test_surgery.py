@@ -195,3 +195,22 @@ def test_conv1d_model():
     out.sum().backward()
     gf.remove(model)
     assert type(model[0]) is nn.Conv1d
+
+
+def test_apply_takes_a_plan_file_or_dict(tmp_path):
+    import json
+
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    layers = {"features.17.conv.0.0": 2, "features.17.conv.1.0": 4, "features.18.0": 7}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"model": "mobilenet_v2", "layers": layers}))
+    report = gf.apply(model, plan=path)
+    assert {row.name: row.radius for row in report.layers} == layers
+    assert type(model.features[16].conv[0][0]) is torch.nn.Conv2d  # not in the plan
+    gf.remove(model)
+    report = gf.apply(model, plan={"layers": layers})
+    assert {row.name: row.radius for row in report.layers} == layers
+    with pytest.raises(ValueError, match="no 'layers'"):
+        gf.apply(model, plan={"blocks": []})
+    with pytest.raises(ValueError, match="cannot read plan"):
+        gf.apply(model, plan=tmp_path / "missing.json")

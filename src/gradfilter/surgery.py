@@ -209,6 +209,7 @@ def apply(
     filter_fn: FilterFn | None = None,
     example_input: Any = None,
     on_unsupported: str = "error",
+    plan: Any = None,
 ) -> ConversionReport:
     """Convert matching ``nn.Conv2d``/``nn.Conv1d`` modules of ``model`` in place; return a report.
 
@@ -223,7 +224,12 @@ def apply(
     filtered (custom conv subclass, non-zero padding mode, unhandled dilation); ``"skip"`` leaves
     it plain and lists it in ``report.skipped``. Converting an already filtered layer just
     updates its radius.
+    ``plan``: a ``gradfilter plan`` (its plan.json path, its dict, or a ``Plan``): converts
+    exactly the convs it lists at their radii (``radius`` is then taken from it). To also freeze
+    what the plan leaves frozen, use :func:`gradfilter.plan.apply_plan`.
     """
+    if plan is not None:
+        radius = _plan_layers(plan)
     if on_unsupported not in ("error", "skip"):
         raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
     if last is not None and (not isinstance(last, int) or last < 1):
@@ -365,6 +371,22 @@ def slim(
         raise ValueError("slim: no ReLU/ReLU6/BatchNorm module matched "
                          f"{'the whole model' if names is None else list(names)}")
     return converted
+
+
+def _plan_layers(plan: Any) -> dict[str, int]:
+    """The ``{conv name: radius}`` of a plan given as a path, a dict or an object."""
+    import json
+    from pathlib import Path
+
+    if isinstance(plan, (str, Path)):
+        try:
+            plan = json.loads(Path(plan).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read plan {plan}: {e}") from None
+    layers = plan.get("layers") if isinstance(plan, Mapping) else getattr(plan, "layers", None)
+    if not isinstance(layers, Mapping) or not layers:
+        raise ValueError("plan has no 'layers' mapping of conv names to radii")
+    return {str(k): int(v) for k, v in layers.items()}
 
 
 def remove(model: nn.Module) -> list[str]:
