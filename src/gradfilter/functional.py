@@ -218,13 +218,17 @@ def patch_mean_output(
     ):
         sums = _sum_exact(gy, rh, rw)
         return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
-    rows = _padded_axis_sum(gy, -2, gh) if gh.out_pad or gh.patches * rh != gy.shape[-2] else (
-        _strided_sum(gy, -2, rh) if rh > 1 else gy
-    )
-    if gw.out_pad or gw.patches * rw != gy.shape[-1]:
-        sums = _padded_axis_sum(rows, -1, gw)
+    bottom = gh.patches * rh - gy.shape[-2] - gh.out_pad
+    right = gw.patches * rw - gw.out_pad - gy.shape[-1]
+    if bottom >= 0 and right >= 0:  # the grid covers the map: zero-extend once, then tile
+        sums = _sum_exact(F.pad(gy, (gw.out_pad, right, gh.out_pad, bottom)), rh, rw)
     else:
-        sums = _strided_sum(rows, -1, rw) if rw > 1 else rows
+        rows = _padded_axis_sum(gy, -2, gh) if gh.out_pad or gh.patches * rh != gy.shape[-2] \
+            else (_strided_sum(gy, -2, rh) if rh > 1 else gy)
+        if gw.out_pad or gw.patches * rw != gy.shape[-1]:
+            sums = _padded_axis_sum(rows, -1, gw)
+        else:
+            sums = _strided_sum(rows, -1, rw) if rw > 1 else rows
     counts = torch.outer(_real_counts(gh, gy.device), _real_counts(gw, gy.device))
     return sums, counts.reciprocal().to(sums.dtype), sums.sum((0, 2, 3))
 
