@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import functional as GF
+
 __all__ = ["batch_norm_eval", "pack_bits", "patch_sums", "relu", "relu6", "unpack_bits"]
 
 # Multiplying a little-endian int64 holding eight 0/1 bytes by _GATHER moves byte i's bit to bit
@@ -97,11 +99,9 @@ def patch_sums(x: Tensor, radius: int) -> Tensor:
         pads += [0, (-size) % radius]
     if any(pads):
         x = F.pad(x, pads)
-    n, c = x.shape[:2]
     if len(spatial) == 1:
-        return x.reshape(n, c, -1, radius).sum(3)
-    h, w = x.shape[2:]
-    return x.reshape(n, c, h // radius, radius, w // radius, radius).sum((3, 5))
+        return x.reshape(*x.shape[:2], -1, radius).sum(3)
+    return GF._sum_exact(x, radius, radius)  # the conv's patch pooling (CPU- and GPU-tuned)
 
 
 def _patch_counts(spatial: torch.Size, radius: int, like: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .layers import _sync
 from .machine import describe, machine_info
 
 MODELS = ("mobilenet_v2", "resnet18", "tf_efficientnet_lite0")
@@ -54,11 +55,6 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
              radius=radius)
     params = [p for p in net.parameters() if p.requires_grad]
     return net, torch.optim.SGD(params, lr=1e-3, momentum=0.9), info.blocks
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step(net, opt, x, y) -> None:
