@@ -164,3 +164,69 @@ def test_cli_inspect_writes_table_json_png(tmp_path, capsys):
     assert "conv_head" in capsys.readouterr().out
     assert main(["inspect", "--model", "tf_efficientnet_lite0", "--data", "digits",
                  "--layers", "nope", "--out", str(out), "--quiet"]) == 2
+
+
+class _OneByOne(nn.Module):
+    """stem -> blk (one 1x1 conv) -> act (no convs) -> nonlinear head, on 8x8 maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blk = nn.Sequential(nn.Conv2d(4, 5, 1, bias=False))
+        self.act = nn.Tanh()
+        self.fc = nn.Linear(5 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.blk(self.stem(x))).flatten(1))
+
+
+def _exact_x_gy(model, x, y):
+    """The 1x1 conv's input and the loss gradient at its output, by plain autograd."""
+    h = model.stem(x).detach()
+    out = model.blk(h)
+    loss = F.cross_entropy(model.fc(model.act(out).flatten(1)), y)
+    (gy,) = torch.autograd.grad(loss, out)
+    return h, gy
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_descent_weight_matches_hand_computed_projection(r):
+    """<filtered gW, exact gW>/||exact gW||^2 of a 1x1 conv on maps that r tiles: the filtered
+    gW is sum over patches of mean(gy) x patch-sum(x) (DESIGN §1.5), computed here with
+    avg_pool2d."""
+    torch.manual_seed(0)
+    model = _OneByOne()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    h, gy = _exact_x_gy(model, x, y)
+    exact = torch.einsum("nohw,nihw->oi", gy.double(), h.double())
+    filt = torch.einsum("nohw,nihw->oi", F.avg_pool2d(gy.double(), r),
+                        F.avg_pool2d(h.double(), r) * r * r)
+    want = float((filt * exact).sum() / (exact * exact).sum())
+    row = inspect(model, [(x, y)], layers=["blk.0"], radii=[r]).get("blk.0", r)
+    assert row.descent_weight == pytest.approx(want, rel=1e-4)
+    assert row.descent_weight < 1.0
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_block_transmission_matches_hand_computed_input_gradient(r):
+    """Block filtered alone: its input gradient is W^T applied to the patch means of gy,
+    repeated over each patch (DESIGN §1.6), against the exact W^T gy; a block without convs
+    transmits exactly 1; the model is not modified."""
+    from gradfilter.diagnostics import block_transmission
+
+    torch.manual_seed(1)
+    model = _OneByOne()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 0])
+    _, gy = _exact_x_gy(model, x, y)
+    w = model.blk[0].weight.detach().double()[:, :, 0, 0]
+    ex = torch.einsum("oi,nohw->nihw", w, gy.double())
+    pooled = F.avg_pool2d(gy.double(), r).repeat_interleave(r, 2).repeat_interleave(r, 3)
+    fi = torch.einsum("oi,nohw->nihw", w, pooled)
+    want = float(F.cosine_similarity(fi.flatten(), ex.flatten(), dim=0))
+    got = block_transmission(model, [(x, y)], ["blk", "act"], [r])
+    assert got[("blk", r)] == pytest.approx(want, rel=1e-4)
+    assert want < 0.99
+    assert got[("act", r)] == 1.0
+    assert type(model.blk[0]) is nn.Conv2d
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

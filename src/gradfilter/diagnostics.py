@@ -39,6 +39,7 @@ __all__ = [
     "ConvCosts",
     "FidelityRow",
     "InspectReport",
+    "block_transmission",
     "conv_costs",
     "energy_kept",
     "inspect",
@@ -183,6 +184,13 @@ def _cosine(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (na * nb))
 
 
+def _projection(a: Tensor, b: Tensor) -> float:
+    """<a, b> / ||b||^2 (nan when b is zero)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    nb = float(b @ b)
+    return float("nan") if nb == 0 else float(a @ b) / nb
+
+
 def _capture(model: nn.Module, convs: dict[str, nn.Module], inputs: Tensor, targets: Any,
              loss_fn: Callable) -> dict[str, tuple[Tensor, Tensor]]:
     """One forward/backward of the model; the input and output gradient of every chosen conv."""
@@ -228,6 +236,9 @@ class FidelityRow:
     flops_filtered: int
     saved_vanilla: int
     saved_filtered: int
+    # <filtered gW, exact gW> / ||exact gW||^2: the share of exact backprop's first-order (SGD)
+    # loss decrease that a filtered weight update achieves — the cosine times the norm ratio
+    descent_weight: float = float("nan")
 
 
 @dataclass
@@ -253,11 +264,11 @@ class InspectReport:
                 "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-        head = ("layer", "kind", "r", "cos gW", "cos gx", "energy", "bwd MFLOP van/filt",
-                "saved KiB van/filt")
+        head = ("layer", "kind", "r", "cos gW", "descent gW", "cos gx", "energy",
+                "bwd MFLOP van/filt", "saved KiB van/filt")
         body = [
-            (r.layer, r.kind, str(r.radius), f"{r.cos_weight:.3f}", f"{r.cos_input:.3f}",
-             f"{r.energy_kept:.3f}",
+            (r.layer, r.kind, str(r.radius), f"{r.cos_weight:.3f}", f"{r.descent_weight:.3f}",
+             f"{r.cos_input:.3f}", f"{r.energy_kept:.3f}",
              f"{r.flops_vanilla / 1e6:.1f}/{r.flops_filtered / 1e6:.2f}",
              f"{r.saved_vanilla / 1024:.0f}/{r.saved_filtered / 1024:.0f}")
             for r in self.rows
@@ -357,8 +368,9 @@ def inspect(
                     gx, gw = _grads(mod, x, gy, r)
                     kept, total = energy_kept(gy, r)
                     a = acc.setdefault((name, r), {"cw": 0.0, "cx": 0.0, "n": 0, "k": 0.0,
-                                                   "t": 0.0})
+                                                   "t": 0.0, "dw": 0.0})
                     a["cw"] += _cosine(gw, ex_gw)
+                    a["dw"] += _projection(gw, ex_gw)
                     a["cx"] += _cosine(gx, ex_gx)
                     a["n"] += 1
                     a["k"] += kept
@@ -388,8 +400,81 @@ def inspect(
                 energy_kept=a["k"] / a["t"] if a["t"] > 0 else float("nan"),
                 flops_vanilla=c.flops_vanilla, flops_filtered=c.flops_filtered,
                 saved_vanilla=c.saved_vanilla, saved_filtered=c.saved_filtered,
+                descent_weight=a["dw"] / a["n"],
             ))
     return report
+
+
+def _block_input_grads(model: nn.Module, blocks: Sequence[str], inputs: Tensor, targets: Any,
+                       loss_fn: Callable) -> dict[str, Tensor]:
+    """One forward/backward; the gradient of the loss at the (first tensor) input of each of
+    ``blocks`` (first call of a block only)."""
+    mods = dict(model.named_modules())
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for name in blocks:
+        def pre(m, args, name=name):
+            if name not in seen and args and isinstance(args[0], Tensor):
+                seen[name] = args[0]
+        handles.append(mods[name].register_forward_pre_hook(pre))
+    inputs = inputs.detach().float().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model(inputs), targets)
+            names = [n for n in blocks if n in seen and seen[n].requires_grad]
+            grads = torch.autograd.grad(loss, [seen[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: g.detach() for n, g in zip(names, grads) if g is not None}
+
+
+def block_transmission(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, Any]],
+    blocks: Sequence[str],
+    radii: Sequence[int],
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    max_batches: int | None = 1,
+) -> dict[tuple[str, int], float]:
+    """How faithfully each block passes the gradient on to the blocks before it when its convs
+    are filtered: the cosine between the loss gradient at the block's input with only that
+    block's convs filtered at radius r and with none filtered (everything downstream exact).
+    A trained block upstream of filtered blocks receives a gradient degraded by each of their
+    transmissions, which is what the planner weighs (docs/planner.md). Convs that cannot be
+    filtered at r (unsupported dilation) stay plain; a block with none filtered transmits 1.
+    ``model`` is not modified (each measurement runs on a copy, in eval mode)."""
+    import copy
+
+    from .surgery import apply
+
+    loss_fn = loss_fn or (lambda out, t: F.cross_entropy(out, t))
+    radii = tuple(GF.validate_radius(r, 1)[0] for r in radii)
+    base = copy.deepcopy(model).eval()
+    sums: dict[tuple[str, int], float] = {}
+    counts: dict[tuple[str, int], int] = {}
+    for i, (inputs, targets) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        exact = _block_input_grads(base, blocks, inputs, targets, loss_fn)
+        all_convs = [n for n, _ in conv_layers(base)]
+        for name in blocks:
+            if name not in exact:
+                continue
+            has_conv = any(n == name or n.startswith(name + ".") for n in all_convs)
+            for r in radii:
+                m = copy.deepcopy(base)
+                report = (apply(m, radius=r, names=[name, f"{name}.*"], on_unsupported="skip")
+                          if has_conv else None)
+                if report is None or not report.layers:
+                    cos = 1.0
+                else:
+                    got = _block_input_grads(m, [name], inputs, targets, loss_fn)
+                    cos = _cosine(got[name], exact[name])
+                if not math.isnan(cos):
+                    sums[(name, r)] = sums.get((name, r), 0.0) + cos
+                    counts[(name, r)] = counts.get((name, r), 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
 
 
 def run_inspect(

@@ -10,9 +10,11 @@ is a sum of per-block terms plus a fixed part.
 * time: an analytic model, ``step = base + sum over trainable blocks of c · features``, the
   features being the block's backward FLOPs of dense and of depthwise convs (§1 formulas: vanilla
   or filtered at the block's radius), the bytes of its conv input and output maps (the memory
-  traffic of BN, activations, patch pooling) and its parameter count (optimizer). ``base`` (only
-  the classifier trains) and the four coefficients ``c`` are calibrated by timing a few whole
-  training steps on this machine: several suffix lengths at vanilla and every radius;
+  traffic of BN, activations, patch pooling), its parameter count (optimizer) and its number of
+  filtered convs (the per-call overhead of the filtered op, which dominates on small maps).
+  ``base`` (only the classifier trains) and the five coefficients ``c`` are calibrated by timing
+  a few whole training steps on this machine: several suffix lengths at vanilla, and the whole
+  and half suffix at every radius;
 * FLOPs: DESIGN §1 formulas per conv from the traced shapes (``diagnostics.conv_costs``).
 """
 
@@ -181,7 +183,7 @@ def _saved_profile(m: nn.Module, blocks: list[str], shape: Sequence[int]):
 # ----------------------------------------------------------------------------------------------
 # Times: an analytic model, calibrated by timing whole training steps
 
-FEATURES = ("dense_flops", "dw_flops", "map_bytes", "params")
+FEATURES = ("dense_flops", "dw_flops", "map_bytes", "params", "filtered_convs")
 
 
 def _step_ms(m: nn.Module, x: Tensor, repeats: int) -> float:
@@ -229,7 +231,7 @@ def _nnls(rows: list[list[float]], target: list[float]) -> list[float]:
 def _block_features(mod_of: dict[str, nn.Module], traced: dict, b: BlockCost, r: int,
                     batch_shape: Sequence[int]) -> None:
     """Fill ``b``'s §1 FLOPs, conv-only saved bytes and time features at radius ``r``."""
-    dense = dw = maps = 0
+    dense = dw = maps = filtered = 0
     flops = conv_bytes = 0
     for n in b.convs:
         if n not in traced:
@@ -240,6 +242,7 @@ def _block_features(mod_of: dict[str, nn.Module], traced: dict, b: BlockCost, r:
         cc = conv_costs(mod, in_s, out_s, max(r, 1), elem)
         plain = r == VANILLA or n in b.skipped.get(r, [])
         f = cc.flops_vanilla if plain else cc.flops_filtered
+        filtered += 0 if plain else 1
         if mod.groups > 1 and mod.groups == mod.in_channels:
             dw += f
         else:
@@ -251,7 +254,7 @@ def _block_features(mod_of: dict[str, nn.Module], traced: dict, b: BlockCost, r:
             b.flops_fwd += cc.forward_flops
     b.flops_bwd[r] = flops
     b.conv_saved[r] = conv_bytes
-    b.features[r] = [float(dense), float(dw), float(maps), float(b.params)]
+    b.features[r] = [float(dense), float(dw), float(maps), float(b.params), float(filtered)]
 
 
 def profile_model(
@@ -290,8 +293,9 @@ def profile_model(
     options = [VANILLA, *radii]
     n = len(blocks)
     suffixes = sorted({n, max(1, -(-n // 2)), max(1, -(-n // 4))}, reverse=True)
+    half = suffixes[min(1, len(suffixes) - 1)]
     timed = [(k, VANILLA) for k in suffixes] + [(n, r) for r in radii]
-    timed.append((suffixes[min(1, len(suffixes) - 1)], max(radii)))
+    timed += [(half, r) for r in radii if half != n]
     bar = None
     if progress:
         from tqdm.auto import tqdm
