@@ -1,10 +1,14 @@
-"""Evidence for the planner: at one memory budget, fine-tune pretrained EfficientNet-Lite0 on
-``digits`` with the planned config and with the best fixed "last N blocks at one radius" config
-for each radius (the largest N whose predicted saved bytes fit the budget), same seed, same data
-order, and compare validation accuracy.
+"""Evidence for the planner: at several memory budgets, fine-tune pretrained EfficientNet-Lite0
+on ``digits`` with the planned config and compare it with every fixed "last N blocks at one
+radius" config that fits the same budget (their runs come from ``plan_score_study.py``, same
+protocol, seeds and data order; run that first).
 
-    python benchmarks/plan_evidence.py --budget 33MB \\
-        --out benchmarks/results/plan_evidence_cpu.json
+    python benchmarks/plan_score_study.py
+    python benchmarks/plan_evidence.py --out benchmarks/results/plan_evidence_cpu.json
+
+Prints one row per budget: the plan, its accuracy (mean ± std over seeds), the best fixed config
+that fits (best by measured mean accuracy: the strongest possible comparator) and the largest
+fixed N at r=2 and at r=4 that fits (what a user without a planner would pick).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -21,7 +26,7 @@ from gradfilter.bench.machine import machine_info
 from gradfilter.data import get_dataset
 from gradfilter.diagnostics import _geometry2d
 from gradfilter.models import create_model
-from gradfilter.plan import load_plan, make_plan, parse_bytes, predict, profile_model
+from gradfilter.plan import make_plan, parse_bytes, profile_model
 from gradfilter.surgery import _trace, conv_layers
 from gradfilter.train.runner import finetune
 
@@ -46,81 +51,84 @@ def _grids(model: torch.nn.Module, shape: tuple[int, ...]) -> dict:
     return {n: (lambda r, n=n: partition(n, r)) for n in traced}
 
 
+def _stats(accs: list[float]) -> tuple[float, float]:
+    return 100 * statistics.mean(accs), 100 * (statistics.stdev(accs) if len(accs) > 1 else 0.0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--budget", default="33MB")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--budgets", default="12MB,17MB,24MB,30MB,33MB,40MB,45MB")
+    p.add_argument("--study", default="benchmarks/results/plan_score_study.json")
     p.add_argument("--runs", default="runs/plan_evidence")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    budget = parse_bytes(args.budget)
-    shape = (args.batch_size, 3, args.image_size, args.image_size)
-    splits = get_dataset("digits", image_size=args.image_size)
+    study = json.loads(Path(args.study).read_text())
+    proto = study["protocol"]
+    seeds = [int(s) for s in proto["seeds"].split(",")]
+    shape = (proto["batch_size"], 3, proto["image_size"], proto["image_size"])
+    splits = get_dataset("digits", image_size=proto["image_size"])
     torch.manual_seed(0)
     model = create_model(MODEL, splits.num_classes, pretrained=True)
-    runs = Path(args.runs)
-    plan_path = runs / "plan.json"
-    if plan_path.exists():  # a resumed evidence run: same plan, saved bytes re-profiled only
-        plan = load_plan(plan_path)
-        profile = profile_model(model, shape, RADII, model_name=MODEL, repeats=0)
-    else:
-        profile = profile_model(model, shape, RADII, model_name=MODEL, progress=True)
-        fid_batch = next(iter(DataLoader(splits.train, batch_size=args.batch_size)))
+    profile = profile_model(model, shape, RADII, model_name=MODEL, repeats=0)
+    fid_batch = next(iter(DataLoader(splits.train, batch_size=proto["batch_size"])))
+    grids = _grids(model, shape)
+    fixed = study["configs"]
+    for c in fixed:
+        blocks = profile.blocks[-c["train_last"]:]
+        c["key"] = (c["train_last"], tuple(sorted((n, grids[n](c["radius"]))
+                                                  for b in blocks for n in b.convs if n in grids)))
+    rows = []
+    for budget_text in args.budgets.split(","):
+        budget = parse_bytes(budget_text)
         plan = make_plan(model, shape, RADII, memory_budget=budget, model_name=MODEL,
                          fidelity_batches=[fid_batch], profile=profile)
-        plan.save(plan_path)
-    print(plan.table(), flush=True)
-
-    n = len(profile.blocks)
-    configs = [("planned", plan.train_last, dict(plan.layers), plan.predicted_saved_bytes)]
-    for r in RADII:
-        fits = [k for k in range(1, n + 1) if predict(profile, [r] * k)[0] <= budget]
-        if fits:
-            k = max(fits)
-            configs.append((f"last {k} r={r}", k, r, predict(profile, [r] * k)[0]))
-    grids = _grids(model, shape)
-    rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        done: dict[tuple, dict] = {}
-        for label, k, radius, pred in configs:
-            blocks = [b.name for b in profile.blocks[-k:]]
-            radii = radius if isinstance(radius, dict) else {
-                c: radius for b in profile.blocks[-k:] for c in b.convs}
-            # the same patch grid on every conv is the same training run: reuse its result
-            key = (tuple(blocks), tuple(sorted((c, grids[c](r)) for c, r in radii.items())))
-            if key in done:
-                rows.append({**done[key], "config": label, "radius": radius,
-                             "same_run_as": done[key]["config"]})
-                print(f"seed {seed} {label:14s} = {done[key]['config']} (same patch grids)")
-                continue
-            out = runs / f"seed{seed}" / label.replace(" ", "_").replace("=", "")
-            m = finetune(model=MODEL, data="digits", out=out, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, method="gradfilter",
-                         radius=radius, train_last=k, pretrained=True,
-                         image_size=args.image_size, seed=seed, optimizer="adamw",
-                         resume=(out / "checkpoint.pt").exists(), quiet=True)
-            rows.append({"config": label, "seed": seed, "train_last": k,
-                         "radius": radius if isinstance(radius, int) else "per block",
-                         "val_accuracy": m["val_accuracy"],
-                         "predicted_saved_bytes": pred,
-                         "measured_saved_bytes": m["saved_activation_bytes"],
-                         "step_time_ms": m["step_time_ms"], "load": os.getloadavg()[0]})
-            r = rows[-1]
-            done[key] = r
-            print(f"seed {seed} {label:14s} acc {100 * r['val_accuracy']:.2f}%  saved "
-                  f"{r['measured_saved_bytes'] / 1e6:.2f} MB (pred {pred / 1e6:.2f}, budget "
-                  f"{budget / 1e6:.2f})  step {r['step_time_ms']:.0f} ms", flush=True)
+        plan.save(Path(args.runs) / f"plan_{budget_text}.json")
+        k = plan.train_last
+        key = (k, tuple(sorted((n, grids[n](r)) for n, r in plan.layers.items() if n in grids)))
+        same = next((c for c in fixed if c["key"] == key), None)
+        if same is not None and len(same["val_accuracy"]) == len(seeds):
+            accs = same["val_accuracy"]
+        else:
+            accs = []
+            for seed in seeds:
+                out = Path(args.runs) / f"seed{seed}" / f"plan_{budget_text}"
+                m = finetune(model=MODEL, data="digits", out=out, epochs=proto["epochs"],
+                             batch_size=proto["batch_size"], lr=proto["lr"],
+                             method="gradfilter", radius=dict(plan.layers), train_last=k,
+                             pretrained=True, image_size=proto["image_size"], seed=seed,
+                             optimizer="adamw", resume=(out / "checkpoint.pt").exists(),
+                             quiet=True)
+                accs.append(m["val_accuracy"])
+        fits = [c for c in fixed if c["predicted_saved_bytes"] <= budget]
+        best = max(fits, key=lambda c: c["mean"])
+        naive = {r: max((c for c in fits if c["radius"] == r), key=lambda c: c["train_last"],
+                        default=None) for r in (2, 4)}
+        mean, std = _stats(accs)
+        row = {
+            "budget": budget_text, "budget_bytes": budget, "plan_train_last": k,
+            "plan_radii": [b["radius"] for b in plan.blocks],
+            "plan_saved_bytes": plan.predicted_saved_bytes,
+            "plan_same_as_fixed": None if same is None else
+            f"last {same['train_last']} r={same['radius']}",
+            "plan_val_accuracy": accs, "plan_mean": mean, "plan_std": std,
+            "best_fixed": f"last {best['train_last']} r={best['radius']}",
+            "best_fixed_mean": 100 * best["mean"],
+            "best_fixed_std": _stats(best["val_accuracy"])[1],
+            "naive": {r: None if c is None else {"config": f"last {c['train_last']} r={r}",
+                                                 "mean": 100 * c["mean"]}
+                      for r, c in naive.items()},
+            "load": os.getloadavg()[0],
+        }
+        row["delta_vs_best_pt"] = mean - row["best_fixed_mean"]
+        rows.append(row)
+        print(f"{budget_text:>5s}: plan last {k} r={row['plan_radii']} {mean:.2f} ± {std:.2f}"
+              f"  | best fixed {row['best_fixed']} {row['best_fixed_mean']:.2f} ± "
+              f"{row['best_fixed_std']:.2f}  | Δ {row['delta_vs_best_pt']:+.2f} pt", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
-            "budget_bytes": budget, "input_shape": list(shape), "epochs": args.epochs,
-            "lr": args.lr, "plan": str(plan_path), "plan_blocks": plan.blocks, "rows": rows,
-            "seeds": args.seeds,
-            "machine": machine_info("cpu")}, indent=1))
+            "protocol": proto, "seeds": seeds, "rows": rows, "machine": machine_info("cpu")},
+            indent=1))
 
 
 if __name__ == "__main__":

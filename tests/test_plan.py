@@ -214,3 +214,25 @@ def test_cli_finetune_with_plan_trains_the_planned_layers(tmp_path):
     assert main(["finetune", "--plan", str(plan_path), "--model", "resnet18", "--data",
                  "digits", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_objective_weights_each_block_by_downstream_transmissions(tiny_profile):
+    """Hand computation of the documented score on made-up fidelities: block k's convs count
+    cos(gW) times the product of the transmissions of the trained blocks after it."""
+    from gradfilter.plan.planner import _Costs
+
+    _, profile = tiny_profile
+    names = [b.name for b in profile.blocks]
+    fid = {(c, r): v for b in profile.blocks for c in b.convs
+           for r, v in ((2, 0.9), (4, 0.6))}
+    trans = {(n, r): v for n in names for r, v in ((2, 0.8), (4, 0.5))}
+    costs = _Costs(profile, fid, trans)
+    convs = [len(b.convs) for b in profile.blocks]
+    # last two blocks: block 3 at r=4 (weight 1), block 2 at r=2 (weight = t(block 3, 4) = 0.5)
+    want = convs[3] * 0.6 + 0.5 * convs[2] * 0.9
+    assert costs.objective({2: 2, 3: 4}) == pytest.approx(want)
+    # three blocks, all r=2: weights 1, 0.8, 0.64
+    want3 = 0.9 * (convs[3] + 0.8 * convs[2] + 0.64 * convs[1])
+    assert costs.objective({1: 2, 2: 2, 3: 2}) == pytest.approx(want3)
+    # a finer radius downstream raises the weight of every block before it
+    assert costs.objective({2: 4, 3: 2}) > costs.objective({2: 4, 3: 4})

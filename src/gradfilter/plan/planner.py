@@ -2,12 +2,15 @@
 
 The rule (docs/planner.md): the trainable part is the last N blocks (everything after the first
 trainable block saves activations anyway, so a suffix is what a budget buys). Each block gets one
-radius for all its convs. A plan's score is the number of trainable convs weighted by their
-fidelity, ``sum over trainable convs of max(0, cos(filtered gW, exact gW))`` at the conv's
-radius, measured by :func:`gradfilter.diagnostics.inspect`. For every N the search starts with
-every block at its cheapest radius and then repeatedly moves one block to a smaller radius,
-taking the move with the largest score gain per share of budget used, while the plan stays
-within budget; the best-scoring N wins.
+radius for all its convs. A plan's score is the number of trainable convs weighted by the
+fidelity of the gradient each one gets: ``sum over trainable convs of w(block) * max(0, cos(
+filtered gW, exact gW))`` at the conv's radius (:func:`gradfilter.diagnostics.inspect`), where
+``w(block)`` is the product of the *transmissions* of the trained blocks after it (the input-
+gradient cosine of each of them filtered alone, :func:`gradfilter.diagnostics.block_transmission`):
+the gradient a block receives has passed through every filtered block downstream. For every N the
+search starts with every block at its cheapest radius and then repeatedly moves one block to
+another radius, taking the move with the largest score gain per share of budget used, while the
+plan stays within budget; the best-scoring N wins.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diagnostics import inspect
+from ..diagnostics import block_transmission, inspect
 from ..models.registry import block_names
 from ..surgery import conv_layers
 from .profile import CostProfile, profile_model
@@ -185,35 +188,69 @@ def load_plan(path: str | Path) -> Plan:
 # Search
 
 
+def _fidelity_batches(model: nn.Module, profile: CostProfile,
+                      batches: Iterable | None) -> list:
+    """The batch fidelity is measured on: the first of ``batches`` cut to FIDELITY_BATCH
+    samples, or a seeded random one."""
+    if batches is not None:
+        for x, y in batches:
+            return [(x[:FIDELITY_BATCH], y[:FIDELITY_BATCH])]
+    b, *rest = profile.input_shape
+    n = min(b, FIDELITY_BATCH)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *rest, generator=gen)
+    with torch.no_grad():
+        n_out = model.eval()(x[:1]).shape[1]
+    return [(x, torch.arange(n) % n_out)]
+
+
 def _fidelity(model: nn.Module, profile: CostProfile, radii: Sequence[int],
-              batches: Iterable | None, progress: bool) -> dict[tuple[str, int], float]:
+              batches: list, progress: bool) -> dict[tuple[str, int], float]:
     """max(0, weight-gradient cosine) of every conv in a block at every radius."""
     convs = [n for b in profile.blocks for n in b.convs]
-    if batches is None:
-        b, *rest = profile.input_shape
-        n = min(b, FIDELITY_BATCH)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(n, *rest, generator=gen)
-        with torch.no_grad():
-            n_out = model.eval()(x[:1]).shape[1]
-        batches = [(x, torch.arange(n) % n_out)]
     report = inspect(model, batches, layers=convs, radii=radii, max_batches=1, progress=progress)
     return {(r.layer, r.radius): max(0.0, r.cos_weight) for r in report.rows
             if not math.isnan(r.cos_weight)}
 
 
+def _transmission(model: nn.Module, profile: CostProfile, radii: Sequence[int],
+                  batches: list) -> dict[tuple[str, int], float]:
+    """max(0, block input-gradient cosine) of every block filtered alone at every radius."""
+    t = block_transmission(model, batches, [b.name for b in profile.blocks], radii)
+    return {k: max(0.0, v) for k, v in t.items()}
+
+
 class _Costs:
     """Per-block, per-radius costs and scores of one profile, for the search."""
 
-    def __init__(self, profile: CostProfile, fid: dict[tuple[str, int], float]):
+    def __init__(self, profile: CostProfile, fid: dict[tuple[str, int], float],
+                 trans: dict[tuple[str, int], float] | None = None):
         self.p = profile
         self.batch = profile.input_shape[0]
         self.fid = fid
+        self.trans = trans or {}
 
     def score(self, k: int, r: int) -> float:
+        """Σ over block k's convs of their weight-gradient fidelity at radius r."""
         b = self.p.blocks[k]
         return sum(1.0 if n in b.skipped.get(r, []) else self.fid.get((n, r), 0.0)
                    for n in b.convs)
+
+    def transmission(self, k: int, r: int) -> float:
+        return self.trans.get((self.p.blocks[k].name, r), 1.0)
+
+    def weights(self, radii: dict[int, int]) -> dict[int, float]:
+        """Each trained block's gradient-path weight: the product of the transmissions of the
+        trained blocks after it (the gradient it receives passed through their filters)."""
+        out, carry = {}, 1.0
+        for k in sorted(radii, reverse=True):
+            out[k] = carry
+            carry *= self.transmission(k, radii[k])
+        return out
+
+    def objective(self, radii: dict[int, int]) -> float:
+        w = self.weights(radii)
+        return sum(w[k] * self.score(k, r) for k, r in radii.items())
 
     def mem(self, k: int, r: int, first: bool) -> float:
         return self.p.blocks[k].saved_bytes(r, self.batch, first)
@@ -231,7 +268,7 @@ class _Costs:
     def totals(self, start: int, radii: dict[int, int]) -> tuple[float, float, float]:
         mem = self.base_mem() + sum(self.mem(k, r, k == start) for k, r in radii.items())
         ms = self.base_ms() + sum(self.ms(k, r) for k, r in radii.items())
-        return mem, ms, sum(self.score(k, r) for k, r in radii.items())
+        return mem, ms, self.objective(radii)
 
 
 def predict(profile: CostProfile, radii: Sequence[int]) -> tuple[float, float]:
@@ -270,11 +307,11 @@ def _search(costs: _Costs, radii: Sequence[int], mem_budget: float | None,
                 for r in radii:
                     if r == chosen[k]:
                         continue
-                    gain = costs.score(k, r) - costs.score(k, chosen[k])
+                    trial = {**chosen, k: r}
+                    m2, t2, s2 = costs.totals(start, trial)
+                    gain = s2 - score
                     if gain <= 1e-9:
                         continue
-                    trial = {**chosen, k: r}
-                    m2, t2, _ = costs.totals(start, trial)
                     if not _fits(m2, t2, mem_budget, ms_budget):
                         continue
                     use = 0.0
@@ -334,7 +371,9 @@ def make_plan(
     if profile is None:
         profile = profile_model(model, input_shape, radii, model_name=model_name,
                                 repeats=repeats, progress=progress)
-    costs = _Costs(profile, _fidelity(model, profile, radii, fidelity_batches, progress))
+    batches = _fidelity_batches(model, profile, fidelity_batches)
+    costs = _Costs(profile, _fidelity(model, profile, radii, batches, progress),
+                   _transmission(model, profile, radii, batches))
     found = _search(costs, radii, mem_budget, ms_budget)
     if found is None:
         least_mem, least_ms = _smallest(costs, radii)
@@ -351,6 +390,7 @@ def make_plan(
         raise ValueError("; ".join(parts))
     start, chosen = found
     mem, ms, score = costs.totals(start, chosen)
+    path_weight = costs.weights(chosen)
     blocks, layers = [], {}
     fwd_flops = sum(b.flops_fwd for b in profile.blocks)
     bwd_flops = conv_bytes = 0
@@ -364,6 +404,7 @@ def make_plan(
         blocks.append({
             "name": b.name, "radius": r, "convs": len(b.convs),
             "fidelity": costs.score(k, r) / max(len(b.convs), 1),
+            "transmission": costs.transmission(k, r), "path_weight": path_weight[k],
             "saved_bytes": int(round(costs.mem(k, r, k == start))),
             "step_ms": costs.ms(k, r), "backward_flops": b.flops_bwd[r],
         })
