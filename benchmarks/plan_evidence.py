@@ -55,6 +55,35 @@ def _stats(accs: list[float]) -> tuple[float, float]:
     return 100 * statistics.mean(accs), 100 * (statistics.stdev(accs) if len(accs) > 1 else 0.0)
 
 
+def _plot(fixed: list[dict], rows: list[dict], path: Path) -> Path:
+    """Accuracy vs saved bytes: the fixed configs (one line per radius) and the plans."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r, marker in ((2, "o"), (4, "s")):
+        cs = sorted((c for c in fixed if c["radius"] == r), key=lambda c: c["train_last"])
+        ax.errorbar([c["predicted_saved_bytes"] / 1e6 for c in cs],
+                    [100 * c["mean"] for c in cs],
+                    yerr=[_stats(c["val_accuracy"])[1] for c in cs], marker=marker,
+                    capsize=2, alpha=0.6, label=f"fixed last N, r={r}")
+    ax.errorbar([r["plan_saved_bytes"] / 1e6 for r in rows], [r["plan_mean"] for r in rows],
+                yerr=[r["plan_std"] for r in rows], fmt="*", color="k", markersize=11,
+                capsize=2, label="planned (one per budget)")
+    for r in rows:
+        ax.axvline(r["budget_bytes"] / 1e6, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("saved for backward per step (MB)")
+    ax.set_ylabel("val accuracy % (mean ± std over seeds)")
+    ax.set_title("Lite0 on digits 64 px: planned vs fixed configs (dotted: budgets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--budgets", default="12MB,17MB,24MB,30MB,33MB,40MB,45MB")
@@ -129,6 +158,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({
             "protocol": proto, "seeds": seeds, "rows": rows, "machine": machine_info("cpu")},
             indent=1))
+        print(f"wrote {args.out} and {_plot(fixed, rows, Path(args.out).with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
