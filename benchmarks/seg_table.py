@@ -184,7 +184,7 @@ def main() -> None:
                    help="scratch: decoder from random init; source: start from a model "
                         "trained on synthetic-seg-source (classifier re-initialised)")
     p.add_argument("--source-epochs", type=int, default=8)
-    p.add_argument("--source-lr", type=float, default=2e-3)
+    p.add_argument("--source-lr", type=float, default=5e-4)
     p.add_argument("--source-cache", default="runs/seg_source",
                    help="where the source-trained models are built once and reused")
     p.add_argument("--seeds", default="0,1,2")
