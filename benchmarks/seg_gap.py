@@ -8,7 +8,8 @@ checkpoints and vanilla runs are reused, so run that first):
   (``gradfilter.diagnostics.inspect`` with the pixel-wise loss), at the weights of the vanilla
   run fine-tuned on synthetic-seg, on its first training batches;
 * ablations (each one ``finetune`` run, resumable like seg_table.py): the classifier left
-  exact (every other conv of the last N filtered), larger inputs, longer training.
+  exact (every other conv of the last N filtered), larger inputs (the source models stay the
+  64-px ones), longer training, a lower learning rate.
 
     python benchmarks/seg_gap.py     # -> benchmarks/results/seg_gap_cpu.{json,md}
 """
@@ -84,6 +85,12 @@ def ablations(args: argparse.Namespace) -> list[dict[str, Any]]:
     for tag, method, r in (("vanilla", "vanilla", None), ("r4", "gradfilter", 4)):
         plan.append((f"{tag}-{args.long_epochs}ep", upernet,
                      {"method": method, "radius": r, "epochs": args.long_epochs}))
+    for lr in _floats(args.lrs):
+        for model in args.models.split(","):
+            for tag, method, r in (("vanilla", "vanilla", None), ("r2", "gradfilter", 2),
+                                   ("r4", "gradfilter", 4)):
+                plan.append((f"{tag}-lr{lr:g}", model, {"method": method, "radius": r,
+                                                        "lr": lr}))
     out_rows = []
     for i, (name, model, over) in enumerate(plan, 1):
         out = Path(args.runs) / model / f"last{n}" / name
@@ -91,16 +98,16 @@ def ablations(args: argparse.Namespace) -> list[dict[str, Any]]:
             if (out / "checkpoint.pt").exists():
                 (out / "checkpoint.pt").unlink()
             init, _ = source_checkpoint(model, args)
-            kw = {"epochs": args.epochs, "image_size": args.image_size, **over}
+            kw = {"epochs": args.epochs, "image_size": args.image_size, "lr": args.lr, **over}
             t = time.perf_counter()
             finetune(model=model, data="synthetic-seg", out=out, batch_size=args.batch_size,
-                     lr=args.lr, train_last=n, pretrained=True, seed=0, optimizer="adamw",
+                     train_last=n, pretrained=True, seed=0, optimizer="adamw",
                      quiet=True, device="cpu", checkpoint=init, reinit_head=True, **kw)
             print(f"[{i}/{len(plan)}] {model} {name}: {time.perf_counter() - t:.0f} s",
                   flush=True)
         m = json.loads((out / "metrics.json").read_text())
         out_rows.append({"name": name, "model": model, "image_size": m["image_size"],
-                         "epochs": m["epochs"], "method": m["method"],
+                         "epochs": m["epochs"], "method": m["method"], "lr": m["lr"],
                          "val_miou": m["val_miou"], "step_time_ms": m["step_time_ms"],
                          "saved_activation_bytes": m["saved_activation_bytes"],
                          "filtered_layers": len(m["filtered_layers"])})
@@ -111,22 +118,29 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
+
+
 def markdown(fid: list[dict[str, Any]], abl: list[dict[str, Any]]) -> str:
-    lines = ["| model | radius | convs | cos weight (median, min) | energy kept (median, min) "
-             "| classifier: cos weight, energy kept |", "|---|---|---|---|---|---|"]
+    lines = ["| model | radius | convs | cos weight (median, min) | cos input (median, min) "
+             "| energy kept (median, min) | classifier: cos weight, energy kept |",
+             "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in fid):
         for r in (2, 4):
             rows = [x for x in fid if x["model"] == model and x["radius"] == r]
             cw, ek = [x["cos_weight"] for x in rows], [x["energy_kept"] for x in rows]
+            ci = [x["cos_input"] for x in rows]
             cls = next(x for x in rows if x["layer"] == "decoder.classifier")
             lines.append(f"| {model} | {r} | {len(rows)} | {statistics.median(cw):.2f}, "
-                         f"{min(cw):.2f} | {statistics.median(ek):.2f}, {min(ek):.2f} | "
+                         f"{min(cw):.2f} | {statistics.median(ci):.2f}, {min(ci):.2f} | "
+                         f"{statistics.median(ek):.2f}, {min(ek):.2f} | "
                          f"{cls['cos_weight']:.2f}, {cls['energy_kept']:.2f} |")
-    lines += ["", "| model | run | image px | epochs | mIoU % | step ms | saved MiB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | run | image px | epochs | lr | mIoU % | step ms | saved MiB |",
+              "|---|---|---|---|---|---|---|---|"]
     for a in abl:
         lines.append(f"| {a['model']} | {a['name']} | {a['image_size']} | {a['epochs']} | "
-                     f"{100 * a['val_miou']:.1f} | {a['step_time_ms']:.0f} | "
+                     f"{a['lr']:g} | {100 * a['val_miou']:.1f} | {a['step_time_ms']:.0f} | "
                      f"{a['saved_activation_bytes'] / 2**20:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -139,6 +153,7 @@ def main() -> None:
     p.add_argument("--sizes", default="128", help="larger input sizes to try (UPerNet)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--long-epochs", type=int, default=6)
+    p.add_argument("--lrs", default="5e-4,2e-4", help="other fine-tuning learning rates to try")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--source-epochs", type=int, default=8)

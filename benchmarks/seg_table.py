@@ -115,6 +115,11 @@ def run_all(args: argparse.Namespace, shard: int | None = None) -> list[dict[str
             print(f"[{i}/{len(plan)}] {model} last {n} {tag} seed {seed}: "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
         m = json.loads((out / "metrics.json").read_text())
+        wanted = {"lr": args.lr, "epochs": args.epochs, "image_size": args.image_size,
+                  "batch_size": args.batch_size}
+        if any(m.get(k) != v for k, v in wanted.items()):  # never mix settings in one table
+            raise RuntimeError(f"{out} was run with other settings "
+                               f"({ {k: m.get(k) for k in wanted} }); use another --runs")
         runs.append({**m, "run": str(out)})
     return runs
 
@@ -255,7 +260,8 @@ def main() -> None:
     Path(args.md).write_text(table, encoding="utf-8")
     for model in {r["model"] for r in rows}:
         pts = [{**r, "val_miou": r["miou_mean"] / 100} for r in rows if r["model"] == model]
-        plot_runs(pts, Path(args.json).with_name(f"seg_table{suffix}_{model}.png"),
+        stem = Path(args.json).stem.removesuffix("_cpu")  # seg_table[_source]...
+        plot_runs(pts, Path(args.json).with_name(f"{stem}_{model}.png"),
                   title=f"{model} on synthetic-seg, {args.protocol} "
                         f"(mean of {len(_ints(args.seeds))} seeds)")
     print(table)
