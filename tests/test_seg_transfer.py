@@ -105,6 +105,12 @@ def test_cli_finetune_reinit_head_is_explicit_and_reported(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["reinit_head"] is True and m["reinit_head_keys"] == HEAD_KEYS
     assert m["init_checkpoint"] == str(path.resolve()) and m["num_classes"] == 5
+    # A resumed run still reports what its first start re-initialised.
+    resumed = _cli(out, path, "--reinit-head", "--resume")
+    resumed[resumed.index("--epochs") + 1] = "2"
+    assert main(resumed) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from_epoch"] == 1 and m["reinit_head_keys"] == HEAD_KEYS
     assert main(["finetune", "--model", "fcn_resnet18", "--data", "synthetic-seg", "--epochs",
                  "1", "--batch-size", "8", "--lr", "1e-3", "--method", "vanilla",
                  "--train-last", "1", "--reinit-head", "--out", str(tmp_path / "x")]) == 2

@@ -193,11 +193,13 @@ def finetune(
     # without built-in ones) or goes on top of them.
     net = create_model(model, splits.num_classes, pretrained=pretrained and ckpt is None and (
         checkpoint is None or has_offline_weights(model)))
-    reinit_keys: list[str] = []
-    if checkpoint is not None and ckpt is None:  # explicit about the classifier, never silent
-        reinit_keys = load_init_checkpoint(net, checkpoint, reinit_head=reinit_head)
-        if reinit_keys and not quiet:
-            print(f"note: {checkpoint}: re-initialised {', '.join(reinit_keys)} "
+    # Explicit about the classifier, never silent; a resumed run keeps its first start's list.
+    config["reinit_head_keys"] = [] if ckpt is None else ckpt["config"].get("reinit_head_keys")
+    if checkpoint is not None and ckpt is None:
+        config["reinit_head_keys"] = load_init_checkpoint(net, checkpoint,
+                                                          reinit_head=reinit_head)
+        if config["reinit_head_keys"] and not quiet:
+            print(f"note: {checkpoint}: re-initialised {', '.join(config['reinit_head_keys'])} "
                   f"({splits.num_classes} classes of {data})", file=sys.stderr)
     order = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True,
@@ -311,7 +313,6 @@ def finetune(
         "blocks": info.blocks,
         "filtered_layers": info.report.names if info.report is not None else [],
         "lean_layers": info.slimmed,
-        "reinit_head_keys": reinit_keys,
         "history": history,
         **_task_extras(task, info, bool(val_acc)),
         "checkpoint": str(ckpt_path),
