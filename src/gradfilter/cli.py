@@ -69,9 +69,12 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="start from built-in offline weights (tf_efficientnet_lite0 only)")
     p.add_argument("--checkpoint", default=None, help="state_dict file to start from")
+    p.add_argument("--reinit-head", action="store_true",
+                   help="start the classifier afresh instead of loading it from --checkpoint "
+                        "(the data has another class set; reported in metrics.json)")
     p.add_argument("--data", required=True, help="digits, mnist5k, lfw_faces, "
                    "imagefolder:PATH, cifar10:PATH, cifar100:PATH; segmentation: "
-                   "synthetic-seg, voc:PATH, cityscapes:PATH")
+                   "synthetic-seg, synthetic-seg-source, voc:PATH, cityscapes:PATH")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
@@ -130,7 +133,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 checkpoint=args.checkpoint, image_size=args.image_size, seed=args.seed,
                 optimizer=args.optimizer, resume=args.resume, quiet=args.quiet,
                 device=args.device, cache_features=args.cache_features,
-                cache_dtype=args.cache_dtype, lean=args.lean,
+                cache_dtype=args.cache_dtype, lean=args.lean, reinit_head=args.reinit_head,
             )
         except KeyboardInterrupt:
             print(f"gradfilter finetune: interrupted; continue with --resume --out {args.out}",

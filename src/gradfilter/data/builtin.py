@@ -179,8 +179,8 @@ _ON_DISK = ("imagefolder", "cifar10", "cifar100")
 
 def list_datasets() -> list[str]:
     """Built-in names plus the path-taking spec kinds (as ``kind:PATH``)."""
-    return [*_BUILTIN, *(f"{k}:PATH" for k in _ON_DISK), "synthetic-seg", "voc:PATH",
-            "cityscapes:PATH"]
+    return [*_BUILTIN, *(f"{k}:PATH" for k in _ON_DISK), "synthetic-seg",
+            "synthetic-seg-source", "voc:PATH", "cityscapes:PATH"]
 
 
 def _image_transform(image_size: int, native: int | None = None) -> Callable:
@@ -246,7 +246,7 @@ def _cifar(kind: str, spec: str, root: Path, image_size: int, split: str) -> Dat
 
 def get_dataset(spec: str, image_size: int = 64, split: str = "both") -> DatasetSplits:
     """Parse ``spec`` (``digits``, ``mnist5k``, ``lfw_faces``, ``imagefolder:PATH``,
-    ``cifar10:PATH``, ``cifar100:PATH``; segmentation: ``synthetic-seg``, ``voc:PATH``,
+    ``cifar10:PATH``, ``cifar100:PATH``; segmentation: ``synthetic-seg[-source]``, ``voc:PATH``,
     ``cityscapes:PATH``, see :mod:`.segmentation`) and build its ``split`` ("train", "val" or
     "both") at ``image_size`` x ``image_size``."""
     if split not in SPLITS:
@@ -254,7 +254,7 @@ def get_dataset(spec: str, image_size: int = 64, split: str = "both") -> Dataset
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     kind, sep, arg = spec.partition(":")
-    if kind in ("synthetic-seg", "voc", "cityscapes"):
+    if kind in ("synthetic-seg", "synthetic-seg-source", "voc", "cityscapes"):
         from .segmentation import get_segmentation_dataset
 
         return get_segmentation_dataset(spec, image_size, split)

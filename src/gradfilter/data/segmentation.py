@@ -8,6 +8,11 @@ mean 0.5 / std 0.5 like the classification sets, masks holding class indices and
   overlapping; a one-pixel band on every class border is labelled :data:`IGNORE_INDEX` (as VOC
   does). Backgrounds and fillings come from disjoint photo sets, and every shape class draws its
   filling from the same set, so the class is decided by geometry, not texture.
+* ``synthetic-seg-source`` - a different task of the same kind, to pretrain a whole segmentation
+  model on before fine-tuning it on ``synthetic-seg`` (the paper's protocol: models trained on
+  one segmentation set, fine-tuned on another): five other shape classes (ellipse, star, ring,
+  hexagon, crescent), the two photo pools swapped (shapes filled with the target's backgrounds,
+  drawn on its fillings) and its own seeds.
 * ``voc:PATH`` - Pascal VOC layout: ``PATH/JPEGImages/<id>.jpg``,
   ``PATH/SegmentationClass/<id>.png`` (palette PNGs, 255 = border) and
   ``PATH/ImageSets/Segmentation/{train,val}.txt``; 21 classes.
@@ -35,6 +40,7 @@ from .builtin import MEAN, STD, DatasetSplits
 __all__ = [
     "IGNORE_INDEX",
     "SEGMENTATION_KINDS",
+    "SOURCE_CLASSES",
     "SYNTHETIC_CLASSES",
     "SegmentationArrays",
     "VOC_CLASSES",
@@ -43,10 +49,12 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
-SEGMENTATION_KINDS = ("synthetic-seg", "voc", "cityscapes")
+SEGMENTATION_KINDS = ("synthetic-seg", "synthetic-seg-source", "voc", "cityscapes")
 SYNTHETIC_CLASSES = ("background", "disk", "square", "triangle", "cross")
+SOURCE_CLASSES = ("background", "ellipse", "star", "ring", "hexagon", "crescent")
 SYNTHETIC_SIZES = {"train": 1000, "val": 200}
 SYNTHETIC_SEED = 0
+SOURCE_SEED = 1000  # synthetic-seg-source: train seed (val: +1), far from the target's
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -132,6 +140,35 @@ def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
         np.abs(u) <= arm))
 
 
+def _source_shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
+    """Boolean SxS mask of one ``synthetic-seg-source`` shape (1 ellipse, 2 five-pointed star,
+    3 ring, 4 hexagon, 5 crescent); same size, position and rotation law as the target's."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    radius = rng.uniform(0.15, 0.32) * size
+    cy, cx = rng.uniform(radius * 0.6, size - radius * 0.6, size=2)
+    angle = rng.uniform(0, 2 * np.pi)
+    c, s = np.cos(angle), np.sin(angle)
+    u = (xx - cx) * c + (yy - cy) * s
+    v = -(xx - cx) * s + (yy - cy) * c
+    rho, phi = np.hypot(u, v), np.arctan2(v, u)
+    if cls == 1:  # axes ratio 0.45-0.7
+        b = radius * rng.uniform(0.45, 0.7)
+        return (u / radius) ** 2 + (v / b) ** 2 <= 1
+    if cls == 2:  # radius swings between 0.45 r (inner corners) and r (tips), five times
+        wave = np.abs(((phi * 5 / (2 * np.pi)) % 1) - 0.5) * 2  # 1 at the tips, 0 between
+        return rho <= radius * (0.45 + 0.55 * wave)
+    if cls == 3:
+        return (rho <= radius) & (rho >= radius * 0.55)
+    if cls == 4:  # regular hexagon: six half-planes at 60 degrees
+        inside = np.ones_like(u, dtype=bool)
+        for k in range(6):
+            a = np.pi * k / 3
+            inside &= u * np.cos(a) + v * np.sin(a) <= radius * 0.87
+        return inside
+    # crescent: a disk minus a shifted disk
+    return (rho <= radius) & ((u - radius * 0.5) ** 2 + v**2 > (radius * 0.85) ** 2)
+
+
 def _border(mask: np.ndarray) -> np.ndarray:
     """Pixels with a 4-neighbour of another class (both sides of every class border)."""
     edge = np.zeros(mask.shape, dtype=bool)
@@ -144,13 +181,26 @@ def _border(mask: np.ndarray) -> np.ndarray:
     return edge
 
 
+# The two generated tasks: classes, shape drawer, (background, filling) photo pools, train seed.
+_VARIANTS = {
+    "synthetic-seg": (SYNTHETIC_CLASSES, _shape_mask, (_BACKGROUNDS, _FILLINGS), SYNTHETIC_SEED),
+    "synthetic-seg-source": (SOURCE_CLASSES, _source_shape_mask, (_FILLINGS, _BACKGROUNDS),
+                             SOURCE_SEED),
+}
+
+
 @functools.lru_cache(maxsize=8)
-def make_synthetic_seg(n: int, size: int, seed: int) -> SegmentationArrays:
+def make_synthetic_seg(n: int, size: int, seed: int,
+                       variant: str = "synthetic-seg") -> SegmentationArrays:
     """``n`` images of ``size``x``size``: 1-3 shapes each on a photo background; image ``i``
-    depends only on (``seed``, ``i``, ``size``)."""
+    depends only on (``variant``, ``seed``, ``i``, ``size``). ``variant`` is
+    ``synthetic-seg`` or ``synthetic-seg-source`` (other shapes, swapped photo pools)."""
     if size < 16:
         raise ValueError(f"synthetic-seg needs an image size of at least 16, got {size}")
-    backgrounds, fillings = _photos(_BACKGROUNDS, size), _photos(_FILLINGS, size)
+    if variant not in _VARIANTS:
+        raise ValueError(f"unknown synthetic variant {variant!r}; known: {', '.join(_VARIANTS)}")
+    classes, draw, (bg_names, fill_names), _ = _VARIANTS[variant]
+    backgrounds, fillings = _photos(bg_names, size), _photos(fill_names, size)
     images = torch.empty(n, 3, size, size)
     masks = torch.empty(n, size, size, dtype=torch.uint8)
     for i in range(n):
@@ -158,9 +208,9 @@ def make_synthetic_seg(n: int, size: int, seed: int) -> SegmentationArrays:
         img = _crop(rng, backgrounds, size)
         mask = np.zeros((size, size), dtype=np.uint8)
         for _ in range(rng.integers(1, 4)):
-            cls = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
+            cls = int(rng.integers(1, len(classes)))
             for _try in range(4):  # keep shapes mostly apart: at most 20 % may be covered
-                shape = _shape_mask(rng, cls, size)
+                shape = draw(rng, cls, size)
                 if (mask[shape] > 0).mean() <= 0.2:
                     break
             img = torch.where(torch.from_numpy(shape), _crop(rng, fillings, size), img)
@@ -170,15 +220,16 @@ def make_synthetic_seg(n: int, size: int, seed: int) -> SegmentationArrays:
     return SegmentationArrays(images, masks)
 
 
-def _synthetic(image_size: int, split: str) -> DatasetSplits:
+def _synthetic(image_size: int, split: str, variant: str = "synthetic-seg") -> DatasetSplits:
+    classes, _, _, seed = _VARIANTS[variant]
+
     def part(name: str, offset: int) -> SegmentationArrays | None:
         if split not in (name, "both"):
             return None
-        return make_synthetic_seg(SYNTHETIC_SIZES[name], image_size, SYNTHETIC_SEED + offset)
+        return make_synthetic_seg(SYNTHETIC_SIZES[name], image_size, seed + offset, variant)
 
-    return DatasetSplits("synthetic-seg", part("train", 0), part("val", 1),
-                         len(SYNTHETIC_CLASSES), SYNTHETIC_CLASSES, task="segmentation",
-                         ignore_index=IGNORE_INDEX)
+    return DatasetSplits(variant, part("train", 0), part("val", 1), len(classes), classes,
+                         task="segmentation", ignore_index=IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,11 +332,11 @@ _ON_DISK: dict[str, Callable[[str, Path, int, str], DatasetSplits]] = {
 
 
 def get_segmentation_dataset(spec: str, image_size: int, split: str) -> DatasetSplits:
-    """``synthetic-seg``, ``voc:PATH`` or ``cityscapes:PATH`` at ``image_size`` x
-    ``image_size``."""
+    """``synthetic-seg``, ``synthetic-seg-source``, ``voc:PATH`` or ``cityscapes:PATH`` at
+    ``image_size`` x ``image_size``."""
     kind, sep, arg = spec.partition(":")
-    if kind == "synthetic-seg" and not sep:
-        return _synthetic(image_size, split)
+    if kind in _VARIANTS and not sep:
+        return _synthetic(image_size, split, kind)
     if kind in _ON_DISK:
         if not arg:
             raise ValueError(f"dataset spec '{spec}' needs a path: {kind}:PATH")

@@ -12,8 +12,10 @@ from .registry import (
     classifier_name,
     create_model,
     has_offline_weights,
+    head_name,
     list_models,
     load_checkpoint,
+    load_init_checkpoint,
 )
 from .segmentation import (
     SegmentationModel,
@@ -30,10 +32,12 @@ __all__ = [
     "create_segmentation_model",
     "efficientnet_lite0_weights_path",
     "has_offline_weights",
+    "head_name",
     "is_segmentation_model",
     "list_models",
     "list_segmentation_models",
     "load_checkpoint",
     "load_efficientnet_lite0_weights",
+    "load_init_checkpoint",
     "tf_efficientnet_lite0",
 ]

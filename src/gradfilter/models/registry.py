@@ -89,15 +89,9 @@ def _build_random(name: str, num_classes: int) -> nn.Module:
     )
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, keep_fresh_head: bool = True) -> nn.Module:
-    """Load a state_dict file (also accepted wrapped as ``{"state_dict": ...}`` or
-    ``{"model": ...}``) into ``model``, with ``weights_only=True``.
-
-    With ``keep_fresh_head``, classifier tensors whose shape differs (e.g. a 1000-class
-    checkpoint for a 10-class model) are skipped so the fresh head stays; otherwise, and for any
-    other missing, extra or misshapen tensor, it is an error naming the tensor.
-    """
-    path = Path(path).expanduser()
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in ``path`` (plain, or wrapped as ``{"state_dict"|"model": ...}``),
+    loaded with ``weights_only=True``."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -111,21 +105,22 @@ def load_checkpoint(model: nn.Module, path: str | Path, keep_fresh_head: bool = 
         isinstance(v, torch.Tensor) for v in state.values()
     ):
         raise ValueError(f"checkpoint {path} does not hold a state_dict of tensors")
+    return dict(state)
 
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
+                fresh: set[str], hint: str = "") -> None:
+    """Load ``state`` into ``model``, leaving the keys in ``fresh`` as they are; any other
+    missing, extra or misshapen tensor is an error naming it (``hint`` appended for a
+    misshapen classifier tensor)."""
     own = model.state_dict()
-    head = classifier_name(model)
-    state = dict(state)
-    for key, value in list(state.items()):
+    for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            if keep_fresh_head and head is not None and key.startswith(head + "."):
-                del state[key]
-                continue
             raise ValueError(
                 f"checkpoint {path}: '{key}' has shape {tuple(value.shape)}, "
-                f"model expects {tuple(own[key].shape)}"
+                f"model expects {tuple(own[key].shape)}{hint if key in _head_keys(model) else ''}"
             )
-    skipped_head = {k for k in own if head is not None and k.startswith(head + ".")} - set(state)
-    missing = [k for k in own if k not in state and k not in skipped_head]
+    missing = [k for k in own if k not in state and k not in fresh]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ValueError(
@@ -134,7 +129,63 @@ def load_checkpoint(model: nn.Module, path: str | Path, keep_fresh_head: bool = 
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
     model.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, keep_fresh_head: bool = True) -> nn.Module:
+    """Load a state_dict file (also accepted wrapped as ``{"state_dict": ...}`` or
+    ``{"model": ...}``) into ``model``, with ``weights_only=True``.
+
+    With ``keep_fresh_head``, classifier tensors whose shape differs (e.g. a 1000-class
+    checkpoint for a 10-class model) are skipped so the fresh head stays; otherwise, and for any
+    other missing, extra or misshapen tensor, it is an error naming the tensor.
+    """
+    path = Path(path).expanduser()
+    state = _read_state(path)
+    own = model.state_dict()
+    head = classifier_name(model)
+    for key, value in list(state.items()):
+        if key in own and own[key].shape != value.shape:
+            if keep_fresh_head and head is not None and key.startswith(head + "."):
+                del state[key]
+    skipped_head = {k for k in own if head is not None and k.startswith(head + ".")} - set(state)
+    _load_state(model, state, path, skipped_head)
     return model
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The module to start afresh when the class set changes: the model's own
+    ``gradfilter_head()`` (segmentation models: the last 1x1 conv) or :func:`classifier_name`."""
+    own = getattr(model, "gradfilter_head", None)
+    return own() if callable(own) else classifier_name(model)
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    head = head_name(model)
+    return {k for k in model.state_dict() if head is not None and k.startswith(head + ".")}
+
+
+def load_init_checkpoint(model: nn.Module, path: str | Path, *,
+                         reinit_head: bool = False) -> list[str]:
+    """Load the weights a fine-tuning run starts from; return the re-initialised keys.
+
+    Every tensor must fit. With ``reinit_head`` the checkpoint's classifier (:func:`head_name`)
+    is not loaded, whatever its shape, and ``model``'s freshly initialised one stays (the class
+    set of the new task differs); its keys are returned so the caller can report them. Without
+    it, a classifier of another shape is an error that says so.
+    """
+    path = Path(path).expanduser()
+    state = _read_state(path)
+    fresh: set[str] = set()
+    if reinit_head:
+        fresh = _head_keys(model)
+        if not fresh:
+            raise ValueError(f"{type(model).__name__} has no classifier to re-initialise")
+        state = {k: v for k, v in state.items()
+                 if not (k in fresh or k.startswith(head_name(model) + "."))}
+    _load_state(model, state, path, fresh,
+                hint=" (a classifier for another class set: re-initialise it with "
+                     "--reinit-head / reinit_head=True)")
+    return sorted(fresh)
 
 
 def classifier_name(model: nn.Module) -> str | None:

@@ -299,6 +299,10 @@ class SegmentationModel(nn.Module):
         return [*(f"encoder.{b}" for b in self.encoder.block_names()),
                 *(f"decoder.{b}" for b in self.decoder.block_names())]
 
+    def gradfilter_head(self) -> str:
+        """The classifier (last 1x1 conv): what a change of class set re-initialises."""
+        return "decoder.classifier"
+
 
 def create_segmentation_model(
     name: str, num_classes: int, pretrained: bool = False, channels: int = DEFAULT_CHANNELS

@@ -118,6 +118,7 @@ def finetune(
     cache_features: bool = False,
     cache_dtype: str = "float32",
     lean: str | None = None,
+    reinit_head: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
     ``out``; write and return ``out/metrics.json``'s content.
@@ -125,12 +126,14 @@ def finetune(
     ``cache_features``: compute the frozen prefix's output once (stored as ``cache_dtype``,
     "float32" or "float16") and train the last blocks from that cache (:mod:`.cache`); with
     float32 the run is the same as without the cache, only faster. ``lean``: see
-    :func:`.trainer.prepare_model`."""
+    :func:`.trainer.prepare_model`. ``reinit_head``: start from ``checkpoint`` without its
+    classifier (a new class set); the re-initialised keys go to ``metrics.json``
+    (``reinit_head_keys``); without it a classifier that does not fit is an error."""
     from torch.utils.data import DataLoader
 
     from ..bench.machine import machine_info
     from ..data import get_dataset
-    from ..models import create_model
+    from ..models import create_model, has_offline_weights, load_init_checkpoint
     from .metrics import task_for
 
     _validate(epochs, batch_size, lr, method, radius, image_size)
@@ -171,7 +174,10 @@ def finetune(
         "seed": seed,
         "pretrained": pretrained,
         "init_checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "reinit_head": reinit_head,
     }
+    if reinit_head and checkpoint is None:
+        raise ValueError("--reinit-head needs --checkpoint (the weights whose classifier to drop)")
     start_epoch = 0
     if ckpt is not None:
         _check_resume_config(ckpt_path, ckpt["config"], config)
@@ -183,11 +189,18 @@ def finetune(
 
     seed_everything(seed)
     # On resume the weights come from the run's checkpoint, not from the initial ones.
-    net = create_model(
-        model, splits.num_classes,
-        pretrained=pretrained and ckpt is None,
-        checkpoint=checkpoint if ckpt is None else None,
-    )
+    # --pretrained with --checkpoint: the checkpoint is the pretrained weights (for a model
+    # without built-in ones) or goes on top of them.
+    net = create_model(model, splits.num_classes, pretrained=pretrained and ckpt is None and (
+        checkpoint is None or has_offline_weights(model)))
+    # Explicit about the classifier, never silent; a resumed run keeps its first start's list.
+    config["reinit_head_keys"] = [] if ckpt is None else ckpt["config"].get("reinit_head_keys")
+    if checkpoint is not None and ckpt is None:
+        config["reinit_head_keys"] = load_init_checkpoint(net, checkpoint,
+                                                          reinit_head=reinit_head)
+        if config["reinit_head_keys"] and not quiet:
+            print(f"note: {checkpoint}: re-initialised {', '.join(config['reinit_head_keys'])} "
+                  f"({splits.num_classes} classes of {data})", file=sys.stderr)
     order = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True,
                               generator=order, drop_last=len(splits.train) >= batch_size)
