@@ -230,3 +230,14 @@ def test_block_transmission_matches_hand_computed_input_gradient(r):
     assert got[("act", r)] == 1.0
     assert type(model.blk[0]) is nn.Conv2d
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_cli_inspect_segmentation_uses_the_ignore_label(tmp_path):
+    """Segmentation targets carry the ignore label 255: inspect must use the task's loss (plain
+    cross-entropy would reject the label) and still report finite fidelities."""
+    out = tmp_path / "seg.json"
+    assert main(["inspect", "--model", "fcn_resnet18", "--data", "synthetic-seg",
+                 "--image-size", "32", "--batch-size", "2", "--batches", "1", "--train-last", "1",
+                 "--radii", "2", "--quiet", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(math.isfinite(r["cos_weight"]) for r in rows)

@@ -509,9 +509,12 @@ def run_inspect(
         if not 1 <= train_last <= len(blocks):
             raise ValueError(f"--train-last must be in 1..{len(blocks)}, got {train_last}")
         layers = [*(layers or []), *blocks[-train_last:]]
+    from .train.metrics import task_for
+
+    task = task_for(model, splits.task, splits.num_classes, splits.ignore_index)
     loader = DataLoader(splits.train, batch_size=batch_size, shuffle=False)
-    report = inspect(net, loader, layers=layers, radii=radii, max_batches=batches,
-                     progress=not quiet)
+    report = inspect(net, loader, layers=layers, radii=radii, loss_fn=task.loss_fn,
+                     max_batches=batches, progress=not quiet)
     print(report.table())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
