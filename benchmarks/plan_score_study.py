@@ -26,25 +26,22 @@ from gradfilter.data import get_dataset
 from gradfilter.diagnostics import block_transmission, inspect
 from gradfilter.models import create_model
 from gradfilter.plan import predict, profile_model
-from gradfilter.plan.planner import FIDELITY_BATCH
+from gradfilter.plan.planner import FIDELITY_BATCH, _Costs
 from gradfilter.train.runner import finetune
 
 SCORES = ("cos", "cos_path", "descent", "descent_path")
 
 
-def _scores(blocks, fid, trans, r: int) -> dict[str, float]:
-    """Every candidate score of training ``blocks`` (BlockCost, forward order) at radius r."""
-    out = dict.fromkeys(SCORES, 0.0)
-    carry = 1.0
-    for b in reversed(blocks):
-        cos = sum(max(0.0, fid[(c, r)][0]) for c in b.convs if (c, r) in fid)
-        dsc = sum(min(1.0, max(0.0, fid[(c, r)][1])) for c in b.convs if (c, r) in fid)
-        out["cos"] += cos
-        out["descent"] += dsc
-        out["cos_path"] += carry * cos
-        out["descent_path"] += carry * dsc
-        carry *= max(0.0, trans.get((b.name, r), 1.0))
-    return out
+def _scorers(profile, rows, trans) -> dict[str, _Costs]:
+    """The candidate scores as the planner's own objective (``_Costs``) over different
+    per-conv fidelities, with and without the transmission path weight."""
+    cos = {(r.layer, r.radius): max(0.0, r.cos_weight) for r in rows
+           if not math.isnan(r.cos_weight)}
+    dsc = {(r.layer, r.radius): min(1.0, max(0.0, r.descent_weight)) for r in rows
+           if not math.isnan(r.descent_weight)}
+    path = {k: max(0.0, v) for k, v in trans.items()}
+    return {"cos": _Costs(profile, cos), "cos_path": _Costs(profile, cos, path),
+            "descent": _Costs(profile, dsc), "descent_path": _Costs(profile, dsc, path)}
 
 
 def _kendall(xs: list[float], ys: list[float]) -> float:
@@ -80,9 +77,9 @@ def main() -> None:
     batch = [(x[:FIDELITY_BATCH], y[:FIDELITY_BATCH])]
     convs = [c for b in profile.blocks for c in b.convs]
     rep = inspect(model, batch, layers=convs, radii=radii)
-    fid = {(r.layer, r.radius): (r.cos_weight, r.descent_weight) for r in rep.rows
-           if not math.isnan(r.cos_weight)}
     trans = block_transmission(model, batch, [b.name for b in profile.blocks], radii)
+    scorers = _scorers(profile, rep.rows, trans)
+    n_blocks = len(profile.blocks)
     grids = _grids(model, shape)
     configs = []
     for k in range(1, args.max_last + 1):
@@ -94,7 +91,8 @@ def main() -> None:
                 continue  # same patch grids as a smaller radius: the same training run
             configs.append({"key": key, "train_last": k, "radius": r,
                             "predicted_saved_bytes": predict(profile, [r] * k)[0],
-                            **_scores(blocks, fid, trans, r)})
+                            **{name: sc.objective(dict.fromkeys(range(n_blocks - k, n_blocks), r))
+                               for name, sc in scorers.items()}})
     runs = Path(args.runs)
     for c in configs:
         accs = []

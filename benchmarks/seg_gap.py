@@ -28,9 +28,8 @@ from seg_table import source_checkpoint  # same folder: the cached source models
 from torch.utils.data import DataLoader
 
 from gradfilter.data import get_dataset
-from gradfilter.diagnostics import inspect
+from gradfilter.diagnostics import inspect, select_convs
 from gradfilter.models import block_names, create_model, load_checkpoint
-from gradfilter.surgery import conv_layers
 from gradfilter.train.checkpoint import write_json_atomic
 from gradfilter.train.metrics import segmentation_loss
 from gradfilter.train.runner import finetune
@@ -39,9 +38,7 @@ MODELS = ("deeplabv3_tf_efficientnet_lite0", "upernet_tf_efficientnet_lite0")
 
 
 def _convs_of_last(model: torch.nn.Module, n: int) -> list[str]:
-    blocks = block_names(model)[-n:]
-    return [name for name, _ in conv_layers(model)
-            if any(name == b or name.startswith(b + ".") for b in blocks)]
+    return list(select_convs(model, block_names(model)[-n:]))
 
 
 def fidelity(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -451,21 +451,21 @@ def block_transmission(
     loss_fn = loss_fn or (lambda out, t: F.cross_entropy(out, t))
     radii = tuple(GF.validate_radius(r, 1)[0] for r in radii)
     base = copy.deepcopy(model).eval()
+    convs = [n for n, _ in conv_layers(base)]
+    has_conv = {b: any(n == b or n.startswith(b + ".") for n in convs) for b in blocks}
     sums: dict[tuple[str, int], float] = {}
     counts: dict[tuple[str, int], int] = {}
     for i, (inputs, targets) in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         exact = _block_input_grads(base, blocks, inputs, targets, loss_fn)
-        all_convs = [n for n, _ in conv_layers(base)]
         for name in blocks:
             if name not in exact:
                 continue
-            has_conv = any(n == name or n.startswith(name + ".") for n in all_convs)
             for r in radii:
                 m = copy.deepcopy(base)
                 report = (apply(m, radius=r, names=[name, f"{name}.*"], on_unsupported="skip")
-                          if has_conv else None)
+                          if has_conv[name] else None)
                 if report is None or not report.layers:
                     cos = 1.0
                 else:

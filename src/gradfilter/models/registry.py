@@ -180,8 +180,8 @@ def load_init_checkpoint(model: nn.Module, path: str | Path, *,
         fresh = _head_keys(model)
         if not fresh:
             raise ValueError(f"{type(model).__name__} has no classifier to re-initialise")
-        state = {k: v for k, v in state.items()
-                 if not (k in fresh or k.startswith(head_name(model) + "."))}
+        prefix = f"{head_name(model)}."  # the model's head keys and any extra the file has
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     _load_state(model, state, path, fresh,
                 hint=" (a classifier for another class set: re-initialise it with "
                      "--reinit-head / reinit_head=True)")
