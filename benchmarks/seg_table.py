@@ -48,16 +48,24 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
-def _methods(radii: list[int], lean_radii: list[int] = (), lean: str = "patch"
-             ) -> list[tuple[str, int | None, str | None]]:
-    """(method, radius, lean) of every run of one config: vanilla, filtered at each radius,
-    then filtered + lean blocks at each of ``lean_radii``."""
-    return [("vanilla", None, None), *(("gradfilter", r, None) for r in radii),
-            *(("gradfilter", r, lean) for r in lean_radii)]
+def _methods(radii: list[int], lean_radii: list[int] = (), lean: str = "patch",
+             exact_radii: list[int] = (), exact_lean_radii: list[int] = ()
+             ) -> list[tuple[str, int | None, str | None, str]]:
+    """(method, radius, lean, input_grad) of every run of one config: vanilla, filtered at each
+    radius, filtered + lean blocks at each of ``lean_radii``, then the same two with exact input
+    gradients at ``exact_radii`` / ``exact_lean_radii``."""
+    return [("vanilla", None, None, "filtered"),
+            *(("gradfilter", r, None, "filtered") for r in radii),
+            *(("gradfilter", r, lean, "filtered") for r in lean_radii),
+            *(("gradfilter", r, None, "exact") for r in exact_radii),
+            *(("gradfilter", r, lean, "exact") for r in exact_lean_radii)]
 
 
-def _tag(radius: int | None, lean: str | None) -> str:
-    return "vanilla" if radius is None else f"r{radius}" + (f"-lean{lean}" if lean else "")
+def _tag(radius: int | None, lean: str | None, input_grad: str = "filtered") -> str:
+    if radius is None:
+        return "vanilla"
+    return (f"r{radius}" + ("-exactgx" if input_grad == "exact" else "")
+            + (f"-lean{lean}" if lean else ""))
 
 
 def source_checkpoint(model: str, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -89,11 +97,13 @@ def run_all(args: argparse.Namespace, shard: int | None = None) -> list[dict[str
     in time (the machine's load drifts) and shards get a mix of configs.
     """
     runs = []
-    plan = [(m, n, meth, r, lean, s) for s in _ints(args.seeds) for m in args.models.split(",")
-            for n in _ints(args.train_last)
-            for meth, r, lean in _methods(_ints(args.radii), _ints(args.lean_radii), args.lean)]
-    for i, (model, n, method, radius, lean, seed) in enumerate(plan, 1):
-        tag = _tag(radius, lean)
+    methods = _methods(_ints(args.radii), _ints(args.lean_radii), args.lean,
+                       _ints(args.exact_radii), _ints(args.exact_lean_radii))
+    plan = [(m, n, meth, r, lean, ig, s) for s in _ints(args.seeds)
+            for m in args.models.split(",") for n in _ints(args.train_last)
+            for meth, r, lean, ig in methods]
+    for i, (model, n, method, radius, lean, input_grad, seed) in enumerate(plan, 1):
+        tag = _tag(radius, lean, input_grad)
         out = Path(args.runs) / model / f"last{n}" / tag / f"seed{seed}"
         if shard is not None:
             if (i - 1) % args.workers != shard:
@@ -111,7 +121,7 @@ def run_all(args: argparse.Namespace, shard: int | None = None) -> list[dict[str
                      batch_size=args.batch_size, lr=args.lr, method=method, radius=radius,
                      train_last=n, pretrained=True, image_size=args.image_size, seed=seed,
                      optimizer="adamw", quiet=True, device=args.device, lean=lean,
-                     checkpoint=init, reinit_head=init is not None)
+                     checkpoint=init, reinit_head=init is not None, input_grad=input_grad)
             print(f"[{i}/{len(plan)}] {model} last {n} {tag} seed {seed}: "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
         m = json.loads((out / "metrics.json").read_text())
@@ -127,15 +137,16 @@ def run_all(args: argparse.Namespace, shard: int | None = None) -> list[dict[str
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
-        key = (r["model"], r["train_last"], r["method"], r["radius"], r.get("lean"))
+        key = (r["model"], r["train_last"], r["method"], r["radius"], r.get("lean"),
+               r.get("input_grad") or "filtered")
         groups.setdefault(key, []).append(r)
     rows = []
-    for (model, n, method, radius, lean), rs in groups.items():
+    for (model, n, method, radius, lean, input_grad), rs in groups.items():
         miou = [100 * r["val_miou"] for r in rs]
         conv = rs[0].get("filtered_conv_saved_bytes")
         rows.append({
             "model": model, "train_last": n, "method": method, "radius": radius, "lean": lean,
-            "seeds": [r["seed"] for r in rs],
+            "input_grad": input_grad, "seeds": [r["seed"] for r in rs],
             "miou_mean": statistics.mean(miou),
             "miou_std": statistics.stdev(miou) if len(miou) > 1 else 0.0,
             "miou": miou,
@@ -166,6 +177,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{conv['vanilla'] / 2**20:.2f} → {conv['filtered'] / 2**20:.2f} "
             f"({conv['vanilla'] / max(conv['filtered'], 1):.1f}×)")
         method = "vanilla" if r["radius"] is None else f"gradfilter r={r['radius']}" + (
+            ", exact gx" if r.get("input_grad") == "exact" else "") + (
             f" + lean {r['lean']}" if r.get("lean") else "")
         delta = "" if r["radius"] is None else f"{r['miou_delta']:+.1f}"
         lines.append(
@@ -185,6 +197,11 @@ def main() -> None:
     p.add_argument("--lean-radii", default="",
                    help="also run filtered + lean blocks (--lean) at these radii, e.g. 4")
     p.add_argument("--lean", choices=["exact", "patch", "frozen"], default="patch")
+    p.add_argument("--exact-radii", default="",
+                   help="also run filtered convs with exact input gradients (--input-grad "
+                        "exact) at these radii")
+    p.add_argument("--exact-lean-radii", default="",
+                   help="... and the same with lean blocks (--lean) at these radii")
     p.add_argument("--protocol", choices=["scratch", "source"], default="scratch",
                    help="scratch: decoder from random init; source: start from a model "
                         "trained on synthetic-seg-source (classifier re-initialised)")
@@ -251,7 +268,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t0,
         "rows": rows,
         "runs": [{k: r.get(k) for k in ("run", "model", "train_last", "method", "radius",
-                                        "lean", "seed",
+                                        "lean", "input_grad", "seed",
                                     "val_miou", "val_pixel_accuracy", "step_time_ms",
                                     "saved_activation_bytes", "train_time_s")} for r in runs],
     }

@@ -182,3 +182,13 @@ def test_compare_prints_table_and_writes_png(full_run, tmp_path, capsys):
     missing.mkdir()
     assert main(["compare", str(full_run), str(missing), "--out", str(png)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_finetune_input_grad_exact_is_recorded_and_applied(full_run, tmp_path):
+    out = tmp_path / "exact"
+    assert main(_args(out, epochs=1, extra=["--input-grad", "exact"])) == 0
+    m = _metrics(out)
+    assert m["input_grad"] == "exact" and m["filtered_layers"]
+    assert _metrics(full_run)["input_grad"] == "filtered"
+    # exact input gradients need no extra saved tensors (the weight is a parameter)
+    assert m["saved_activation_bytes"] == _metrics(full_run)["saved_activation_bytes"]

@@ -96,6 +96,10 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                    help="also slim the trained blocks' ReLU/ReLU6 (bit masks, exact) and "
                         "BatchNorm: exact (saves x only for its weight grad), patch (weight "
                         "grad from patch sums at --radius), frozen (weight frozen, saves nothing)")
+    p.add_argument("--input-grad", choices=["filtered", "exact"], default="filtered",
+                   help="gradfilter: the input gradient the filtered convs pass down, from the "
+                        "patch-mean output gradient (filtered, the paper) or exact (same memory, "
+                        "vanilla backward-input cost, for tasks whose accuracy needs it)")
     p.add_argument("--cache-features", action="store_true",
                    help="compute the frozen prefix's features once and train the last blocks "
                         "from that cache (inputs are never augmented here, so it is exact)")
@@ -134,6 +138,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 optimizer=args.optimizer, resume=args.resume, quiet=args.quiet,
                 device=args.device, cache_features=args.cache_features,
                 cache_dtype=args.cache_dtype, lean=args.lean, reinit_head=args.reinit_head,
+                input_grad=args.input_grad,
             )
         except KeyboardInterrupt:
             print(f"gradfilter finetune: interrupted; continue with --resume --out {args.out}",

@@ -443,14 +443,14 @@ def block_transmission(
     A trained block upstream of filtered blocks receives a gradient degraded by each of their
     transmissions, which is what the planner weighs (docs/planner.md). Convs that cannot be
     filtered at r (unsupported dilation) stay plain; a block with none filtered transmits 1.
-    ``model`` is not modified (each measurement runs on a copy, in eval mode)."""
+    ``model`` is not modified (the measurements run on one copy, in eval mode)."""
     import copy
 
-    from .surgery import apply
+    from .surgery import apply, remove
 
     loss_fn = loss_fn or (lambda out, t: F.cross_entropy(out, t))
     radii = tuple(GF.validate_radius(r, 1)[0] for r in radii)
-    base = copy.deepcopy(model).eval()
+    base = copy.deepcopy(model).eval()  # filtered one block at a time, reverted after each
     convs = [n for n, _ in conv_layers(base)]
     has_conv = {b: any(n == b or n.startswith(b + ".") for n in convs) for b in blocks}
     sums: dict[tuple[str, int], float] = {}
@@ -463,14 +463,15 @@ def block_transmission(
             if name not in exact:
                 continue
             for r in radii:
-                m = copy.deepcopy(base)
-                report = (apply(m, radius=r, names=[name, f"{name}.*"], on_unsupported="skip")
-                          if has_conv[name] else None)
+                report = (apply(base, radius=r, names=[name, f"{name}.*"],
+                                on_unsupported="skip") if has_conv[name] else None)
                 if report is None or not report.layers:
                     cos = 1.0
                 else:
-                    got = _block_input_grads(m, [name], inputs, targets, loss_fn)
+                    got = _block_input_grads(base, [name], inputs, targets, loss_fn)
                     cos = _cosine(got[name], exact[name])
+                    for conv in report.names:  # back to plain for the next measurement
+                        remove(base.get_submodule(conv))
                 if not math.isnan(cos):
                     sums[(name, r)] = sums.get((name, r), 0.0) + cos
                     counts[(name, r)] = counts.get((name, r), 0) + 1

@@ -18,9 +18,16 @@ from torch import Tensor
 
 IntOrPair = int | tuple[int, ...]
 
+#: How a filtered conv computes the gradient it passes down (its input gradient):
+#: ``"filtered"`` from the patch-mean output gradient (DESIGN §1, the paper: cheap, approximate);
+#: ``"exact"`` from the full output gradient and the weight (exact, full backward-input cost). The
+#: weight gradient is filtered in both, and both save the same tensors (x̃ and the weight).
+INPUT_GRAD_MODES = ("filtered", "exact")
+
 __all__ = [
     "UnsupportedDilationError",
     "AxisGeometry",
+    "INPUT_GRAD_MODES",
     "axis_geometry",
     "check_dilation",
     "conv1d",
@@ -381,7 +388,8 @@ class _FilteredConv(torch.autograd.Function):
     """conv forward; gradient-filtered backward (DESIGN §1). Works on 2-D views of 1-D convs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, radius, one_d):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, radius, one_d,
+                exact_gx=False):
         if one_d:
             y = F.conv1d(x, weight, bias, stride[1:], padding, dilation[1:], groups)
             x2, w2, y2 = x.unsqueeze(-2), weight.unsqueeze(-2), y.unsqueeze(-2)
@@ -402,6 +410,8 @@ class _FilteredConv(torch.autograd.Function):
         ctx.save_for_backward(xt, weight if need_x else None)
         ctx.geometry = (gh, gw)
         ctx.meta = (groups, tuple(w2.shape), one_d, need_x, need_w, need_b)
+        ctx.exact_gx = (tuple(x2.shape), stride, _explicit_padding(padding, w2.shape, dilation),
+                        dilation) if exact_gx and need_x else None
         return y
 
     @staticmethod
@@ -421,12 +431,17 @@ class _FilteredConv(torch.autograd.Function):
             weight = weight.unsqueeze(-2) if weight is not None else None
         sums, scale, gb = patch_mean_output(gy, gh, gw)
         scale = scale / (gh.stride * gw.stride)  # §1: the 1/(sh·sw) stride scale
+        exact = ctx.exact_gx
+        if exact is not None:  # the input gradient from the full gy, not from the patch means
+            gx = _exact_input_grad(gy, weight, groups, *exact)
+            need_x = False
         args = (sums, xt, weight, w_shape, groups, scale, need_w, need_x)
         if gh.keeps_taps or gw.keeps_taps:
             gw_, gxt = _tap_grads(*args, gh, gw)
         else:
             gw_, gxt = _pointwise_grads(*args)
-        gx = None
+        if exact is None:
+            gx = None
         if need_w:
             gw_ = torch.empty(w_shape, dtype=gw_.dtype, device=gw_.device).copy_(
                 gw_.reshape(_taps_shape(w_shape, gh, gw)).expand(w_shape)
@@ -435,9 +450,30 @@ class _FilteredConv(torch.autograd.Function):
                 gw_ = gw_.squeeze(-2)
         if need_x:
             gx = unpool_input(gxt, gh, gw)
-            if one_d:
-                gx = gx.squeeze(-2)
-        return gx, gw_, (gb if need_b else None), None, None, None, None, None, None
+        if gx is not None and one_d:
+            gx = gx.squeeze(-2)
+        return gx, gw_, (gb if need_b else None), None, None, None, None, None, None, None
+
+
+def _explicit_padding(padding, w_shape, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(before, after) zero padding per axis of the 2-D view, for ``"same"``/``"valid"`` too."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":  # as F.conv2d: the odd extra element goes after
+        totals = [dilation[i] * (w_shape[2 + i] - 1) for i in range(2)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    pad = (0, *padding) if len(padding) == 1 else tuple(padding)
+    return tuple((p, p) for p in pad)
+
+
+def _exact_input_grad(gy, weight, groups, x_shape, stride, pads, dilation) -> Tensor:
+    """∂L/∂x of the plain convolution: the transposed conv of the full gy with the weight."""
+    (t0, b0), (t1, b1) = pads
+    padded = (*x_shape[:2], x_shape[2] + t0 + b0, x_shape[3] + t1 + b1)
+    gx = torch.nn.grad.conv2d_input(padded, weight, gy, stride, 0, dilation, groups)
+    if t0 or b0 or t1 or b1:
+        gx = gx[..., t0:t0 + x_shape[2], t1:t1 + x_shape[3]]
+    return gx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,10 +491,22 @@ def _needs_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d: bool) -> Tensor:
+def validate_input_grad(input_grad: object) -> bool:
+    """Check an ``input_grad`` mode; return True for ``"exact"``."""
+    if input_grad not in INPUT_GRAD_MODES:
+        raise ValueError(
+            f"input_grad must be one of {', '.join(map(repr, INPUT_GRAD_MODES))}, "
+            f"got {input_grad!r}"
+        )
+    return input_grad == "exact"
+
+
+def _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d: bool,
+              input_grad: str = "filtered") -> Tensor:
     nd = 1 if one_d else 2
     name = "conv1d" if one_d else "conv2d"
     radius_t = validate_radius(radius, nd)
+    exact_gx = validate_input_grad(input_grad)
     if x.dim() not in (nd + 1, nd + 2):
         raise ValueError(
             f"gradfilter.{name}: expected a {nd + 2}-D (batched) or {nd + 1}-D (unbatched) input, "
@@ -488,11 +536,11 @@ def _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d:
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             y = _FilteredConv.apply(
-                x, weight, bias, stride_t, padding, dilation_t, groups, radius_t, one_d
+                x, weight, bias, stride_t, padding, dilation_t, groups, radius_t, one_d, exact_gx
             )
     else:
         y = _FilteredConv.apply(
-            x, weight, bias, stride_t, padding, dilation_t, groups, radius_t, one_d
+            x, weight, bias, stride_t, padding, dilation_t, groups, radius_t, one_d, exact_gx
         )
     return y.squeeze(0) if unbatched else y
 
@@ -506,13 +554,16 @@ def conv2d(
     dilation: IntOrPair = 1,
     groups: int = 1,
     radius: IntOrPair = 4,
+    input_grad: str = "filtered",
 ) -> Tensor:
     """``F.conv2d`` whose backward is gradient-filtered over ``radius``×``radius`` output patches.
 
     The output is bit-identical to ``F.conv2d``; under ``torch.no_grad()`` (or when nothing
-    requires a gradient) it *is* ``F.conv2d`` and saves nothing.
+    requires a gradient) it *is* ``F.conv2d`` and saves nothing. ``input_grad="exact"`` passes
+    the exact input gradient down (see ``INPUT_GRAD_MODES``); the weight gradient stays filtered.
     """
-    return _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d=False)
+    return _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d=False,
+                     input_grad=input_grad)
 
 
 def conv1d(
@@ -524,9 +575,11 @@ def conv1d(
     dilation: IntOrPair = 1,
     groups: int = 1,
     radius: IntOrPair = 4,
+    input_grad: str = "filtered",
 ) -> Tensor:
     """``F.conv1d`` whose backward is gradient-filtered over length-``radius`` output patches."""
-    return _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d=True)
+    return _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d=True,
+                     input_grad=input_grad)
 
 
 def filtered_saved_bytes(

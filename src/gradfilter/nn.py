@@ -47,18 +47,23 @@ class _FilteredMixin:
 
     Constructor: the parent's (``in_channels, out_channels, kernel_size, stride=1, padding=0,
     dilation=1, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None``) plus
-    ``radius`` (int >= 1, default 4). Only ``padding_mode="zeros"`` is supported.
+    ``radius`` (int >= 1, default 4) and ``input_grad`` (``"filtered"``, default, or
+    ``"exact"``). Only ``padding_mode="zeros"`` is supported.
     """
 
     radius: int
     tf_same: bool = False
+    input_grad: str = "filtered"  # or "exact": see gradfilter.functional.INPUT_GRAD_MODES
     _filtered_conv = None  # gradfilter.functional.conv2d or conv1d
 
-    def __init__(self, *args, radius: int = 4, padding_mode: str = "zeros", **kwargs) -> None:
+    def __init__(self, *args, radius: int = 4, input_grad: str = "filtered",
+                 padding_mode: str = "zeros", **kwargs) -> None:
         GF.validate_radius(radius, 1)
+        GF.validate_input_grad(input_grad)
         _check_padding_mode(padding_mode)
         super().__init__(*args, padding_mode=padding_mode, **kwargs)
         self.radius = radius
+        self.input_grad = input_grad
         self.tf_same = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -67,10 +72,13 @@ class _FilteredMixin:
             x = tf_same_pad(x, self.kernel_size, self.stride, self.dilation)
             padding = 0
         return type(self)._filtered_conv(x, self.weight, self.bias, self.stride, padding,
-                                         self.dilation, self.groups, radius=self.radius)
+                                         self.dilation, self.groups, radius=self.radius,
+                                         input_grad=self.input_grad)
 
     def extra_repr(self) -> str:
         extra = ", tf_same=True" if self.tf_same else ""
+        if self.input_grad != "filtered":
+            extra += f", input_grad={self.input_grad!r}"
         return f"{super().extra_repr()}, radius={self.radius}{extra}"
 
 

@@ -210,6 +210,7 @@ def apply(
     example_input: Any = None,
     on_unsupported: str = "error",
     plan: Any = None,
+    input_grad: str = "filtered",
 ) -> ConversionReport:
     """Convert matching ``nn.Conv2d``/``nn.Conv1d`` modules of ``model`` in place; return a report.
 
@@ -227,7 +228,11 @@ def apply(
     ``plan``: a ``gradfilter plan`` (its plan.json path, its dict, or a ``Plan``): converts
     exactly the convs it lists at their radii (``radius`` is then taken from it). To also freeze
     what the plan leaves frozen, use :func:`gradfilter.plan.apply_plan`.
+    ``input_grad``: ``"filtered"`` (default, the paper) or ``"exact"``: the converted convs pass
+    the exact input gradient down (weight gradients stay filtered, the saved tensors are the
+    same, the backward-input cost is vanilla's); see ``gradfilter.functional.INPUT_GRAD_MODES``.
     """
+    GF.validate_input_grad(input_grad)
     if plan is not None:
         radius = _plan_layers(plan)
     if on_unsupported not in ("error", "skip"):
@@ -293,6 +298,7 @@ def apply(
             mod.tf_same = _is_timm_conv2d_same(mod)
             mod.__class__ = cls
         mod.radius = r
+        mod.input_grad = input_grad
         row = LayerReport(name=name, kind=cls.__name__, radius=r)
         if name in traced:
             in_shape, out_shape, dtype = traced[name]
@@ -404,7 +410,7 @@ def remove(model: nn.Module) -> list[str]:
             original = mod.__dict__.pop("_gradfilter_original_class", None)
             if original is None:
                 original = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Conv1d
-            for attr in ("radius", "tf_same"):
+            for attr in ("radius", "tf_same", "input_grad"):
                 mod.__dict__.pop(attr, None)
             mod.__class__ = original
             reverted.append(name)

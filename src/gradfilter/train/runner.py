@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..functional import validate_input_grad
 from .cache import FeatureCache, skip_prefix
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -39,7 +40,7 @@ __all__ = ["MATCH_KEYS", "evaluate_checkpoint", "finetune"]
 # Config entries a resumed run must share with its checkpoint: anything else would give a
 # different model, different data or an optimizer state that does not fit.
 MATCH_KEYS = ("model", "data", "image_size", "num_classes", "method", "radius", "train_last",
-              "optimizer", "lean")
+              "optimizer", "lean", "input_grad")
 # Entries that may change on resume (with a note): the schedule / data order then differ from
 # an uninterrupted run of the new config.
 NOTE_KEYS = ("epochs", "batch_size", "lr")
@@ -59,11 +60,18 @@ def _normalise_data_spec(spec: str) -> str:
     return spec
 
 
+def _saved_value(saved: dict[str, Any], key: str) -> Any:
+    """A checkpoint's config entry; runs saved before ``input_grad`` existed filtered it."""
+    if key == "input_grad" and key not in saved:
+        return "filtered" if saved.get("method") == "gradfilter" else None
+    return saved.get(key)
+
+
 def _check_resume_config(ckpt_path: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, command {config[k]!r}"
+        f"{k}: checkpoint {_saved_value(saved, k)!r}, command {config[k]!r}"
         for k in MATCH_KEYS
-        if saved.get(k) != config[k]
+        if _saved_value(saved, k) != config[k]
     ]
     if diffs:
         raise ValueError(
@@ -119,6 +127,7 @@ def finetune(
     cache_dtype: str = "float32",
     lean: str | None = None,
     reinit_head: bool = False,
+    input_grad: str = "filtered",
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
     ``out``; write and return ``out/metrics.json``'s content.
@@ -128,7 +137,9 @@ def finetune(
     float32 the run is the same as without the cache, only faster. ``lean``: see
     :func:`.trainer.prepare_model`. ``reinit_head``: start from ``checkpoint`` without its
     classifier (a new class set); the re-initialised keys go to ``metrics.json``
-    (``reinit_head_keys``); without it a classifier that does not fit is an error."""
+    (``reinit_head_keys``); without it a classifier that does not fit is an error.
+    ``input_grad``: "filtered" (the paper) or "exact" input gradients through the filtered
+    convs (:func:`gradfilter.apply`)."""
     from torch.utils.data import DataLoader
 
     from ..bench.machine import machine_info
@@ -137,6 +148,7 @@ def finetune(
     from .metrics import task_for
 
     _validate(epochs, batch_size, lr, method, radius, image_size)
+    validate_input_grad(input_grad)
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {cache_dtype!r}")
     out_dir = Path(out)
@@ -167,6 +179,7 @@ def finetune(
         if method == "gradfilter" else None,
         "train_last": train_last,
         "lean": lean,
+        "input_grad": input_grad if method == "gradfilter" else None,
         "optimizer": optimizer,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -209,7 +222,7 @@ def finetune(
     n_example = min(batch_size, len(splits.train))
     example = torch.stack([splits.train[i][0] for i in range(n_example)])
     net, info = prepare_model(net, method, radius if radius is not None else 0, train_last,
-                              example, lean=lean)
+                              example, lean=lean, input_grad=input_grad)
     resume_state = None
     if ckpt is not None:
         try:

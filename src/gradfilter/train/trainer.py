@@ -77,6 +77,7 @@ class PrepareInfo:
     report: ConversionReport | None = None
     lean: str | None = None
     slimmed: list[str] = field(default_factory=list)  # ReLU/BatchNorm layers made lean
+    input_grad: str | None = None  # filtered convs' input-gradient mode (gradfilter only)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +89,7 @@ class PrepareInfo:
             "filtered_layers": self.report.names if self.report is not None else [],
             "lean": self.lean,
             "lean_layers": list(self.slimmed),
+            "input_grad": self.input_grad,
         }
 
 
@@ -98,6 +100,7 @@ def prepare_model(
     train_last: int,
     example_input: Any,
     lean: str | None = None,
+    input_grad: str = "filtered",
 ) -> tuple[nn.Module, PrepareInfo]:
     """Set ``model`` up in place for fine-tuning its last ``train_last`` blocks.
 
@@ -110,6 +113,8 @@ def prepare_model(
     filtered, each at its own radius; every name must be a conv inside the trained blocks.
     ``lean`` ("exact", "patch" or "frozen"; None: off) also makes the blocks' ReLU/ReLU6 keep
     bit masks and their BatchNorm layers keep little (:func:`gradfilter.slim`'s ``bn``).
+    ``input_grad`` ("filtered" or "exact"): what the filtered convs pass down
+    (:func:`gradfilter.apply`'s ``input_grad``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -127,6 +132,7 @@ def prepare_model(
             radius=radius,
             names=[f"{b}.*" for b in blocks] + blocks,
             example_input=example_input,
+            input_grad=input_grad,
         )
         if isinstance(radius, Mapping):
             unknown = sorted(set(radius) - set(report.names))
@@ -158,6 +164,7 @@ def prepare_model(
         report=report,
         lean=lean,
         slimmed=slimmed,
+        input_grad=input_grad if method == "gradfilter" else None,
     )
     return model, info
 
