@@ -469,11 +469,12 @@ def _explicit_padding(padding, w_shape, dilation) -> tuple[tuple[int, int], tupl
 def _exact_input_grad(gy, weight, groups, x_shape, stride, pads, dilation) -> Tensor:
     """∂L/∂x of the plain convolution: the transposed conv of the full gy with the weight."""
     (t0, b0), (t1, b1) = pads
+    if t0 == b0 and t1 == b1:
+        return torch.nn.grad.conv2d_input(x_shape, weight, gy, stride, (t0, t1), dilation, groups)
+    # asymmetric ('same' with an even span): the gradient of the padded input, cropped
     padded = (*x_shape[:2], x_shape[2] + t0 + b0, x_shape[3] + t1 + b1)
     gx = torch.nn.grad.conv2d_input(padded, weight, gy, stride, 0, dilation, groups)
-    if t0 or b0 or t1 or b1:
-        gx = gx[..., t0:t0 + x_shape[2], t1:t1 + x_shape[3]]
-    return gx
+    return gx[..., t0:t0 + x_shape[2], t1:t1 + x_shape[3]]
 
 
 # ----------------------------------------------------------------------------------------------
