@@ -47,7 +47,8 @@ def create_model(
 
     ``pretrained=True`` uses built-in offline weights (only ``tf_efficientnet_lite0`` has them)
     or, for other models, requires ``checkpoint``. ``checkpoint`` is a local state_dict file
-    loaded on top; a classifier of another size in it is skipped with a warning, leaving a fresh head.
+    loaded on top; a classifier of another size in it is skipped with a warning, leaving a
+    fresh head.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
