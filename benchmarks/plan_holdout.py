@@ -54,6 +54,34 @@ def paired(plan: list[float], fixed: list[float]) -> dict:
             "verdict": "matches" if mean + half >= 0 else "loses"}
 
 
+def plot(rows: list[dict], path: Path) -> Path:
+    """Paired held-out difference (plan - best fixed) per budget, with its 95% interval, and
+    the same difference on the selection seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    xs = range(len(rows))
+    held = [r["paired"]["mean"] for r in rows]
+    lo = [r["paired"]["mean"] - r["paired"]["ci95"][0] for r in rows]
+    hi = [r["paired"]["ci95"][1] - r["paired"]["mean"] for r in rows]
+    ax.errorbar(xs, held, yerr=[lo, hi], fmt="o", capsize=4, color="k",
+                label="held-out seeds: mean paired Δ, 95% CI")
+    ax.plot(xs, [r["selection_delta_pt"] for r in rows], "x", color="tab:red", markersize=9,
+            label="selection seeds (winner's curse)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(list(xs), [f"{r['budget']}\nvs {r['best_fixed']}" for r in rows], fontsize=8)
+    ax.set_ylabel("plan − best fixed (accuracy pt)")
+    ax.set_title("Planner vs best fixed config, Lite0 on digits (budgets where they differ)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,8 +89,13 @@ def main() -> None:
     p.add_argument("--plans", default="runs/plan_evidence", help="its plan_<budget>.json files")
     p.add_argument("--runs", default="runs/plan_holdout")
     p.add_argument("--seeds", default="5,6,7,8,9,10,11,12,13,14")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON; the PNG goes beside it")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
     args = p.parse_args()
+    if args.plot_only:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        print(f"wrote {plot(rows, Path(args.out).with_suffix('.png'))}")
+        return
     ev = json.loads(Path(args.evidence).read_text())
     proto, seeds = ev["protocol"], [int(s) for s in args.seeds.split(",")]
     if set(seeds) & set(ev["seeds"]):
@@ -98,7 +131,7 @@ def main() -> None:
                            "heldout_seeds": seeds, "rows": out_rows,
                            "load_average": os.getloadavg(), "machine": machine_info("cpu")},
                           Path(args.out))
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} and {plot(out_rows, Path(args.out).with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
