@@ -103,3 +103,11 @@ def test_resume_treats_old_checkpoints_as_filtered(tmp_path):
     _check_resume_config(tmp_path / "c.pt", keys, {**keys, "input_grad": "filtered"})
     with pytest.raises(ValueError, match="input_grad: checkpoint 'filtered', command 'exact'"):
         _check_resume_config(tmp_path / "c.pt", keys, {**keys, "input_grad": "exact"})
+
+
+def test_compare_labels_name_the_mode():
+    from gradfilter.compare import _label
+
+    row = {"method": "gradfilter", "radius": 4, "train_last": 5, "input_grad": "exact"}
+    assert _label(row) == "gradfilter r=4 exact gx last 5"
+    assert _label({**row, "input_grad": "filtered"}) == "gradfilter r=4 last 5"

@@ -91,6 +91,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _label(row: dict[str, Any]) -> str:
     name = row["method"] if row.get("radius") is None else f"{row['method']} r={row['radius']}"
+    if row.get("input_grad") == "exact":
+        name += " exact gx"
     if row.get("lean"):
         name += f" lean {row['lean']}"
     return f"{name} last {row['train_last']}" if row.get("train_last") is not None else name
