@@ -32,6 +32,7 @@ __all__ = [
     "check_dilation",
     "conv1d",
     "conv2d",
+    "validate_input_grad",
     "validate_radius",
 ]
 
@@ -431,17 +432,14 @@ class _FilteredConv(torch.autograd.Function):
             weight = weight.unsqueeze(-2) if weight is not None else None
         sums, scale, gb = patch_mean_output(gy, gh, gw)
         scale = scale / (gh.stride * gw.stride)  # §1: the 1/(sh·sw) stride scale
-        exact = ctx.exact_gx
-        if exact is not None:  # the input gradient from the full gy, not from the patch means
-            gx = _exact_input_grad(gy, weight, groups, *exact)
-            need_x = False
+        # input_grad="exact": the input gradient from the full gy, not from the patch means
+        gx = None if ctx.exact_gx is None else _exact_input_grad(gy, weight, groups, *ctx.exact_gx)
+        need_x = need_x and gx is None
         args = (sums, xt, weight, w_shape, groups, scale, need_w, need_x)
         if gh.keeps_taps or gw.keeps_taps:
             gw_, gxt = _tap_grads(*args, gh, gw)
         else:
             gw_, gxt = _pointwise_grads(*args)
-        if exact is None:
-            gx = None
         if need_w:
             gw_ = torch.empty(w_shape, dtype=gw_.dtype, device=gw_.device).copy_(
                 gw_.reshape(_taps_shape(w_shape, gh, gw)).expand(w_shape)
