@@ -236,3 +236,24 @@ def test_objective_weights_each_block_by_downstream_transmissions(tiny_profile):
     assert costs.objective({1: 2, 2: 2, 3: 2}) == pytest.approx(want3)
     # a finer radius downstream raises the weight of every block before it
     assert costs.objective({2: 4, 3: 2}) > costs.objective({2: 4, 3: 4})
+
+
+def test_plan_segmentation_model_dense_targets_and_ignore_label():
+    """Dense logits: per-pixel synthetic targets, a task loss that skips the ignore label, and
+    a model whose head is its last block (nothing trainable in the base timing step)."""
+    from gradfilter.train.metrics import segmentation_loss
+
+    torch.manual_seed(0)
+    model = create_model("fcn_resnet18", 3)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.randint(0, 3, (2, 32, 32))
+    y[:, :2] = 255  # ignore label: plain cross-entropy would fail on it
+    plan = make_plan(model, (2, 3, 32, 32), radii=(2,), memory_budget="1MB", repeats=1,
+                     fidelity_batches=[(x, y)], loss_fn=segmentation_loss(255))
+    blocks = block_names(model)[-plan.train_last:]
+    assert plan.layers and plan.predicted_saved_bytes <= 1_000_000
+    assert all(any(n.startswith(b + ".") or n == b for b in blocks) for n in plan.layers)
+    assert plan.predicted_step_ms > 0
+    # without data: a random batch with per-pixel cycling targets
+    assert make_plan(model, (2, 3, 32, 32), radii=(2,), memory_budget="1MB",
+                     repeats=0).train_last >= 1

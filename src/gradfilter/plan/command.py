@@ -38,19 +38,21 @@ def run_plan(
     """Plan ``model``; fidelity from the first batch of ``data`` (random inputs without it)."""
     from ..models import create_model
 
-    batches = None
+    batches = loss_fn = None
     if data is not None:
         from torch.utils.data import DataLoader
 
         from ..data import get_dataset
+        from ..train.metrics import task_for
 
         splits = get_dataset(data, image_size=int(input_shape[-1]), split="train")
         num_classes = splits.num_classes
+        loss_fn = task_for(model, splits.task, num_classes, splits.ignore_index).loss_fn
         batches = [next(iter(DataLoader(splits.train, batch_size=int(input_shape[0]))))]
     net = create_model(model, num_classes, pretrained=pretrained, checkpoint=checkpoint)
     plan = make_plan(net, input_shape, radii=radii, memory_budget=memory_budget,
                      time_budget_ms=time_budget, model_name=model, fidelity_batches=batches,
-                     repeats=max(1, repeats), progress=not quiet)
+                     repeats=max(1, repeats), progress=not quiet, loss_fn=loss_fn)
     path = plan.save(out)
     print(plan.table())
     print(f"wrote {path}")

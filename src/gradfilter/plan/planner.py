@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from torch import nn
 from ..diagnostics import block_transmission, inspect
 from ..models.registry import block_names
 from ..surgery import conv_layers
-from .profile import CostProfile, profile_model
+from .profile import CostProfile, profile_model, synthetic_targets
 
 __all__ = [
     "FORMAT", "Plan", "apply_plan", "load_plan", "make_plan", "parse_bytes", "parse_ms", "predict",
@@ -200,23 +200,27 @@ def _fidelity_batches(model: nn.Module, profile: CostProfile,
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, *rest, generator=gen)
     with torch.no_grad():
-        n_out = model.eval()(x[:1]).shape[1]
-    return [(x, torch.arange(n) % n_out)]
+        out = model.eval()(x)
+    return [(x, synthetic_targets(out))]
 
 
 def _fidelity(model: nn.Module, profile: CostProfile, radii: Sequence[int],
-              batches: list, progress: bool) -> dict[tuple[str, int], float]:
+              batches: list, progress: bool, loss_fn: Callable | None = None
+              ) -> dict[tuple[str, int], float]:
     """max(0, weight-gradient cosine) of every conv in a block at every radius."""
     convs = [n for b in profile.blocks for n in b.convs]
-    report = inspect(model, batches, layers=convs, radii=radii, max_batches=1, progress=progress)
+    report = inspect(model, batches, layers=convs, radii=radii, max_batches=1, progress=progress,
+                     loss_fn=loss_fn)
     return {(r.layer, r.radius): max(0.0, r.cos_weight) for r in report.rows
             if not math.isnan(r.cos_weight)}
 
 
 def _transmission(model: nn.Module, profile: CostProfile, radii: Sequence[int],
-                  batches: list) -> dict[tuple[str, int], float]:
+                  batches: list, loss_fn: Callable | None = None
+                  ) -> dict[tuple[str, int], float]:
     """max(0, block input-gradient cosine) of every block filtered alone at every radius."""
-    t = block_transmission(model, batches, [b.name for b in profile.blocks], radii)
+    t = block_transmission(model, batches, [b.name for b in profile.blocks], radii,
+                           loss_fn=loss_fn)
     return {k: max(0.0, v) for k, v in t.items()}
 
 
@@ -353,13 +357,16 @@ def make_plan(
     profile: CostProfile | None = None,
     repeats: int = 3,
     progress: bool = False,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> Plan:
     """Plan fine-tuning ``model`` at ``input_shape`` (B, C, H, W) within the budgets.
 
     ``memory_budget``: bytes saved for backward per step (int or "20MB"); ``time_budget_ms``:
     training step time (float ms or "300ms"). ``fidelity_batches``: real ``(inputs, targets)``
-    batches for the fidelity measurement (default: one random batch). An impossible budget is a
-    ValueError naming the smallest feasible one.
+    batches for the fidelity measurement (default: one random batch with cycling class targets,
+    per pixel for dense outputs); ``loss_fn(output, targets)`` their loss (default
+    cross-entropy; segmentation data with an ignore label needs its own). An impossible budget
+    is a ValueError naming the smallest feasible one.
     """
     if len(input_shape) != 4 or any(int(s) < 1 for s in input_shape):
         raise ValueError(f"input shape must be B,C,H,W positive ints, got {tuple(input_shape)}")
@@ -372,8 +379,8 @@ def make_plan(
         profile = profile_model(model, input_shape, radii, model_name=model_name,
                                 repeats=repeats, progress=progress)
     batches = _fidelity_batches(model, profile, fidelity_batches)
-    costs = _Costs(profile, _fidelity(model, profile, radii, batches, progress),
-                   _transmission(model, profile, radii, batches))
+    costs = _Costs(profile, _fidelity(model, profile, radii, batches, progress, loss_fn),
+                   _transmission(model, profile, radii, batches, loss_fn))
     found = _search(costs, radii, mem_budget, ms_budget)
     if found is None:
         least_mem, least_ms = _smallest(costs, radii)

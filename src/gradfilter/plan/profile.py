@@ -116,8 +116,12 @@ def _modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     return {n: found[n] for n in names}
 
 
-def _targets(batch: int, model_out: int) -> Tensor:
-    return torch.arange(batch) % model_out
+def synthetic_targets(out: Tensor) -> Tensor:
+    """Class targets that fit a model output: (N,) for logits (N, C), one class per pixel
+    (N, H, W) for dense logits (N, C, H, W); classes cycle so that every one occurs."""
+    n, c, *spatial = out.shape
+    count = n * math.prod(spatial)
+    return (torch.arange(count, device=out.device) % c).reshape(n, *spatial)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +173,7 @@ def _saved_profile(m: nn.Module, blocks: list[str], shape: Sequence[int]):
         x = torch.randn(n, *shape[1:])
         with _attributed_saves(m, mods) as (new, shared):
             out = m(x)
-            loss = F.cross_entropy(out, _targets(n, out.shape[1]))
+            loss = F.cross_entropy(out, synthetic_targets(out))
         del loss, out
         runs.append((dict(new), dict(shared)))
 
@@ -188,19 +192,22 @@ FEATURES = ("dense_flops", "dw_flops", "map_bytes", "params", "filtered_convs")
 
 def _step_ms(m: nn.Module, x: Tensor, repeats: int) -> float:
     """Median wall time (ms) of a training step as the trainer takes it: forward, loss,
-    zero_grad, backward, AdamW step. One untimed warm-up step first."""
+    zero_grad, backward, AdamW step. One untimed warm-up step first. With nothing trainable (a
+    model whose head is its last block) the step is the forward and the loss."""
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    opt = torch.optim.AdamW(params, lr=1e-6) if params else None
     m.train()
     with torch.no_grad():
-        y = _targets(x.shape[0], m(x[:1]).shape[1])
+        y = synthetic_targets(m(x))
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        loss = F.cross_entropy(m(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with torch.set_grad_enabled(opt is not None):
+            loss = F.cross_entropy(m(x), y)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:]) * 1e3
 
