@@ -3,8 +3,8 @@ map holds at least ``--min-patches`` r×r patches (the others stay plain: on 2×
 their weight-gradient fidelity is the lowest and their inputs are small).
 
 Same source model, data, seeds and settings as the lr 5e-4 source table (docs/segmentation.md);
-lean patch blocks. Needs ``benchmarks/seg_table.py --protocol source`` run first (its source
-model and vanilla rows).
+lean patch blocks. The vanilla rows to compare with come from ``benchmarks/seg_table.py
+--protocol source --lr 5e-4``.
 
     python benchmarks/seg_bigmaps.py --out benchmarks/results/seg_bigmaps_cpu.json
 """
@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from seg_table import source_checkpoint  # same folder: the cached source models
 
 from gradfilter import apply
 from gradfilter.bench.machine import machine_info
@@ -25,7 +26,9 @@ from gradfilter.train.checkpoint import write_json_atomic
 from gradfilter.train.runner import finetune
 
 MODEL = "upernet_tf_efficientnet_lite0"
-SOURCE = f"runs/seg_source/{MODEL}/s64_e8_lr0.0005/weights.pt"
+# the source table's settings: its cached source model is reused (built here if missing)
+SOURCE_ARGS = argparse.Namespace(source_cache="runs/seg_source", image_size=64, source_epochs=8,
+                                 source_lr=5e-4, batch_size=4, device="cpu")
 
 
 def big_map_convs(n: int, r: int, min_patches: int, size: int) -> tuple[dict[str, int], list]:
@@ -48,6 +51,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/seg_bigmaps_cpu.json")
     args = p.parse_args()
     torch.set_num_threads(1)
+    source = source_checkpoint(MODEL, SOURCE_ARGS)[0]
     rows = []
     for n in (5, 10):
         for r in (2, 4):
@@ -62,7 +66,7 @@ def main() -> None:
                     model=MODEL, data="synthetic-seg", out=out, epochs=2, batch_size=4,
                     lr=5e-4, method="gradfilter", radius=keep, train_last=n, pretrained=True,
                     image_size=64, seed=seed, optimizer="adamw", quiet=True, lean="patch",
-                    checkpoint=SOURCE, reinit_head=True, input_grad="exact"))
+                    checkpoint=source, reinit_head=True, input_grad="exact"))
             miou = [100 * m["val_miou"] for m in runs]
             rows.append({"train_last": n, "radius": r, "filtered": sorted(keep), "plain": plain,
                          "miou": miou, "miou_mean": statistics.mean(miou),

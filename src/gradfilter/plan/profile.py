@@ -116,10 +116,12 @@ def _modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     return {n: found[n] for n in names}
 
 
-def synthetic_targets(out: Tensor) -> Tensor:
+def synthetic_targets(out: Tensor, batch: int | None = None) -> Tensor:
     """Class targets that fit a model output: (N,) for logits (N, C), one class per pixel
-    (N, H, W) for dense logits (N, C, H, W); classes cycle so that every one occurs."""
+    (N, H, W) for dense logits (N, C, H, W); classes cycle so that every one occurs. ``batch``
+    overrides N (``out`` may then come from a one-sample forward)."""
     n, c, *spatial = out.shape
+    n = n if batch is None else batch
     count = n * math.prod(spatial)
     return (torch.arange(count, device=out.device) % c).reshape(n, *spatial)
 
@@ -198,7 +200,7 @@ def _step_ms(m: nn.Module, x: Tensor, repeats: int) -> float:
     opt = torch.optim.AdamW(params, lr=1e-6) if params else None
     m.train()
     with torch.no_grad():
-        y = synthetic_targets(m(x))
+        y = synthetic_targets(m(x[:1]), batch=x.shape[0])
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
