@@ -103,9 +103,11 @@ def main() -> None:
     rows = [r for r in ev["rows"] if r["plan_same_as_fixed"] != r["best_fixed"]]
     jobs = [(r, s) for r in rows for s in seeds]
     res: dict[str, dict[str, list[float]]] = {r["budget"]: {"plan": [], "fixed": []} for r in rows}
+    plans = {r["budget"]: load_plan(Path(args.plans) / f"plan_{r['budget']}.json") for r in rows}
+    fixed = {r["budget"]: tuple(int(v) for v in r["best_fixed"].removeprefix("last ").split(" r="))
+             for r in rows}  # "last N r=R" -> (N, R)
     for r, seed in tqdm(jobs, desc="held-out runs", unit="pair"):
-        plan = load_plan(Path(args.plans) / f"plan_{r['budget']}.json")
-        n, rad = (int(v) for v in r["best_fixed"].removeprefix("last ").split(" r="))
+        plan, (n, rad) = plans[r["budget"]], fixed[r["budget"]]
         base = Path(args.runs) / f"seed{seed}"
         res[r["budget"]]["plan"].append(
             _run(proto, base / f"plan_{r['budget']}", seed, dict(plan.layers), plan.train_last))
