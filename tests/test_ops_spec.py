@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from spec import filtered_grads
 
 import gradfilter as gf
+from gradfilter import native
 
 
 @st.composite
@@ -35,6 +36,14 @@ def conv_cases(draw):
                 padding=padding, radius=radius, h=h, w=w)
 
 
+def native_available() -> bool:
+    try:
+        with native.use_native(True):
+            return native.available()
+    except RuntimeError:
+        return False
+
+
 def _run_fast(c, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(c["n"], c["cin"], c["h"], c["w"], generator=g, dtype=dtype)
@@ -47,10 +56,14 @@ def _run_fast(c, dtype=torch.float64, device="cpu", seed=0):
     return x, w, b, y, gy
 
 
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "pytorch"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv_cases())
-def test_matches_float64_spec(c):
-    x, w, b, y, gy = _run_fast(c)
+@given(c=conv_cases())
+def test_matches_float64_spec(use_native, c):
+    if use_native and not native_available():
+        pytest.skip("native kernels cannot be built here")
+    with native.use_native(use_native):
+        x, w, b, y, gy = _run_fast(c)
     gx, gw, gb = filtered_grads(x.detach(), w.detach(), gy, (c["stride"],) * 2,
                                 (c["dilation"],) * 2, c["groups"], (c["radius"],) * 2)
     torch.testing.assert_close(x.grad, gx, rtol=1e-9, atol=1e-9)

@@ -1,5 +1,6 @@
 """gradfilter: cheap fine-tuning of CNNs through gradient filtering (Yang et al., CVPR 2023)."""
 
+from .allocator import tune_cpu_allocator
 from .functional import UnsupportedDilationError, conv1d, conv2d
 from .memory import count_saved
 from .nn import FilteredConv1d, FilteredConv2d
@@ -29,4 +30,5 @@ __all__ = [
     "freeze",
     "remove",
     "slim",
+    "tune_cpu_allocator",
 ]

@@ -331,6 +331,10 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradfilter", description=__doc__)
+    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                        help="CPU memory: 'tuned' keeps freed blocks for reuse instead of "
+                             "faulting in fresh pages every step (glibc; see "
+                             "gradfilter.tune_cpu_allocator), 'default' leaves malloc as it is")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo(sub)
     _bench(sub)
@@ -345,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.allocator == "tuned":
+        from .allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, TypeError) as e:

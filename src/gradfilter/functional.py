@@ -10,11 +10,14 @@ Everything is computed in 2-D; a 1-D convolution is a 2-D one with a height of o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 IntOrPair = int | tuple[int, ...]
 
@@ -177,8 +180,52 @@ def _sum_exact(t: Tensor, kh: int, kw: int) -> Tensor:
     return out
 
 
+# Tiny maps (the 7×7 maps of a network's last blocks, 2×2 patches): per-plane loops of a few
+# elements cost more than the arithmetic there, so pooling and unpooling are one small GEMM with a
+# 0/1 membership matrix, which MKL vectorises across planes (measured: 2× the native loops).
+_TINY_PIXELS, _TINY_PATCHES = 256, 4
+
+
+def _tiny(pixels: int, patches: int) -> bool:
+    return pixels <= _TINY_PIXELS and patches <= _TINY_PATCHES
+
+
+def _axis_membership(size: int, k: int, pad: int, patches: int) -> Tensor:
+    """(size, patches) 0/1: position h lies in patch i, i.e. i·k − pad <= h < (i+1)·k − pad."""
+    pos = torch.arange(size).unsqueeze(1)
+    start = torch.arange(patches).unsqueeze(0) * k - pad
+    return ((pos >= start) & (pos < start + k)).double()
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_matrix(h: int, w: int, kh: int, kw: int, top: int, left: int, ph: int, pw: int,
+                 dtype: torch.dtype) -> Tensor:
+    """(h·w, ph·pw) 0/1 matrix mapping each pixel of an h×w plane to its patch (CPU, cached)."""
+    rows, cols = _axis_membership(h, kh, top, ph), _axis_membership(w, kw, left, pw)
+    return torch.kron(rows, cols).to(dtype)
+
+
+def _fast_patch_sum(t: Tensor, kh: int, kw: int, top: int, left: int, ph: int,
+                    pw: int) -> Tensor | None:
+    """Patch sums by a tiny-map GEMM or the native kernel; None where neither applies."""
+    if t.device.type != "cpu":
+        return None
+    n, c, h, w = t.shape
+    if _tiny(h * w, ph * pw) and t.is_floating_point():
+        k = _pool_matrix(h, w, kh, kw, top, left, ph, pw, t.dtype)
+        flat = t.reshape(n * c, h * w)
+        return torch.mm(k.t(), flat.t()).t().reshape(n, c, ph, pw)
+    if native.applies(t):
+        return native.patch_sum(t, kh, kw, top, left, ph, pw)
+    return None
+
+
 def patch_sum_input(x: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
     """x̃: sum of x over each input patch (stride-scaled, grid centred on the map; §1.3)."""
+    fast = _fast_patch_sum(x, gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad, gh.patches,
+                           gw.patches)
+    if fast is not None:
+        return fast
     pads = []
     for dim, g in ((-2, gh), (-1, gw)):
         span = g.patches * g.in_patch
@@ -221,11 +268,24 @@ def patch_mean_output(
     small patch-resolution products instead of spending a pass on it.
     """
     rh, rw = gh.radius, gw.radius
-    if gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
+    tiles = gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
         gw.patches * rw == gy.shape[-1]
-    ):
+    )
+    sums = _fast_patch_sum(gy, rh, rw, gh.out_pad, gw.out_pad, gh.patches, gw.patches)
+    if sums is not None:
+        if tiles:
+            return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
+    elif tiles:
         sums = _sum_exact(gy, rh, rw)
         return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
+    else:
+        sums = _padded_patch_sums(gy, gh, gw)
+    return sums, _inverse_counts(gh, gw, gy.device, sums.dtype), sums.sum((0, 2, 3))
+
+
+def _padded_patch_sums(gy: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
+    """Output patch sums where the grid does not tile the map exactly (PyTorch ops)."""
+    rh, rw = gh.radius, gw.radius
     bottom = gh.patches * rh - gy.shape[-2] - gh.out_pad
     right = gw.patches * rw - gw.out_pad - gy.shape[-1]
     if bottom >= 0 and right >= 0:  # the grid covers the map: zero-extend once, then tile
@@ -237,8 +297,15 @@ def patch_mean_output(
             sums = _padded_axis_sum(rows, -1, gw)
         else:
             sums = _strided_sum(rows, -1, rw) if rw > 1 else rows
-    counts = torch.outer(_real_counts(gh, gy.device), _real_counts(gw, gy.device))
-    return sums, counts.reciprocal().to(sums.dtype), sums.sum((0, 2, 3))
+    return sums
+
+
+@functools.lru_cache(maxsize=256)
+def _inverse_counts(gh: AxisGeometry, gw: AxisGeometry, device: torch.device,
+                    dtype: torch.dtype) -> Tensor:
+    """(Ph, Pw) map of 1 / (real output pixels per patch); cached per geometry (read-only)."""
+    counts = torch.outer(_real_counts(gh, device), _real_counts(gw, device))
+    return counts.reciprocal().to(dtype)
 
 
 def _real_counts(g: AxisGeometry, device: torch.device) -> Tensor:
@@ -266,6 +333,11 @@ def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
     """
     n, c, ph, pw = gxt.shape
     kh, kw = gh.in_patch, gw.in_patch
+    if gxt.device.type == "cpu" and _tiny(gh.size * gw.size, ph * pw):
+        k = _pool_matrix(gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad, ph, pw, gxt.dtype)
+        return torch.mm(gxt.reshape(n * c, ph * pw), k.t()).view(n, c, gh.size, gw.size)
+    if native.applies(gxt):
+        return native.unpool(gxt, gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad)
     if kh == 1 and kw == 1:
         full = gxt.contiguous()
     else:
@@ -315,6 +387,16 @@ def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
     cin = cpg * groups
     depthwise = cout == groups and cpg == 1
     narrow = p < 128 and groups == 1  # narrow GEMMs: one big GEMM on channel-major copies
+    if narrow and not depthwise and gbar.device.type == "cpu":
+        # oneDNN's 1×1 conv backward does both products in one call, up to 2× faster than MKL
+        # GEMMs on transposed copies at these shapes (measured on the 2-core EPYC VM)
+        w_t = _kernel_sum(weight).to(gbar.dtype) * scale if need_x else \
+            gbar.new_zeros(()).expand(cout, cin)
+        gxt, gw_, _ = torch.ops.aten.convolution_backward(
+            gbar, xt.to(gbar.dtype) if need_w else gbar.new_zeros(()).expand(n, cin, ph, pw),
+            w_t.reshape(cout, cin, 1, 1), None, [1, 1], [0, 0], [1, 1],
+            False, [0, 0], 1, [need_x, need_w, False])
+        return (gw_.reshape(cout, cin).mul_(scale) if need_w else None), gxt
     g_t = gbar.transpose(0, 1).reshape(cout, n * p) if narrow and not depthwise else None
     gw_ = gxt = None
     if need_w:
@@ -431,7 +513,8 @@ class _FilteredConv(torch.autograd.Function):
             gy = gy.unsqueeze(-2)
             weight = weight.unsqueeze(-2) if weight is not None else None
         sums, scale, gb = patch_mean_output(gy, gh, gw)
-        scale = scale / (gh.stride * gw.stride)  # §1: the 1/(sh·sw) stride scale
+        if gh.stride * gw.stride != 1:
+            scale = scale / (gh.stride * gw.stride)  # §1: the 1/(sh·sw) stride scale
         # input_grad="exact": the input gradient from the full gy, not from the patch means
         gx = None if ctx.exact_gx is None else _exact_input_grad(gy, weight, groups, *ctx.exact_gx)
         need_x = need_x and gx is None

@@ -20,11 +20,15 @@ output, eval-mode BatchNorm its full input. Here:
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as GF
+from . import native
 
 __all__ = ["batch_norm_eval", "pack_bits", "patch_sums", "relu", "relu6", "unpack_bits"]
 
@@ -59,19 +63,25 @@ def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
 class _MaskedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, upper: float | None) -> Tensor:
+        ctx.shape = x.shape
+        if x.is_contiguous() and native.applies(x):  # one pass: the clamp and the packed mask
+            y, packed = native.masked_clamp(x, math.inf if upper is None else upper)
+            ctx.save_for_backward(packed)
+            return y
         if upper is None:
             y = torch.relu(x)
             mask = y > 0
         else:
             y = torch.clamp(x, 0.0, upper)
             mask = (x > 0) & (x < upper)
-        ctx.shape = x.shape
         ctx.save_for_backward(pack_bits(mask))
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (packed,) = ctx.saved_tensors
+        if native.applies(grad):
+            return native.mask_apply(grad, packed).view(ctx.shape), None
         mask = unpack_bits(packed, ctx.shape)
         return grad.masked_fill(~mask, 0), None
 
@@ -94,6 +104,11 @@ def patch_sums(x: Tensor, radius: int) -> Tensor:
     """Sums of ``x`` (``N, C, H[, W]``) over ``radius``-wide patches of each spatial axis,
     anchored at index 0; an axis not divisible by ``radius`` ends with a smaller patch."""
     spatial = x.shape[2:]
+    if len(spatial) == 2:  # one pass (tiny-map GEMM or native kernel), ragged patches included
+        h, w = spatial
+        fast = GF._fast_patch_sum(x, radius, radius, 0, 0, -(-h // radius), -(-w // radius))
+        if fast is not None:
+            return fast
     pads: list[int] = []
     for size in reversed(spatial):
         pads += [0, (-size) % radius]
@@ -105,7 +120,14 @@ def patch_sums(x: Tensor, radius: int) -> Tensor:
 
 
 def _patch_counts(spatial: torch.Size, radius: int, like: Tensor) -> Tensor:
-    ones = torch.ones((1, 1, *spatial), dtype=like.dtype, device=like.device)
+    return _cached_patch_counts(tuple(spatial), radius, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_patch_counts(spatial: tuple[int, ...], radius: int, dtype: torch.dtype,
+                         device: torch.device) -> Tensor:
+    """Pixels per patch (read-only, cached per shape)."""
+    ones = torch.ones((1, 1, *spatial), dtype=dtype, device=device)
     return patch_sums(ones, radius)
 
 
@@ -136,16 +158,19 @@ class _BatchNormEval(torch.autograd.Function):
             (scale,) = ctx.saved_tensors
         dims = [0, *range(2, g.dim())]
         gx = g * scale.view(ctx.shape) if ctx.needs_input_grad[0] else None
-        gb = g.sum(dims) if ctx.needs_input_grad[4] else None
-        gw = None
+        gw = sum_g = None
         if ctx.weight_grad:
-            sum_g = g.sum(dims)
             if ctx.radius is None:
-                sum_gx = (g * saved).sum(dims)
-            else:
+                sum_g, sum_gx = g.sum(dims), (g * saved).sum(dims)
+            else:  # g is read once: its patch sums give both sums
+                g_sums = patch_sums(g, ctx.radius)
                 counts = _patch_counts(ctx.spatial, ctx.radius, g)
-                sum_gx = (patch_sums(g, ctx.radius) * saved / counts).sum(dims)
+                sum_g, sum_gx = g_sums.sum(dims), (g_sums * saved / counts).sum(dims)
             gw = (sum_gx - mean * sum_g) * inv_std
+        if ctx.needs_input_grad[4]:
+            gb = sum_g if sum_g is not None else g.sum(dims)
+        else:
+            gb = None
         return gx, None, None, gw, gb, None, None
 
 

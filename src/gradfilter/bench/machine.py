@@ -7,6 +7,9 @@ import platform
 
 import torch
 
+from .. import native
+from ..allocator import allocator_tuned
+
 
 def _cpu_model() -> str:
     try:
@@ -28,7 +31,10 @@ def machine_info(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device,
+        "allocator": "tuned (glibc M_MMAP_MAX=0)" if allocator_tuned() else "default",
     }
+    if device == "cpu":
+        info["native_kernels"] = native.available()
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
@@ -37,4 +43,8 @@ def machine_info(device: str = "cpu") -> dict:
 
 def describe(info: dict) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
-    return (f"{info['cpu']} ({info['torch_threads']} torch threads){gpu}, torch {info['torch']}")
+    alloc = f", allocator {info['allocator']}" if "allocator" in info else ""
+    kernels = ("" if "native_kernels" not in info else
+               ", native kernels" if info["native_kernels"] else ", pure-PyTorch kernels")
+    return (f"{info['cpu']} ({info['torch_threads']} torch threads){gpu}, torch "
+            f"{info['torch']}{alloc}{kernels}")

@@ -1,0 +1,284 @@
+// Native CPU kernels for the full-resolution passes of gradient filtering (DESIGN §1) and of the
+// lean activations (src/gradfilter/lean.py).
+//
+// Two passes over full-resolution maps are all the filtered convolution needs: summing a map over
+// a grid of patches (x̃ in the forward, the patch sums of gy in the backward) and repeating a
+// patch-resolution gradient over its patches (gx). In PyTorch ops each is several strided adds,
+// pads and copies; here each is one parallel loop over (batch x channel) planes that reads or
+// writes every full-resolution element once.
+//
+// Geometry of one axis: patch i covers positions [i*k - pad, (i+1)*k - pad) of a map of length n;
+// pad > 0 means the grid starts before the map (those positions are zero padding), pad < 0 that
+// it starts inside it. Positions of the map outside the grid belong to no patch.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;  // full-resolution elements per parallel work item
+
+int64_t grain_for(int64_t plane) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(plane, 1)); }
+
+void check_geometry(int64_t k, int64_t pad, int64_t patches, const char* axis) {
+  TORCH_CHECK(k >= 1, "gradfilter native: patch length along ", axis, " must be >= 1, got ", k);
+  TORCH_CHECK(patches >= 1, "gradfilter native: patch count along ", axis, " must be >= 1, got ", patches);
+  (void)pad;
+}
+
+template <typename scalar_t>
+void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
+                      int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(W);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* in = src + p * H * W;
+      scalar_t* out = dst + p * Ph * Pw;
+      for (int64_t i = 0; i < Ph; ++i) {
+        const int64_t h0 = std::max<int64_t>(i * kh - top, 0);
+        const int64_t h1 = std::min<int64_t>((i + 1) * kh - top, H);
+        if (h0 >= h1) {
+          for (int64_t j = 0; j < Pw; ++j) out[i * Pw + j] = scalar_t(0);
+          continue;
+        }
+        // rows of the patch row, summed into one row (contiguous, vectorisable)
+        const scalar_t* r0 = in + h0 * W;
+        for (int64_t w = 0; w < W; ++w) row[w] = acc_t(r0[w]);
+        for (int64_t h = h0 + 1; h < h1; ++h) {
+          const scalar_t* r = in + h * W;
+          for (int64_t w = 0; w < W; ++w) row[w] += acc_t(r[w]);
+        }
+        for (int64_t j = 0; j < Pw; ++j) {
+          const int64_t w0 = std::max<int64_t>(j * kw - left, 0);
+          const int64_t w1 = std::min<int64_t>((j + 1) * kw - left, W);
+          acc_t s = acc_t(0);
+          for (int64_t w = w0; w < w1; ++w) s += row[w];
+          out[i * Pw + j] = scalar_t(s);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
+                   int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+  at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> row(W);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* in = src + p * Ph * Pw;
+      scalar_t* out = dst + p * H * W;
+      int64_t built = -2;  // patch row held in `row` (-1: a zero row)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t hh = h + top;
+        const int64_t i = (hh < 0 || hh >= Ph * kh) ? -1 : hh / kh;
+        if (i != built) {
+          std::fill(row.begin(), row.end(), scalar_t(0));
+          if (i >= 0) {
+            const scalar_t* g = in + i * Pw;
+            for (int64_t j = 0; j < Pw; ++j) {  // fill each patch's columns, no divisions
+              const int64_t w0 = std::max<int64_t>(j * kw - left, 0);
+              const int64_t w1 = std::min<int64_t>((j + 1) * kw - left, W);
+              for (int64_t w = w0; w < w1; ++w) row[w] = g[j];
+            }
+          }
+          built = i;
+        }
+        std::memcpy(out + h * W, row.data(), W * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+
+at::Tensor patch_sum(const at::Tensor& x, int64_t kh, int64_t kw, int64_t top, int64_t left,
+                     int64_t Ph, int64_t Pw) {
+  TORCH_CHECK(x.dim() == 4, "gradfilter native patch_sum: expected a 4-D tensor, got ", x.dim(), "-D");
+  check_geometry(kh, top, Ph, "height");
+  check_geometry(kw, left, Pw, "width");
+  const at::Tensor src = x.contiguous();
+  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
+  at::Tensor out = at::empty({N, C, Ph, Pw}, src.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_patch_sum", [&] {
+    patch_sum_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                               N * C, H, W, kh, kw, top, left, Ph, Pw);
+  });
+  return out;
+}
+
+at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t top,
+                  int64_t left) {
+  TORCH_CHECK(g.dim() == 4, "gradfilter native unpool: expected a 4-D tensor, got ", g.dim(), "-D");
+  TORCH_CHECK(H >= 0 && W >= 0, "gradfilter native unpool: negative output size");
+  const at::Tensor src = g.contiguous();
+  const int64_t N = src.size(0), C = src.size(1), Ph = src.size(2), Pw = src.size(3);
+  check_geometry(kh, top, Ph, "height");
+  check_geometry(kw, left, Pw, "width");
+  at::Tensor out = at::empty({N, C, H, W}, src.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_unpool", [&] {
+    unpool_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                            N * C, H, W, kh, kw, top, left, Ph, Pw);
+  });
+  return out;
+}
+
+// Lean ReLU / ReLU6: y = clamp(x, 0, upper) and the gradient mask (0 < x < upper) packed 8 to a
+// byte (bit i of byte b is element 8b+i, as lean.pack_bits), in one pass; the backward applies the
+// mask to the gradient in one pass.
+// 8 mask bytes (0 or 1) <-> one byte of bits, by multiplication (no per-bit loop): multiplying
+// eight 0/1 bytes by kGather moves byte k's bit to bit 56 + k with no carries.
+constexpr uint64_t kGather = 0x0102040810204080ULL;
+constexpr uint64_t kSpread = 0x0101010101010101ULL;
+constexpr uint64_t kSelect = 0x8040201008040201ULL;
+
+inline uint8_t pack8(const uint8_t* m) {
+  uint64_t word;
+  std::memcpy(&word, m, 8);
+  return static_cast<uint8_t>((word * kGather) >> 56);
+}
+
+inline void unpack8(uint8_t packed, uint8_t* m) {
+  const uint64_t word = (static_cast<uint64_t>(packed) * kSpread) & kSelect;
+  std::memcpy(m, &word, 8);  // byte k is nonzero (not 1) iff bit k is set
+}
+
+constexpr int64_t kBlock = 1024;  // elements per inner block (a multiple of 8)
+
+#if defined(__SSE2__)
+// float on x86: compare and movemask give the 8 mask bits directly. maxps/minps return their
+// second operand when one is NaN, so max(0, x) and min(hi, .) keep NaN as PyTorch's clamp does.
+inline void masked_clamp_f32(const float* x, float* y, uint8_t* bits, int64_t bytes, bool bounded,
+                             float upper) {
+  const __m128 zero = _mm_setzero_ps(), hi = _mm_set1_ps(upper);
+  for (int64_t b = 0; b < bytes; ++b) {
+    const __m128 a = _mm_loadu_ps(x + 8 * b), c = _mm_loadu_ps(x + 8 * b + 4);
+    __m128 ya = _mm_max_ps(zero, a), yc = _mm_max_ps(zero, c);
+    __m128 pa = _mm_cmpgt_ps(a, zero), pc = _mm_cmpgt_ps(c, zero);
+    if (bounded) {
+      ya = _mm_min_ps(hi, ya);
+      yc = _mm_min_ps(hi, yc);
+      pa = _mm_and_ps(pa, _mm_cmplt_ps(a, hi));
+      pc = _mm_and_ps(pc, _mm_cmplt_ps(c, hi));
+    }
+    _mm_storeu_ps(y + 8 * b, ya);
+    _mm_storeu_ps(y + 8 * b + 4, yc);
+    bits[b] = static_cast<uint8_t>(_mm_movemask_ps(pa) | (_mm_movemask_ps(pc) << 4));
+  }
+}
+#endif
+
+template <typename scalar_t>
+void masked_clamp_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t n, double upper) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool bounded = std::isfinite(upper);  // ReLU passes upper = inf: mask is x > 0 alone
+  const acc_t hi = bounded ? static_cast<acc_t>(upper) : std::numeric_limits<acc_t>::infinity();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / kBlock), [&](int64_t b0, int64_t b1) {
+    uint8_t m[kBlock];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t e0 = blk * kBlock, len = std::min<int64_t>(kBlock, n - e0);
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (len == kBlock) {
+          masked_clamp_f32(x + e0, y + e0, bits + e0 / 8, kBlock / 8, bounded, float(hi));
+          continue;
+        }
+      }
+#endif
+      // vectorisable: clamp (NaN kept: both comparisons are false) and the 0/1 mask bytes
+      const scalar_t* __restrict__ xb = x + e0;
+      scalar_t* __restrict__ yb = y + e0;
+      uint8_t* __restrict__ mb = m;
+      for (int64_t k = 0; k < len; ++k) {
+        const acc_t v = acc_t(xb[k]);
+        const acc_t lo = v < acc_t(0) ? acc_t(0) : v;
+        yb[k] = scalar_t(hi < lo ? hi : lo);
+        mb[k] = static_cast<uint8_t>((v > acc_t(0)) & (bounded ? (v < hi) : true));
+      }
+      for (int64_t k = len; k < ((len + 7) / 8) * 8; ++k) m[k] = 0;
+      for (int64_t k = 0; k < len; k += 8) bits[(e0 + k) / 8] = pack8(m + k);
+    }
+  });
+}
+
+template <typename scalar_t>
+void mask_apply_kernel(const scalar_t* g, const uint8_t* bits, scalar_t* out, int64_t n) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / kBlock), [&](int64_t b0, int64_t b1) {
+    uint8_t m[kBlock];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t e0 = blk * kBlock, len = std::min<int64_t>(kBlock, n - e0);
+      for (int64_t k = 0; k < len; k += 8) unpack8(bits[(e0 + k) / 8], m + k);
+      // select by AND-ing the value's bits with 0 or all ones: exact (+0.0 where masked), and
+      // no branch to mispredict on a random mask
+      using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                     std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+      static_assert(sizeof(bits_t) == sizeof(scalar_t), "unsupported element size");
+      const bits_t* __restrict__ gi = reinterpret_cast<const bits_t*>(g + e0);  // built with
+      bits_t* __restrict__ oi = reinterpret_cast<bits_t*>(out + e0);  // -fno-strict-aliasing
+      for (int64_t k = 0; k < len; ++k)
+        oi[k] = gi[k] & (static_cast<bits_t>(0) - static_cast<bits_t>(m[k] != 0));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_clamp(const at::Tensor& x, double upper) {
+  TORCH_CHECK(upper > 0, "gradfilter native masked_clamp: upper bound must be > 0, got ", upper);
+  const at::Tensor src = x.contiguous();
+  at::Tensor y = at::empty_like(src);
+  at::Tensor bits = at::empty({(src.numel() + 7) / 8}, src.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_masked_clamp", [&] {
+    masked_clamp_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                  bits.mutable_data_ptr<uint8_t>(), src.numel(), upper);
+  });
+  return {y, bits};
+}
+
+at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 1,
+              "gradfilter native mask_apply: bits must be a 1-D uint8 tensor");
+  TORCH_CHECK(bits.numel() == (g.numel() + 7) / 8, "gradfilter native mask_apply: ", bits.numel(),
+              " mask bytes for ", g.numel(), " gradient elements");
+  const at::Tensor src = g.contiguous();
+  const at::Tensor packed = bits.contiguous();
+  at::Tensor out = at::empty_like(src);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_mask_apply", [&] {
+    mask_apply_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(),
+                                out.mutable_data_ptr<scalar_t>(), src.numel());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gradfilter, m) {
+  m.def("patch_sum(Tensor x, int kh, int kw, int top, int left, int ph, int pw) -> Tensor");
+  m.def("unpool(Tensor g, int h, int w, int kh, int kw, int top, int left) -> Tensor");
+  m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
+  m.def("mask_apply(Tensor g, Tensor bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
+  m.impl("patch_sum", TORCH_FN(patch_sum));
+  m.impl("unpool", TORCH_FN(unpool));
+  m.impl("masked_clamp", TORCH_FN(masked_clamp));
+  m.impl("mask_apply", TORCH_FN(mask_apply));
+}

@@ -1,0 +1,149 @@
+"""Native CPU kernels for the filtered convolution's full-resolution passes (optional, JIT-built).
+
+``_native/kernels.cpp`` holds the loops (patch sums, patch repetition, bit-masked ReLU) that
+replace the several strided PyTorch ops each pass otherwise takes (docs/performance.md says what
+they buy). They are compiled once per machine with ``torch.utils.cpp_extension`` on first use
+(about 10 s; cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+
+``GRADFILTER_NATIVE`` picks the policy:
+
+* ``auto`` (default): build on first use; if that fails (no C++ compiler, say), warn once with
+  the reason and use the pure-PyTorch path, which computes the same values;
+* ``1``: the native kernels are required; a failed build raises;
+* ``0``: never build, always use the pure-PyTorch path.
+
+:func:`use_native` overrides the variable in-process (tests run both paths through it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NativeBuildWarning",
+    "available",
+    "mask_apply",
+    "masked_clamp",
+    "patch_sum",
+    "unpool",
+    "use_native",
+]
+
+_SOURCE = Path(__file__).with_name("_native") / "kernels.cpp"
+_LIB_NAME = "gradfilter_native"
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "error": None, "override": None}
+
+
+class NativeBuildWarning(RuntimeWarning):
+    """The native kernels could not be built; the pure-PyTorch path is used instead."""
+
+
+def _policy() -> str:
+    if _state["override"] is not None:
+        return "1" if _state["override"] else "0"
+    value = os.environ.get("GRADFILTER_NATIVE", "auto").strip().lower()
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"GRADFILTER_NATIVE must be auto, 0 or 1, got {value!r}")
+    return value
+
+
+def _build() -> None:
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "no CUDA runtime" notices: these kernels are CPU-only
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=_LIB_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", "-fno-strict-aliasing"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        quiet.setLevel(level)
+
+
+def available() -> bool:
+    """True when the native kernels are (or can now be) loaded under the current policy."""
+    policy = _policy()
+    if policy == "0":
+        return False
+    if _state["loaded"] is None:
+        with _lock:
+            if _state["loaded"] is None:
+                try:
+                    _build()
+                    _state["loaded"] = True
+                except Exception as exc:  # compiler missing, build error, ...
+                    _state["loaded"], _state["error"] = False, exc
+                    if policy == "auto":
+                        warnings.warn(
+                            f"gradfilter: native CPU kernels could not be built ({exc}); using "
+                            "the pure-PyTorch path (same results, slower on small maps). Set "
+                            "GRADFILTER_NATIVE=0 to skip the build.",
+                            NativeBuildWarning,
+                            stacklevel=3,
+                        )
+    if not _state["loaded"] and policy == "1":
+        raise RuntimeError(
+            f"gradfilter: GRADFILTER_NATIVE=1 but the native kernels failed to build: "
+            f"{_state['error']}"
+        )
+    return bool(_state["loaded"])
+
+
+class use_native:  # noqa: N801 - used like a function, as torch.no_grad
+    """Force the native kernels on (``True``) or off (``False``) inside a ``with`` block."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self._previous = _state["override"]
+        _state["override"] = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        _state["override"] = self._previous
+
+
+def applies(t: Tensor) -> bool:
+    """Whether the native kernels handle this tensor (CPU, floating point) under the policy."""
+    return t.device.type == "cpu" and t.is_floating_point() and available()
+
+
+def _ops():
+    if not available():
+        raise RuntimeError("gradfilter: the native kernels are disabled (GRADFILTER_NATIVE=0) "
+                           f"or failed to build: {_state['error']}")
+    return torch.ops.gradfilter
+
+
+def patch_sum(x: Tensor, kh: int, kw: int, top: int, left: int, ph: int, pw: int) -> Tensor:
+    """Sum of a 4-D map over a ph×pw grid of kh×kw patches starting ``top``/``left`` before it."""
+    return _ops().patch_sum(x, kh, kw, top, left, ph, pw)
+
+
+def unpool(g: Tensor, h: int, w: int, kh: int, kw: int, top: int, left: int) -> Tensor:
+    """Each value of g repeated over its kh×kw patch of an h×w map (zero off the grid)."""
+    return _ops().unpool(g, h, w, kh, kw, top, left)
+
+
+def masked_clamp(x: Tensor, upper: float) -> tuple[Tensor, Tensor]:
+    """(clamp(x, 0, upper), the mask 0 < x < upper packed as bits); ``upper=inf`` for ReLU."""
+    return _ops().masked_clamp(x, upper)
+
+
+def mask_apply(g: Tensor, bits: Tensor) -> Tensor:
+    """g where the packed mask bit is set, else 0 (the lean activations' backward)."""
+    return _ops().mask_apply(g, bits)

@@ -1,0 +1,176 @@
+"""Native kernels, the tiny-map GEMM path and the allocator switch, against loop oracles."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradfilter import allocator, native
+from gradfilter import functional as GF
+
+
+def _can_build() -> bool:
+    try:
+        with native.use_native(True):
+            return native.available()
+    except RuntimeError:
+        return False
+
+
+needs_native = pytest.mark.skipif(not _can_build(), reason="no C++ toolchain for the kernels")
+
+
+def _loop_patch_sum(x, kh, kw, top, left, ph, pw):
+    """Oracle: explicit loops over patches, float64."""
+    n, c, h, w = x.shape
+    out = torch.zeros(n, c, ph, pw, dtype=torch.float64)
+    for i in range(ph):
+        for j in range(pw):
+            r0, r1 = max(i * kh - top, 0), min((i + 1) * kh - top, h)
+            c0, c1 = max(j * kw - left, 0), min((j + 1) * kw - left, w)
+            if r0 < r1 and c0 < c1:
+                out[:, :, i, j] = x[:, :, r0:r1, c0:c1].double().sum((2, 3))
+    return out
+
+
+def _loop_unpool(g, h, w, kh, kw, top, left):
+    n, c, ph, pw = g.shape
+    out = torch.zeros(n, c, h, w, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            i, j = y + top, x + left
+            if 0 <= i < ph * kh and 0 <= j < pw * kw:
+                out[:, :, y, x] = g[:, :, i // kh, j // kw].double()
+    return out
+
+
+@st.composite
+def grids(draw):
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    h, w = draw(st.integers(1, 13)), draw(st.integers(1, 13))
+    top, left = draw(st.integers(-kh, kh - 1)), draw(st.integers(-kw, kw - 1))
+    ph, pw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    return n, c, h, w, kh, kw, top, left, ph, pw
+
+
+@needs_native
+@settings(max_examples=80, deadline=None)
+@given(grids(), st.sampled_from([torch.float32, torch.float64]))
+def test_native_patch_sum_and_unpool_match_loops(grid, dtype):
+    n, c, h, w, kh, kw, top, left, ph, pw = grid
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    g = torch.randn(n, c, ph, pw, dtype=dtype)
+    with native.use_native(True):
+        sums = native.patch_sum(x, kh, kw, top, left, ph, pw)
+        up = native.unpool(g, h, w, kh, kw, top, left)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(sums.double(), _loop_patch_sum(x, kh, kw, top, left, ph, pw),
+                               rtol=tol, atol=tol)
+    assert torch.equal(up.double(), _loop_unpool(g, h, w, kh, kw, top, left))
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids())
+def test_tiny_gemm_pool_and_unpool_match_loops(grid):
+    n, c, h, w, kh, kw, top, left, ph, pw = grid
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    with native.use_native(False):
+        sums = GF._fast_patch_sum(x, kh, kw, top, left, ph, pw)
+    if GF._tiny(h * w, ph * pw):
+        torch.testing.assert_close(sums, _loop_patch_sum(x, kh, kw, top, left, ph, pw))
+        k = GF._pool_matrix(h, w, kh, kw, top, left, ph, pw, torch.float64)
+        g = torch.randn(n * c, ph * pw, dtype=torch.float64)
+        up = (g @ k.t()).view(n, c, h, w)
+        assert torch.equal(up, _loop_unpool(g.view(n, c, ph, pw), h, w, kh, kw, top, left))
+    else:
+        assert sums is None  # neither the tiny path nor (disabled) native kernels apply
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_low_precision_accumulates_in_float(dtype):
+    x = torch.full((1, 2, 64, 64), 0.01, dtype=dtype)
+    with native.use_native(True):
+        sums = native.patch_sum(x, 16, 16, 0, 0, 4, 4)
+    # 256 additions of 0.01: a bf16 accumulator would stall well below 2.56
+    torch.testing.assert_close(sums.float(), torch.full((1, 2, 4, 4), 2.56), rtol=2e-2, atol=0)
+
+
+@needs_native
+def test_native_rejects_bad_input_with_one_clear_error():
+    with native.use_native(True):
+        with pytest.raises(RuntimeError, match="expected a 4-D tensor"):
+            native.patch_sum(torch.zeros(3, 4, 5), 2, 2, 0, 0, 2, 2)
+        with pytest.raises(RuntimeError, match="patch length along height must be >= 1"):
+            native.unpool(torch.zeros(1, 1, 2, 2), 4, 4, 0, 2, 0, 0)
+
+
+def test_policy_variable_is_validated(monkeypatch):
+    monkeypatch.setenv("GRADFILTER_NATIVE", "maybe")
+    with pytest.raises(ValueError, match="GRADFILTER_NATIVE must be auto, 0 or 1"):
+        native.available()
+    monkeypatch.setenv("GRADFILTER_NATIVE", "0")
+    assert native.available() is False
+    with pytest.raises(RuntimeError, match="disabled"):
+        native.patch_sum(torch.zeros(1, 1, 2, 2), 2, 2, 0, 0, 1, 1)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken():
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setitem(native._state, "loaded", None)
+    monkeypatch.setitem(native._state, "error", None)
+    monkeypatch.setenv("GRADFILTER_NATIVE", "auto")
+    with pytest.warns(native.NativeBuildWarning, match="no compiler"):
+        assert native.available() is False
+    # the filtered conv still works (pure-PyTorch path) and gives the same gradient
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    GF.conv2d(x, w, padding=1, radius=2).sum().backward()
+    assert x.grad is not None and torch.isfinite(w.grad).all()
+    monkeypatch.setenv("GRADFILTER_NATIVE", "1")
+    with pytest.raises(RuntimeError, match="failed to build: no compiler"):
+        native.available()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_allocator_tuning_reaches_child_processes():
+    code = ("import os, gradfilter; ok = gradfilter.tune_cpu_allocator(); "
+            "import subprocess, sys; print(ok, subprocess.run([sys.executable, '-c', "
+            "'import os; print(os.environ.get(\"MALLOC_MMAP_MAX_\"))'], capture_output=True, "
+            "text=True).stdout.strip())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["True", "0"]
+    assert allocator.tune_cpu_allocator.__doc__
+
+
+@needs_native
+@pytest.mark.parametrize("upper", [None, 6.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 7, 8, 1024, 1029, 5000])
+def test_native_masked_activation_is_pytorch_bit_for_bit(upper, dtype, numel):
+    from gradfilter import lean
+
+    x = torch.randn(numel, dtype=dtype) * 5
+    x[: min(numel, 6)] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 6.0,
+                                       -0.0])[: min(numel, 6)].to(dtype)
+    with native.use_native(True):
+        y, bits = native.masked_clamp(x, float("inf") if upper is None else upper)
+        g = torch.randn(numel, dtype=dtype)
+        gx = native.mask_apply(g, bits)
+    ref = torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
+    mask = ref > 0 if upper is None else (x > 0) & (x < upper)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y[~y.isnan()], ref[~ref.isnan()])
+    assert torch.equal(bits, lean.pack_bits(mask))  # the pure-PyTorch packing, same layout
+    assert torch.equal(gx, g.masked_fill(~mask, 0))
+    with pytest.raises(RuntimeError, match="mask bytes for"):
+        native.mask_apply(torch.zeros(numel + 8, dtype=dtype), bits)
