@@ -65,7 +65,7 @@ def _build() -> None:
         cpp_extension.load(
             name=_LIB_NAME,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", "-fno-strict-aliasing"],
+            extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

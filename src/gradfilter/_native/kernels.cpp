@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <cstring>
 #include <limits>
@@ -41,34 +42,43 @@ void check_geometry(int64_t k, int64_t pad, int64_t patches, const char* axis) {
   (void)pad;
 }
 
+// [start, end) of each patch along one axis, clipped to the map (empty when off the map)
+std::vector<std::pair<int64_t, int64_t>> segments(int64_t n, int64_t k, int64_t pad, int64_t patches) {
+  std::vector<std::pair<int64_t, int64_t>> seg(patches);
+  for (int64_t i = 0; i < patches; ++i) {
+    const int64_t lo = std::max<int64_t>(i * k - pad, 0), hi = std::min<int64_t>((i + 1) * k - pad, n);
+    seg[i] = {std::min(lo, hi), hi};
+  }
+  return seg;
+}
+
 template <typename scalar_t>
 void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
                       int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
   using acc_t = at::opmath_type<scalar_t>;
+  const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(W);
+    std::vector<acc_t> buf(W);
+    acc_t* __restrict__ row = buf.data();
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* in = src + p * H * W;
-      scalar_t* out = dst + p * Ph * Pw;
+      scalar_t* __restrict__ out = dst + p * Ph * Pw;
       for (int64_t i = 0; i < Ph; ++i) {
-        const int64_t h0 = std::max<int64_t>(i * kh - top, 0);
-        const int64_t h1 = std::min<int64_t>((i + 1) * kh - top, H);
-        if (h0 >= h1) {
+        const auto [h0, h1] = rows[i];
+        if (h0 == h1) {
           for (int64_t j = 0; j < Pw; ++j) out[i * Pw + j] = scalar_t(0);
           continue;
         }
-        // rows of the patch row, summed into one row (contiguous, vectorisable)
-        const scalar_t* r0 = in + h0 * W;
+        // the patch row's rows summed into one row (contiguous, vectorisable)
+        const scalar_t* __restrict__ r0 = in + h0 * W;
         for (int64_t w = 0; w < W; ++w) row[w] = acc_t(r0[w]);
         for (int64_t h = h0 + 1; h < h1; ++h) {
-          const scalar_t* r = in + h * W;
+          const scalar_t* __restrict__ r = in + h * W;
           for (int64_t w = 0; w < W; ++w) row[w] += acc_t(r[w]);
         }
         for (int64_t j = 0; j < Pw; ++j) {
-          const int64_t w0 = std::max<int64_t>(j * kw - left, 0);
-          const int64_t w1 = std::min<int64_t>((j + 1) * kw - left, W);
           acc_t s = acc_t(0);
-          for (int64_t w = w0; w < w1; ++w) s += row[w];
+          for (int64_t w = cols[j].first; w < cols[j].second; ++w) s += row[w];
           out[i * Pw + j] = scalar_t(s);
         }
       }
@@ -79,33 +89,41 @@ void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_
 template <typename scalar_t>
 void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
                    int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+  const auto cols = segments(W, kw, left, Pw);
+  // patch row of every output row (-1: off the grid)
+  std::vector<int64_t> row_patch(H, -1);
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t hh = h + top;
+    if (hh >= 0 && hh < Ph * kh) row_patch[h] = hh / kh;
+  }
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> row(W);
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* in = src + p * Ph * Pw;
-      scalar_t* out = dst + p * H * W;
-      int64_t built = -2;  // patch row held in `row` (-1: a zero row)
+      scalar_t* __restrict__ out = dst + p * H * W;
+      int64_t built = -2;  // patch row of the row last written (-1: a zero row)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t hh = h + top;
-        const int64_t i = (hh < 0 || hh >= Ph * kh) ? -1 : hh / kh;
-        if (i != built) {
-          std::fill(row.begin(), row.end(), scalar_t(0));
-          if (i >= 0) {
-            const scalar_t* g = in + i * Pw;
-            for (int64_t j = 0; j < Pw; ++j) {  // fill each patch's columns, no divisions
-              const int64_t w0 = std::max<int64_t>(j * kw - left, 0);
-              const int64_t w1 = std::min<int64_t>((j + 1) * kw - left, W);
-              for (int64_t w = w0; w < w1; ++w) row[w] = g[j];
-            }
-          }
-          built = i;
+        scalar_t* __restrict__ o = out + h * W;
+        const int64_t i = row_patch[h];
+        if (i == built) {  // same patch row as the row above: copy it
+          std::memcpy(o, o - W, W * sizeof(scalar_t));
+          continue;
         }
-        std::memcpy(out + h * W, row.data(), W * sizeof(scalar_t));
+        built = i;
+        if (i < 0) {
+          for (int64_t w = 0; w < W; ++w) o[w] = scalar_t(0);
+          continue;
+        }
+        for (int64_t w = 0; w < cols[0].first; ++w) o[w] = scalar_t(0);
+        for (int64_t w = cols[Pw - 1].second; w < W; ++w) o[w] = scalar_t(0);
+        const scalar_t* g = in + i * Pw;
+        for (int64_t j = 0; j < Pw; ++j) {
+          const scalar_t v = g[j];
+          for (int64_t w = cols[j].first; w < cols[j].second; ++w) o[w] = v;
+        }
       }
     }
   });
 }
-
 
 at::Tensor patch_sum(const at::Tensor& x, int64_t kh, int64_t kw, int64_t top, int64_t left,
                      int64_t Ph, int64_t Pw) {
@@ -159,6 +177,11 @@ inline void unpack8(uint8_t packed, uint8_t* m) {
   const uint64_t word = (static_cast<uint64_t>(packed) * kSpread) & kSelect;
   std::memcpy(m, &word, 8);  // byte k is nonzero (not 1) iff bit k is set
 }
+
+// integers that may alias a floating-point element (GCC/Clang), to select its bits
+typedef uint16_t __attribute__((__may_alias__)) alias_u16;
+typedef uint32_t __attribute__((__may_alias__)) alias_u32;
+typedef uint64_t __attribute__((__may_alias__)) alias_u64;
 
 constexpr int64_t kBlock = 1024;  // elements per inner block (a multiple of 8)
 
@@ -229,11 +252,11 @@ void mask_apply_kernel(const scalar_t* g, const uint8_t* bits, scalar_t* out, in
       for (int64_t k = 0; k < len; k += 8) unpack8(bits[(e0 + k) / 8], m + k);
       // select by AND-ing the value's bits with 0 or all ones: exact (+0.0 where masked), and
       // no branch to mispredict on a random mask
-      using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
-                     std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+      using bits_t = std::conditional_t<sizeof(scalar_t) == 8, alias_u64,
+                     std::conditional_t<sizeof(scalar_t) == 4, alias_u32, alias_u16>>;
       static_assert(sizeof(bits_t) == sizeof(scalar_t), "unsupported element size");
-      const bits_t* __restrict__ gi = reinterpret_cast<const bits_t*>(g + e0);  // built with
-      bits_t* __restrict__ oi = reinterpret_cast<bits_t*>(out + e0);  // -fno-strict-aliasing
+      const bits_t* __restrict__ gi = reinterpret_cast<const bits_t*>(g + e0);
+      bits_t* __restrict__ oi = reinterpret_cast<bits_t*>(out + e0);
       for (int64_t k = 0; k < len; ++k)
         oi[k] = gi[k] & (static_cast<bits_t>(0) - static_cast<bits_t>(m[k] != 0));
     }
