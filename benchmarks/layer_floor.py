@@ -1,9 +1,10 @@
 """Where the filtered backward's time goes: the floor of DESIGN §1 measured on this machine.
 
 For each per-layer config, times (median of repeats) the unavoidable parts of a filtered backward
-with plain PyTorch ops: one read of gy and one fresh full-size write of gx (an allocation plus a
-copy, page faults included), the two GEMMs at patch resolution, and one read of W plus a write of
-gW. Their sum is the floor for any implementation built from PyTorch ops on this machine.
+with plain PyTorch ops: one read of gy and one full-size write of gx (an allocation plus a fill;
+page faults included when the allocator is not tuned), the two GEMMs at patch resolution, and
+one read of W plus a write of gW. Their sum is the floor for any implementation built from
+PyTorch ops on this machine.
 
     python benchmarks/layer_floor.py --out benchmarks/results/layer_floor_cpu.json
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.layers import CONFIGS
 from gradfilter.bench.machine import machine_info
 
@@ -58,8 +60,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--layers", default="benchmarks/results/layers_cpu.json",
                     help="per-layer result to compare against (gradfilter bench layers)")
+    ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                    help="as `gradfilter --allocator` (the per-layer benchmark's default: tuned)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.allocator == "tuned":
+        tune_cpu_allocator()
     measured = {}
     if Path(args.layers).exists():
         for row in json.loads(Path(args.layers).read_text())["rows"]:

@@ -31,3 +31,27 @@ def test_layer_bench_config_times_both_methods():
     row = bench_config(8, 12, 12, radius=2, batch=2, repeats=1, device=torch.device("cpu"))
     assert row["backward_speedup"] == pytest.approx(
         row["backward_vanilla_ms"] / row["backward_filtered_ms"])
+
+
+def test_machine_info_records_allocator_and_kernels(monkeypatch):
+    from gradfilter.bench.machine import describe, machine_info
+
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    info = machine_info("cpu")
+    assert info["allocator"].startswith("tuned") and isinstance(info["native_kernels"], bool)
+    assert "allocator tuned" in describe(info)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    monkeypatch.setitem(__import__("gradfilter.allocator").allocator._state, "tuned", False)
+    assert machine_info("cpu")["allocator"] == "default"
+
+
+def test_cli_allocator_flag_is_parsed_and_validated(capsys):
+    import pytest
+
+    from gradfilter.cli import build_parser
+
+    assert build_parser().parse_args(["--allocator", "default", "demo"]).allocator == "default"
+    assert build_parser().parse_args(["demo"]).allocator == "tuned"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--allocator", "jemalloc", "demo"])
+    assert "invalid choice: 'jemalloc'" in capsys.readouterr().err

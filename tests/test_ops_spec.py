@@ -218,3 +218,53 @@ def test_radius_larger_than_map_is_one_patch():
     assert torch.allclose(x.grad, x.grad[..., :1, :1].expand_as(x.grad))
     expect = torch.einsum("oi,no->ni", w.detach().sum((2, 3)), gy.mean((2, 3)))
     torch.testing.assert_close(x.grad[..., 0, 0], expect)
+
+
+def _wide_oracle(x, w, gy, r):
+    """§1 for a stride-1, 'same'-size conv with summed taps, in float64: patch loops for ḡ and
+    x̃, einsum for the products (the spec's per-channel loops are too slow at 256 channels)."""
+    n, cin, h, wd = x.shape
+    ph, pw = -(-h // r), -(-wd // r)
+    top, left = -(-(ph * r - h) // 2), -(-(pw * r - wd) // 2)
+    gbar = torch.zeros(n, gy.shape[1], ph, pw, dtype=torch.float64)
+    xt = torch.zeros(n, cin, ph, pw, dtype=torch.float64)
+    for i in range(ph):
+        for j in range(pw):
+            r0, r1 = max(i * r - top, 0), min((i + 1) * r - top, h)
+            c0, c1 = max(j * r - left, 0), min((j + 1) * r - left, wd)
+            gbar[:, :, i, j] = gy[:, :, r0:r1, c0:c1].mean((2, 3))
+            xt[:, :, i, j] = x[:, :, r0:r1, c0:c1].sum((2, 3))
+    gw = torch.einsum("noij,ncij->oc", gbar, xt)[:, :, None, None].expand(w.shape)
+    gxt = torch.einsum("oc,noij->ncij", w.sum((2, 3)), gbar)
+    rows = (torch.arange(h) + top) // r
+    cols = (torch.arange(wd) + left) // r
+    return gxt[:, :, rows][:, :, :, cols], gw
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (8, 8)])  # a grid that overhangs the map, one that tiles
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("cin,cout", [(256, 256), (256, 320)])
+def test_wide_channels_on_few_patches_match_spec(x_grad, cin, cout, hw):
+    """≥ 256 channels each way and < 128 patches per sample: the oneDNN 1×1-backward branch."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cin, *hw, generator=g, dtype=torch.float64).requires_grad_(x_grad)
+    w = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = gf.conv2d(x, w, None, 1, 1, 1, 1, 4)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+    gx, gw = _wide_oracle(x.detach(), w.detach(), gy, 4)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-9, atol=1e-9)
+    if x_grad:
+        torch.testing.assert_close(x.grad, gx, rtol=1e-9, atol=1e-9)
+
+
+def test_wide_oracle_agrees_with_the_spec_on_small_channels():
+    """The shortcut oracle above is itself checked against spec.py where that is cheap."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 7, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64)
+    gx, gw = _wide_oracle(x, w, gy, 4)
+    sx, sw, _ = filtered_grads(x, w, gy, (1, 1), (1, 1), 1, (4, 4))
+    torch.testing.assert_close(gx, sx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, sw, rtol=1e-12, atol=1e-12)

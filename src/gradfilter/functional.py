@@ -387,9 +387,10 @@ def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
     cin = cpg * groups
     depthwise = cout == groups and cpg == 1
     narrow = p < 128 and groups == 1  # narrow GEMMs: one big GEMM on channel-major copies
-    if narrow and not depthwise and gbar.device.type == "cpu":
-        # oneDNN's 1×1 conv backward does both products in one call, up to 2× faster than MKL
-        # GEMMs on transposed copies at these shapes (measured on the 2-core EPYC VM)
+    if narrow and not depthwise and gbar.device.type == "cpu" and min(cout, cin) >= 256:
+        # oneDNN's 1×1 conv backward does both products in one call: up to 1.6× faster than MKL
+        # GEMMs on channel-major copies with ≥ 256 channels each way, slower on thin ones such as
+        # MobileNetV2's 960×160 (benchmarks/kernel_micro.py)
         w_t = _kernel_sum(weight).to(gbar.dtype) * scale if need_x else \
             gbar.new_zeros(()).expand(cout, cin)
         gxt, gw_, _ = torch.ops.aten.convolution_backward(
