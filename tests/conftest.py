@@ -13,3 +13,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+def native_buildable() -> bool:
+    """Whether gradfilter's native CPU kernels build (or are built) on this machine."""
+    from gradfilter import native
+
+    try:
+        with native.use_native(True):
+            return native.available()
+    except RuntimeError:
+        return False

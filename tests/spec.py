@@ -28,18 +28,17 @@ def _tap_offsets(k: int, d: int, r: int, s: int) -> list[int]:
     return [(a * step - (k - 1) * step // 2) for a in range(k)]
 
 
-def filtered_grads(x, w, gy, stride, dilation, groups, radius):
-    """(gx, gW, gb) of the filtered convolution, by the letter of DESIGN §1 (2-D, float64)."""
-    x, w, gy = x.double(), w.double(), gy.double()
+def patch_tensors(x, gy, stride, radius):
+    """(ḡ, x̃) of §1.2–§1.3: gy's mean over the real pixels of each output patch, and x's sum over
+    each stride-scaled input patch, both on the centred grids (float64)."""
+    x, gy = x.double(), gy.double()
     n, cin, h, wd = x.shape
-    cout, cpg, kh, kw = w.shape
     ho, wo = gy.shape[-2:]
-    (sh, sw), (dh, dw), (rh, rw) = stride, dilation, radius
+    (sh, sw), (rh, rw) = stride, radius
     ph, oth, ith = _grid(ho, h, rh, sh)
     pw, otw, itw = _grid(wo, wd, rw, sw)
     big_h, big_w = rh * sh, rw * sw
-
-    gbar = torch.zeros(n, cout, ph, pw, dtype=torch.float64)
+    gbar = torch.zeros(n, gy.shape[1], ph, pw, dtype=torch.float64)
     xt = torch.zeros(n, cin, ph, pw, dtype=torch.float64)
     for i in range(ph):
         for j in range(pw):
@@ -50,6 +49,20 @@ def filtered_grads(x, w, gy, stride, dilation, groups, radius):
             c0, c1 = max(j * big_w - itw, 0), min((j + 1) * big_w - itw, wd)
             if r1 > r0 and c1 > c0:
                 xt[:, :, i, j] = x[:, :, r0:r1, c0:c1].sum((2, 3))
+    return gbar, xt
+
+
+def filtered_grads(x, w, gy, stride, dilation, groups, radius):
+    """(gx, gW, gb) of the filtered convolution, by the letter of DESIGN §1 (2-D, float64)."""
+    x, w, gy = x.double(), w.double(), gy.double()
+    n, cin, h, wd = x.shape
+    cout, cpg, kh, kw = w.shape
+    ho, wo = gy.shape[-2:]
+    (sh, sw), (dh, dw), (rh, rw) = stride, dilation, radius
+    ph, oth, ith = _grid(ho, h, rh, sh)
+    pw, otw, itw = _grid(wo, wd, rw, sw)
+    big_h, big_w = rh * sh, rw * sw
+    gbar, xt = patch_tensors(x, gy, stride, radius)
 
     offs_h, offs_w = _tap_offsets(kh, dh, rh, sh), _tap_offsets(kw, dw, rw, sw)
     scale = 1.0 / (sh * sw)

@@ -6,22 +6,14 @@ import sys
 
 import pytest
 import torch
+from conftest import native_buildable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradfilter import allocator, native
 from gradfilter import functional as GF
 
-
-def _can_build() -> bool:
-    try:
-        with native.use_native(True):
-            return native.available()
-    except RuntimeError:
-        return False
-
-
-needs_native = pytest.mark.skipif(not _can_build(), reason="no C++ toolchain for the kernels")
+needs_native = pytest.mark.skipif(not native_buildable(), reason="no C++ toolchain for the kernels")
 
 
 def _loop_patch_sum(x, kh, kw, top, left, ph, pw):

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import native_buildable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spec import filtered_grads
+from spec import filtered_grads, patch_tensors
 
 import gradfilter as gf
 from gradfilter import native
@@ -36,14 +37,6 @@ def conv_cases(draw):
                 padding=padding, radius=radius, h=h, w=w)
 
 
-def native_available() -> bool:
-    try:
-        with native.use_native(True):
-            return native.available()
-    except RuntimeError:
-        return False
-
-
 def _run_fast(c, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(c["n"], c["cin"], c["h"], c["w"], generator=g, dtype=dtype)
@@ -60,7 +53,7 @@ def _run_fast(c, dtype=torch.float64, device="cpu", seed=0):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=conv_cases())
 def test_matches_float64_spec(use_native, c):
-    if use_native and not native_available():
+    if use_native and not native_buildable():
         pytest.skip("native kernels cannot be built here")
     with native.use_native(use_native):
         x, w, b, y, gy = _run_fast(c)
@@ -221,19 +214,12 @@ def test_radius_larger_than_map_is_one_patch():
 
 
 def _wide_oracle(x, w, gy, r):
-    """§1 for a stride-1, 'same'-size conv with summed taps, in float64: patch loops for ḡ and
-    x̃, einsum for the products (the spec's per-channel loops are too slow at 256 channels)."""
-    n, cin, h, wd = x.shape
-    ph, pw = -(-h // r), -(-wd // r)
+    """§1 for a stride-1, 'same'-size conv with summed taps, in float64: the spec's patch loops
+    for ḡ and x̃, einsum for the products (its per-channel loops are too slow at 256 channels)."""
+    h, wd = x.shape[-2:]
+    gbar, xt = patch_tensors(x, gy, (1, 1), (r, r))
+    ph, pw = gbar.shape[-2:]
     top, left = -(-(ph * r - h) // 2), -(-(pw * r - wd) // 2)
-    gbar = torch.zeros(n, gy.shape[1], ph, pw, dtype=torch.float64)
-    xt = torch.zeros(n, cin, ph, pw, dtype=torch.float64)
-    for i in range(ph):
-        for j in range(pw):
-            r0, r1 = max(i * r - top, 0), min((i + 1) * r - top, h)
-            c0, c1 = max(j * r - left, 0), min((j + 1) * r - left, wd)
-            gbar[:, :, i, j] = gy[:, :, r0:r1, c0:c1].mean((2, 3))
-            xt[:, :, i, j] = x[:, :, r0:r1, c0:c1].sum((2, 3))
     gw = torch.einsum("noij,ncij->oc", gbar, xt)[:, :, None, None].expand(w.shape)
     gxt = torch.einsum("oc,noij->ncij", w.sum((2, 3)), gbar)
     rows = (torch.arange(h) + top) // r
