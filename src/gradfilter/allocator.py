@@ -10,7 +10,7 @@ what the CUDA caching allocator does on GPUs, and what ``LD_PRELOAD``-ing jemall
 on CPUs. The cost: the process keeps its peak heap size until it exits.
 
 It changes the whole process, vanilla PyTorch included; the benchmarks apply it to both methods
-alike. Equivalent without code: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000``.
+alike. Equivalent without code: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """
 
 from __future__ import annotations

@@ -272,14 +272,10 @@ def patch_mean_output(
         gw.patches * rw == gy.shape[-1]
     )
     sums = _fast_patch_sum(gy, rh, rw, gh.out_pad, gw.out_pad, gh.patches, gw.patches)
-    if sums is not None:
-        if tiles:
-            return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
-    elif tiles:
-        sums = _sum_exact(gy, rh, rw)
+    if tiles:
+        sums = _sum_exact(gy, rh, rw) if sums is None else sums
         return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
-    else:
-        sums = _padded_patch_sums(gy, gh, gw)
+    sums = _padded_patch_sums(gy, gh, gw) if sums is None else sums
     return sums, _inverse_counts(gh, gw, gy.device, sums.dtype), sums.sum((0, 2, 3))
 
 
