@@ -18,17 +18,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-#include <cmath>
-#include <cstdint>
-#include <tuple>
-#include <utility>
-#include <type_traits>
-#include <cstring>
-#include <limits>
-#include <vector>
 
 namespace {
 
@@ -36,10 +36,9 @@ constexpr int64_t kGrainElements = 1 << 15;  // full-resolution elements per par
 
 int64_t grain_for(int64_t plane) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(plane, 1)); }
 
-void check_geometry(int64_t k, int64_t pad, int64_t patches, const char* axis) {
+void check_geometry(int64_t k, int64_t patches, const char* axis) {
   TORCH_CHECK(k >= 1, "gradfilter native: patch length along ", axis, " must be >= 1, got ", k);
   TORCH_CHECK(patches >= 1, "gradfilter native: patch count along ", axis, " must be >= 1, got ", patches);
-  (void)pad;
 }
 
 // [start, end) of each patch along one axis, clipped to the map (empty when off the map)
@@ -128,8 +127,8 @@ void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H
 at::Tensor patch_sum(const at::Tensor& x, int64_t kh, int64_t kw, int64_t top, int64_t left,
                      int64_t Ph, int64_t Pw) {
   TORCH_CHECK(x.dim() == 4, "gradfilter native patch_sum: expected a 4-D tensor, got ", x.dim(), "-D");
-  check_geometry(kh, top, Ph, "height");
-  check_geometry(kw, left, Pw, "width");
+  check_geometry(kh, Ph, "height");
+  check_geometry(kw, Pw, "width");
   const at::Tensor src = x.contiguous();
   const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
   at::Tensor out = at::empty({N, C, Ph, Pw}, src.options());
@@ -147,8 +146,8 @@ at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t
   TORCH_CHECK(H >= 0 && W >= 0, "gradfilter native unpool: negative output size");
   const at::Tensor src = g.contiguous();
   const int64_t N = src.size(0), C = src.size(1), Ph = src.size(2), Pw = src.size(3);
-  check_geometry(kh, top, Ph, "height");
-  check_geometry(kw, left, Pw, "width");
+  check_geometry(kh, Ph, "height");
+  check_geometry(kw, Pw, "width");
   at::Tensor out = at::empty({N, C, H, W}, src.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_unpool", [&] {
