@@ -51,11 +51,34 @@ std::vector<std::pair<int64_t, int64_t>> segments(int64_t n, int64_t k, int64_t 
   return seg;
 }
 
+template <typename acc_t>
+inline acc_t segment_sum(const acc_t* row, std::pair<int64_t, int64_t> seg) {
+  acc_t s = acc_t(0);
+  for (int64_t w = seg.first; w < seg.second; ++w) s += row[w];
+  return s;
+}
+
+// out[j] = sum of row[j*K - left .. +K) for the interior patches j in [j0, j1)
+template <int K, typename acc_t, typename scalar_t>
+inline void interior_sums(const acc_t* __restrict__ row, scalar_t* __restrict__ out, int64_t j0,
+                          int64_t j1, int64_t left) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const acc_t* r = row + j * K - left;
+    acc_t s = r[0];
+    for (int t = 1; t < K; ++t) s += r[t];
+    out[j] = scalar_t(s);
+  }
+}
+
 template <typename scalar_t>
 void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
                       int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
+  // interior column patches: those lying wholly inside the map
+  int64_t j0 = 0, j1 = Pw;
+  while (j0 < Pw && cols[j0].second - cols[j0].first < kw) ++j0;
+  while (j1 > j0 && cols[j1 - 1].second - cols[j1 - 1].first < kw) --j1;
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(W);
     acc_t* __restrict__ row = buf.data();
@@ -75,11 +98,16 @@ void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_
           const scalar_t* __restrict__ r = in + h * W;
           for (int64_t w = 0; w < W; ++w) row[w] += acc_t(r[w]);
         }
-        for (int64_t j = 0; j < Pw; ++j) {
-          acc_t s = acc_t(0);
-          for (int64_t w = cols[j].first; w < cols[j].second; ++w) s += row[w];
-          out[i * Pw + j] = scalar_t(s);
+        scalar_t* __restrict__ o = out + i * Pw;
+        for (int64_t j = 0; j < j0; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
+        switch (kw) {  // full-width interior patches, with the width known to the compiler
+          case 2: interior_sums<2>(row, o, j0, j1, left); break;
+          case 3: interior_sums<3>(row, o, j0, j1, left); break;
+          case 4: interior_sums<4>(row, o, j0, j1, left); break;
+          default:
+            for (int64_t j = j0; j < j1; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
         }
+        for (int64_t j = std::max(j0, j1); j < Pw; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
       }
     }
   });
