@@ -37,7 +37,10 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_native") / "kernels.cpp"
-_LIB_NAME = "gradfilter_native"
+# One build per torch version: torch's JIT cache keys on the sources and flags only, and a
+# library built against another torch's headers must not be loaded.
+_LIB_NAME = "gradfilter_native_" + "".join(
+    c if c.isalnum() else "_" for c in torch.__version__.split("+")[0])
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "override": None}
 
