@@ -194,6 +194,21 @@ def test_cli_plan_writes_json_and_reports_impossible_budget(tmp_path, capsys):
     assert main([*args[:4], "2,3,32", "--out", str(out)]) == 2
 
 
+def test_cli_plan_is_reproducible_without_weights(tmp_path):
+    """No --pretrained/--checkpoint: the random model and batch come from --seed, so the
+    planned fidelities repeat exactly (only timings vary) and another seed changes them."""
+    def fidelities(seed: int) -> list[float]:
+        out = tmp_path / f"plan{seed}.json"
+        assert main(["plan", "--model", "test_efficientnet", "--input-shape", "2,3,32,32",
+                     "--radii", "2,4", "--repeats", "1", "--quiet", "--seed", str(seed),
+                     "--memory-budget", "2MB", "--out", str(out)]) == 0
+        return [b["fidelity"] for b in json.loads(out.read_text())["blocks"]]
+
+    first = fidelities(0)
+    assert first and fidelities(0) == first
+    assert fidelities(1) != first
+
+
 @pytest.mark.slow
 def test_cli_finetune_with_plan_trains_the_planned_layers(tmp_path):
     plan_path = tmp_path / "plan.json"

@@ -307,6 +307,8 @@ def _plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed steps per calibration config")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for a model without weights and the synthetic batch")
     p.add_argument("--out", default="plan.json")
 
     def run(args: argparse.Namespace) -> int:
@@ -316,7 +318,7 @@ def _plan(sub: argparse._SubParsersAction) -> None:
                  memory_budget=args.memory_budget, time_budget=args.time_budget,
                  radii=_ints(args.radii, "--radii"), num_classes=args.num_classes,
                  pretrained=args.pretrained, checkpoint=args.checkpoint, data=args.data,
-                 repeats=args.repeats, quiet=args.quiet)
+                 repeats=args.repeats, quiet=args.quiet, seed=args.seed)
         return 0
 
     p.set_defaults(func=run)

@@ -34,9 +34,17 @@ def run_plan(
     data: str | None = None,
     repeats: int = 3,
     quiet: bool = False,
+    seed: int = 0,
 ) -> Plan:
-    """Plan ``model``; fidelity from the first batch of ``data`` (random inputs without it)."""
+    """Plan ``model``; fidelity from the first batch of ``data`` (random inputs without it).
+
+    ``seed`` fixes what is random here (a model without weights, the synthetic batch), so the
+    same command plans the same fidelities; only the timings vary."""
+    import torch
+
     from ..models import create_model
+
+    torch.manual_seed(seed)
 
     batches = loss_fn = None
     if data is not None:
