@@ -25,6 +25,18 @@ def test_step_bench_case_reports_ratios_and_saved_bytes():
     assert row["saved_bytes_vanilla"] >= row["saved_bytes_blocks_vanilla"]
 
 
+def test_step_bench_case_channels_last_saves_the_same_bytes():
+    """--channels-last changes the layout, not what autograd keeps for backward."""
+    from gradfilter.bench.step import bench_case
+
+    rows = [bench_case("mobilenet_v2", 2, 4, batch=2, size=64, repeats=1,
+                       device=torch.device("cpu"), channels_last=cl) for cl in (False, True)]
+    assert [r["channels_last"] for r in rows] == [False, True]
+    for key in ("saved_bytes_blocks_vanilla", "saved_bytes_blocks_filtered",
+                "saved_bytes_blocks_lean"):
+        assert rows[0][key] == rows[1][key] > 0
+
+
 def test_layer_bench_config_times_both_methods():
     from gradfilter.bench.layers import bench_config
 

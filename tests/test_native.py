@@ -165,3 +165,40 @@ def test_native_masked_activation_is_pytorch_bit_for_bit(upper, dtype, numel):
     assert torch.equal(gx, g.masked_fill(~mask, 0))
     with pytest.raises(RuntimeError, match="mask bytes for"):
         native.mask_apply(torch.zeros(numel + 8, dtype=dtype), bits)
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(grids())
+def test_native_channels_last_matches_loops_and_keeps_the_layout(grid):
+    n, c, h, w, kh, kw, top, left, ph, pw = grid
+    cl = torch.channels_last
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=cl)
+    g = torch.randn(n, c, ph, pw, dtype=torch.float64).contiguous(memory_format=cl)
+    with native.use_native(True):
+        sums = native.patch_sum(x, kh, kw, top, left, ph, pw)
+        up = native.unpool(g, h, w, kh, kw, top, left)
+    torch.testing.assert_close(sums, _loop_patch_sum(x, kh, kw, top, left, ph, pw))
+    assert torch.equal(up, _loop_unpool(g, h, w, kh, kw, top, left))
+    if not x.is_contiguous():  # channels-last and not also plain (an unambiguous layout)
+        assert sums.is_contiguous(memory_format=cl)
+    if not g.is_contiguous():
+        assert up.is_contiguous(memory_format=cl)
+
+
+@needs_native
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_native_masked_activation_channels_last(upper):
+    from gradfilter import lean
+
+    x = (torch.randn(2, 5, 6, 7) * 5).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    gy = torch.randn(2, 5, 6, 7)  # plain layout: the backward must match it to the mask
+    op, ref = (lean.relu, torch.relu) if upper is None else (lean.relu6, torch.nn.functional.relu6)
+    with native.use_native(True):
+        y = op(x)
+        (gx,) = torch.autograd.grad(y, x, gy)
+    y_ref = ref(x)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, gy)
+    assert torch.equal(y, y_ref) and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gx, gx_ref)

@@ -254,3 +254,27 @@ def test_wide_oracle_agrees_with_the_spec_on_small_channels():
     sx, sw, _ = filtered_grads(x, w, gy, (1, 1), (1, 1), 1, (4, 4))
     torch.testing.assert_close(gx, sx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw, sw, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "pytorch"])
+@pytest.mark.parametrize("stride,radius,hw", [(1, 4, (7, 7)), (1, 2, (13, 10)), (2, 2, (12, 9))])
+def test_channels_last_input_matches_spec(use_native, stride, radius, hw):
+    """A channels-last model: same gradients as the spec; gx keeps the layout on the native path."""
+    if use_native and not native_buildable():
+        pytest.skip("native kernels cannot be built here")
+    g = torch.Generator().manual_seed(5)
+    cl = torch.channels_last
+    x = torch.randn(2, 6, *hw, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    w = torch.randn(4, 6, 3, 3, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    x.requires_grad_()
+    w.requires_grad_()
+    with native.use_native(use_native):
+        y = gf.conv2d(x, w, None, stride, 1, 1, 1, radius)
+        gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        y.backward(gy)
+    gx, gw, _ = filtered_grads(x.detach(), w.detach(), gy, (stride,) * 2, (1, 1), 1,
+                               (radius,) * 2)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-9, atol=1e-9)
+    if use_native:
+        assert x.grad.is_contiguous(memory_format=cl)

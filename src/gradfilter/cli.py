@@ -36,6 +36,8 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--last", default="4,8", help="step: comma-separated 'last N blocks'")
     p.add_argument("--image-size", type=int, default=224, help="step: input size")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true",
+                   help="step: run every model (vanilla included) in channels-last memory format")
     p.add_argument("--out", default=None, help="JSON file for the results (a PNG is written "
                                                "beside it)")
 
@@ -54,7 +56,7 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         run_step_bench(models=args.models.split(","),
                        lasts=[int(n) for n in args.last.split(",")], radius=radii[0],
                        batch=args.batch, size=args.image_size, repeats=args.repeats,
-                       device=args.device, out=args.out)
+                       device=args.device, out=args.out, channels_last=args.channels_last)
         return 0
 
     p.set_defaults(func=run)

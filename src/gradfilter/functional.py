@@ -211,7 +211,7 @@ def _fast_patch_sum(t: Tensor, kh: int, kw: int, top: int, left: int, ph: int,
     if t.device.type != "cpu":
         return None
     n, c, h, w = t.shape
-    if _tiny(h * w, ph * pw) and t.is_floating_point():
+    if _tiny(h * w, ph * pw) and t.is_floating_point() and t.is_contiguous():
         k = _pool_matrix(h, w, kh, kw, top, left, ph, pw, t.dtype)
         flat = t.reshape(n * c, h * w)
         return torch.mm(k.t(), flat.t()).t().reshape(n, c, ph, pw)
@@ -322,13 +322,18 @@ def _repeat_patches_into(out: Tensor, g: Tensor, kh: int, kw: int) -> None:
     out.view(n, c, ph, kh, pw * kw).copy_(g.unsqueeze(-2).expand(n, c, ph, kh, pw * kw))
 
 
-def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
+def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry,
+                 channels_last: bool = False) -> Tensor:
     """gx: g̃x repeated over each input patch, cropped (or zero-extended) to the input map (§1.6).
 
-    ``gxt`` may be a permuted view; the expansion copies it into a contiguous layout.
+    ``gxt`` may be a permuted view; the expansion copies it into a contiguous layout (channels-last
+    with ``channels_last=True`` on the native CPU path, to match a channels-last input).
     """
     n, c, ph, pw = gxt.shape
     kh, kw = gh.in_patch, gw.in_patch
+    if channels_last and native.applies(gxt):
+        gxt = gxt.contiguous(memory_format=torch.channels_last)
+        return native.unpool(gxt, gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad)
     if gxt.device.type == "cpu" and _tiny(gh.size * gw.size, ph * pw):
         k = _pool_matrix(gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad, ph, pw, gxt.dtype)
         return torch.mm(gxt.reshape(n * c, ph * pw), k.t()).view(n, c, gh.size, gw.size)
@@ -486,6 +491,8 @@ class _FilteredConv(torch.autograd.Function):
         keep_x = need_w and gh.patches * gw.patches >= x2.shape[-2] * x2.shape[-1]
         xt = x2 if keep_x else (patch_sum_input(x2, gh, gw) if need_w else None)
         ctx.pool_in_backward = keep_x
+        ctx.channels_last = not x2.is_contiguous() and x2.is_contiguous(
+            memory_format=torch.channels_last)
         # The weight itself is saved (it is alive anyway); W̃ is formed in the backward.
         ctx.save_for_backward(xt, weight if need_x else None)
         ctx.geometry = (gh, gw)
@@ -527,7 +534,7 @@ class _FilteredConv(torch.autograd.Function):
             if one_d:
                 gw_ = gw_.squeeze(-2)
         if need_x:
-            gx = unpool_input(gxt, gh, gw)
+            gx = unpool_input(gxt, gh, gw, ctx.channels_last)
         if gx is not None and one_d:
             gx = gx.squeeze(-2)
         return gx, gw_, (gb if need_b else None), None, None, None, None, None, None, None

@@ -60,11 +60,22 @@ def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
     return (words.view(torch.uint8) != 0)[:numel].view(shape)
 
 
+def _dense_format(x: Tensor) -> torch.memory_format | None:
+    """The memory format x is dense in (contiguous or 4-D channels-last), else None."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
 class _MaskedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, upper: float | None) -> Tensor:
         ctx.shape = x.shape
-        if x.is_contiguous() and native.applies(x):  # one pass: the clamp and the packed mask
+        # native: one pass for the clamp and the mask, in memory order (channels-last included)
+        ctx.native_format = _dense_format(x) if native.applies(x) else None
+        if ctx.native_format is not None:
             y, packed = native.masked_clamp(x, math.inf if upper is None else upper)
             ctx.save_for_backward(packed)
             return y
@@ -80,8 +91,8 @@ class _MaskedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (packed,) = ctx.saved_tensors
-        if native.applies(grad):
-            return native.mask_apply(grad, packed).view(ctx.shape), None
+        if ctx.native_format is not None:  # the mask is in x's memory order: match it
+            return native.mask_apply(grad.contiguous(memory_format=ctx.native_format), packed), None
         mask = unpack_bits(packed, ctx.shape)
         return grad.masked_fill(~mask, 0), None
 

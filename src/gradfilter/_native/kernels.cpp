@@ -152,13 +152,79 @@ void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H
   });
 }
 
+// Channels-last (NHWC) maps: the same passes, vectorised over the contiguous channels, for
+// models run with memory_format=torch.channels_last (often the faster format for oneDNN on CPU).
+template <typename scalar_t>
+void patch_sum_nhwc(const scalar_t* src, scalar_t* dst, int64_t N, int64_t C, int64_t H,
+                    int64_t W, int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph,
+                    int64_t Pw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kh * W * C, 1));
+  at::parallel_for(0, N * Ph, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(C);
+    acc_t* __restrict__ acc = buf.data();
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / Ph, i = q % Ph;
+      for (int64_t j = 0; j < Pw; ++j) {
+        for (int64_t c = 0; c < C; ++c) acc[c] = acc_t(0);
+        for (int64_t h = rows[i].first; h < rows[i].second; ++h)
+          for (int64_t w = cols[j].first; w < cols[j].second; ++w) {
+            const scalar_t* __restrict__ px = src + ((n * H + h) * W + w) * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += acc_t(px[c]);
+          }
+        scalar_t* __restrict__ o = dst + ((n * Ph + i) * Pw + j) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(acc[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void unpool_nhwc(const scalar_t* src, scalar_t* dst, int64_t N, int64_t C, int64_t H, int64_t W,
+                 int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+  std::vector<int64_t> row_patch(H, -1), col_patch(W, -1);
+  for (int64_t h = 0; h < H; ++h)
+    if (h + top >= 0 && h + top < Ph * kh) row_patch[h] = (h + top) / kh;
+  for (int64_t w = 0; w < W; ++w)
+    if (w + left >= 0 && w + left < Pw * kw) col_patch[w] = (w + left) / kw;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(W * C, 1));
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / H, i = row_patch[q % H];
+      scalar_t* o = dst + q * W * C;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t j = col_patch[w];
+        if (i < 0 || j < 0)
+          std::fill(o + w * C, o + (w + 1) * C, scalar_t(0));
+        else
+          std::memcpy(o + w * C, src + ((n * Ph + i) * Pw + j) * C, C * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+// NHWC when the tensor is channels-last and not also plain-contiguous (ambiguous shapes stay NCHW)
+bool is_nhwc(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor patch_sum(const at::Tensor& x, int64_t kh, int64_t kw, int64_t top, int64_t left,
                      int64_t Ph, int64_t Pw) {
   TORCH_CHECK(x.dim() == 4, "gradfilter native patch_sum: expected a 4-D tensor, got ", x.dim(), "-D");
   check_geometry(kh, Ph, "height");
   check_geometry(kw, Pw, "width");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (is_nhwc(x)) {
+    at::Tensor out = at::empty({N, C, Ph, Pw}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (out.numel() == 0) return out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gf_patch_sum_nhwc", [&] {
+      patch_sum_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N,
+                               C, H, W, kh, kw, top, left, Ph, Pw);
+    });
+    return out;
+  }
   const at::Tensor src = x.contiguous();
-  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
   at::Tensor out = at::empty({N, C, Ph, Pw}, src.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_patch_sum", [&] {
@@ -172,10 +238,19 @@ at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t
                   int64_t left) {
   TORCH_CHECK(g.dim() == 4, "gradfilter native unpool: expected a 4-D tensor, got ", g.dim(), "-D");
   TORCH_CHECK(H >= 0 && W >= 0, "gradfilter native unpool: negative output size");
-  const at::Tensor src = g.contiguous();
-  const int64_t N = src.size(0), C = src.size(1), Ph = src.size(2), Pw = src.size(3);
+  const int64_t N = g.size(0), C = g.size(1), Ph = g.size(2), Pw = g.size(3);
   check_geometry(kh, Ph, "height");
   check_geometry(kw, Pw, "width");
+  if (is_nhwc(g)) {
+    at::Tensor out = at::empty({N, C, H, W}, g.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (out.numel() == 0) return out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gf_unpool_nhwc", [&] {
+      unpool_nhwc<scalar_t>(g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, C,
+                            H, W, kh, kw, top, left, Ph, Pw);
+    });
+    return out;
+  }
+  const at::Tensor src = g.contiguous();
   at::Tensor out = at::empty({N, C, H, W}, src.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_unpool", [&] {
@@ -292,7 +367,8 @@ void mask_apply_kernel(const scalar_t* g, const uint8_t* bits, scalar_t* out, in
 
 std::tuple<at::Tensor, at::Tensor> masked_clamp(const at::Tensor& x, double upper) {
   TORCH_CHECK(upper > 0, "gradfilter native masked_clamp: upper bound must be > 0, got ", upper);
-  const at::Tensor src = x.contiguous();
+  // any dense layout (channels-last included) is processed in memory order; y keeps the layout
+  const at::Tensor src = x.is_non_overlapping_and_dense() ? x : x.contiguous();
   at::Tensor y = at::empty_like(src);
   at::Tensor bits = at::empty({(src.numel() + 7) / 8}, src.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_masked_clamp", [&] {
@@ -307,7 +383,8 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
               "gradfilter native mask_apply: bits must be a 1-D uint8 tensor");
   TORCH_CHECK(bits.numel() == (g.numel() + 7) / 8, "gradfilter native mask_apply: ", bits.numel(),
               " mask bytes for ", g.numel(), " gradient elements");
-  const at::Tensor src = g.contiguous();
+  // memory order, as masked_clamp: the caller passes g in the layout the mask was taken in
+  const at::Tensor src = g.is_non_overlapping_and_dense() ? g : g.contiguous();
   const at::Tensor packed = bits.contiguous();
   at::Tensor out = at::empty_like(src);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_mask_apply", [&] {

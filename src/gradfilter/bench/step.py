@@ -63,19 +63,24 @@ def _step(net, opt, x, y) -> None:
     opt.step()
 
 
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, repeats: int,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, channels_last: bool = False) -> dict[str, Any]:
     from ..memory import count_saved
 
+    fmt = _memory_format(channels_last)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     nets = {}
     for m in METHODS:
         net, opt, blocks = build(model_name, m, last, radius, x[:2].cpu())
-        nets[m] = (net.to(device).train(), opt)
+        nets[m] = (net.to(device, memory_format=fmt).train(), opt)
     row: dict[str, Any] = {"model": model_name, "last": last, "radius": radius, "batch": batch,
-                           "image_size": size, "blocks": blocks}
+                           "image_size": size, "blocks": blocks, "channels_last": channels_last}
     for m, (net, _) in nets.items():
         with count_saved(net.parameters(), model=net) as saved:
             F.cross_entropy(net(x), y)
@@ -148,14 +153,17 @@ def _energy_per_step(nets, x, y, device: torch.device, steps: int) -> dict[str, 
         return {"energy_error": str(exc)}
 
 
-def _peak_rss_worker(model_name, method, last, radius, batch, size, threads) -> int:
+def _peak_rss_worker(model_name, method, last, radius, batch, size, threads,
+                     channels_last=False) -> int:
     """Growth of this (fresh) process's peak RSS over one training step, in bytes."""
     torch.set_num_threads(threads)
+    fmt = _memory_format(channels_last)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen)
     y = torch.randint(0, 1000, (batch,), generator=gen)
     net, opt, _ = build(model_name, method, last, radius, x[:2])
-    net.train()
+    net.to(memory_format=fmt).train()
+    x = x.contiguous(memory_format=fmt)
     with torch.no_grad():
         net(x)  # the forward's own transient peak is in the baseline
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -164,14 +172,15 @@ def _peak_rss_worker(model_name, method, last, radius, batch, size, threads) -> 
 
 
 def _case_in_worker(args) -> dict[str, Any]:
-    *case, device, threads = args
+    *case, device, threads, channels_last = args
     torch.set_num_threads(threads)
-    return bench_case(*case, torch.device(device))
+    return bench_case(*case, torch.device(device), channels_last=channels_last)
 
 
 def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None = None,
                    size: int = 224, repeats: int = 7, device: str = "cpu",
-                   out: str | None = None, quiet: bool = False) -> dict[str, Any]:
+                   out: str | None = None, quiet: bool = False,
+                   channels_last: bool = False) -> dict[str, Any]:
     dev = torch.device(device)
     batch = batch or (32 if dev.type == "cuda" else 16)
     threads = torch.get_num_threads()
@@ -180,20 +189,24 @@ def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None
     for model_name in models:
         for last in lasts:
             if dev.type == "cuda":
-                row = bench_case(model_name, last, radius, batch, size, repeats, dev)
+                row = bench_case(model_name, last, radius, batch, size, repeats, dev,
+                                 channels_last=channels_last)
             else:
                 with ctx.Pool(1) as pool:
                     row = pool.apply(_case_in_worker, ((model_name, last, radius, batch, size,
-                                                        repeats, device, threads),))
+                                                        repeats, device, threads,
+                                                        channels_last),))
                 for m in METHODS:
                     with ctx.Pool(1) as pool:
                         row[f"peak_step_bytes_{m}"] = pool.apply(
-                            _peak_rss_worker, (model_name, m, last, radius, batch, size, threads))
+                            _peak_rss_worker, (model_name, m, last, radius, batch, size, threads,
+                                               channels_last))
             rows.append(row)
             if not quiet:
                 print(_line(row), flush=True)
     result = {"machine": machine_info(device), "radius": radius, "batch": batch,
-              "image_size": size, "repeats": repeats, "rows": rows}
+              "image_size": size, "repeats": repeats, "channels_last": channels_last,
+              "rows": rows}
     if not quiet:
         print(f"machine: {describe(result['machine'])}")
     if out:
