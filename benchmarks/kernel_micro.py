@@ -69,13 +69,8 @@ def _pool_case(n: int, c: int, h: int, r: int, repeats: int) -> dict:
         with native.use_native(False):
             return GF._sum_exact(x, r, r) if tiles else GF._padded_patch_sums(x, gh, gw)
 
-    def torch_unpool():  # the PyTorch-ops path: expand-copy, then crop to the map
-        full = g.new_empty(n, c, gh.patches * r, gw.patches * r)
-        GF._repeat_patches_into(full, g, r, r)
-        top, left = gh.out_pad, gw.out_pad
-        bottom, right = full.shape[2] - h - top, full.shape[3] - w - left
-        return F.pad(full, (-left, -right, -top, -bottom)) if top or left or bottom or right \
-            else full
+    def torch_unpool():  # the PyTorch-ops path
+        return GF._unpool_pytorch(g, gh, gw)
 
     fns = {
         "pool_native": lambda: native.patch_sum(x, *args),

@@ -339,6 +339,13 @@ def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry,
         return torch.mm(gxt.reshape(n * c, ph * pw), k.t()).view(n, c, gh.size, gw.size)
     if native.applies(gxt):
         return native.unpool(gxt, gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad)
+    return _unpool_pytorch(gxt, gh, gw)
+
+
+def _unpool_pytorch(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
+    """:func:`unpool_input` from PyTorch ops: expand-copy in cache-sized pieces, then crop."""
+    n, c, ph, pw = gxt.shape
+    kh, kw = gh.in_patch, gw.in_patch
     if kh == 1 and kw == 1:
         full = gxt.contiguous()
     else:
