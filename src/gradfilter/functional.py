@@ -186,6 +186,15 @@ def _sum_exact(t: Tensor, kh: int, kw: int) -> Tensor:
 _TINY_PIXELS, _TINY_PATCHES = 256, 4
 
 
+def _dense_format(x: Tensor) -> torch.memory_format | None:
+    """The memory format x is dense in: plain (also when ambiguous), 4-D channels-last, or None."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
 def _tiny(pixels: int, patches: int) -> bool:
     return pixels <= _TINY_PIXELS and patches <= _TINY_PATCHES
 
@@ -498,8 +507,7 @@ class _FilteredConv(torch.autograd.Function):
         keep_x = need_w and gh.patches * gw.patches >= x2.shape[-2] * x2.shape[-1]
         xt = x2 if keep_x else (patch_sum_input(x2, gh, gw) if need_w else None)
         ctx.pool_in_backward = keep_x
-        ctx.channels_last = not x2.is_contiguous() and x2.is_contiguous(
-            memory_format=torch.channels_last)
+        ctx.channels_last = _dense_format(x2) is torch.channels_last
         # The weight itself is saved (it is alive anyway); W̃ is formed in the backward.
         ctx.save_for_backward(xt, weight if need_x else None)
         ctx.geometry = (gh, gw)

@@ -60,21 +60,12 @@ def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
     return (words.view(torch.uint8) != 0)[:numel].view(shape)
 
 
-def _dense_format(x: Tensor) -> torch.memory_format | None:
-    """The memory format x is dense in (contiguous or 4-D channels-last), else None."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return None
-
-
 class _MaskedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, upper: float | None) -> Tensor:
         ctx.shape = x.shape
         # native: one pass for the clamp and the mask, in memory order (channels-last included)
-        ctx.native_format = _dense_format(x) if native.applies(x) else None
+        ctx.native_format = GF._dense_format(x) if native.applies(x) else None
         if ctx.native_format is not None:
             y, packed = native.masked_clamp(x, math.inf if upper is None else upper)
             ctx.save_for_backward(packed)

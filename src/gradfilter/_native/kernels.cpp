@@ -51,6 +51,14 @@ std::vector<std::pair<int64_t, int64_t>> segments(int64_t n, int64_t k, int64_t 
   return seg;
 }
 
+// patch of every position along one axis, -1 off the grid
+std::vector<int64_t> position_patch(int64_t n, int64_t k, int64_t pad, int64_t patches) {
+  std::vector<int64_t> patch(n, -1);
+  for (int64_t h = 0; h < n; ++h)
+    if (h + pad >= 0 && h + pad < patches * k) patch[h] = (h + pad) / k;
+  return patch;
+}
+
 template <typename acc_t>
 inline acc_t segment_sum(const acc_t* row, std::pair<int64_t, int64_t> seg) {
   acc_t s = acc_t(0);
@@ -117,12 +125,7 @@ template <typename scalar_t>
 void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
                    int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
   const auto cols = segments(W, kw, left, Pw);
-  // patch row of every output row (-1: off the grid)
-  std::vector<int64_t> row_patch(H, -1);
-  for (int64_t h = 0; h < H; ++h) {
-    const int64_t hh = h + top;
-    if (hh >= 0 && hh < Ph * kh) row_patch[h] = hh / kh;
-  }
+  const auto row_patch = position_patch(H, kh, top, Ph);
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* in = src + p * Ph * Pw;
@@ -183,11 +186,7 @@ void patch_sum_nhwc(const scalar_t* src, scalar_t* dst, int64_t N, int64_t C, in
 template <typename scalar_t>
 void unpool_nhwc(const scalar_t* src, scalar_t* dst, int64_t N, int64_t C, int64_t H, int64_t W,
                  int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
-  std::vector<int64_t> row_patch(H, -1), col_patch(W, -1);
-  for (int64_t h = 0; h < H; ++h)
-    if (h + top >= 0 && h + top < Ph * kh) row_patch[h] = (h + top) / kh;
-  for (int64_t w = 0; w < W; ++w)
-    if (w + left >= 0 && w + left < Pw * kw) col_patch[w] = (w + left) / kw;
+  const auto row_patch = position_patch(H, kh, top, Ph), col_patch = position_patch(W, kw, left, Pw);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(W * C, 1));
   at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
