@@ -231,7 +231,7 @@ def _wide_oracle(x, w, gy, r):
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("cin,cout", [(256, 256), (256, 320)])
 def test_wide_channels_on_few_patches_match_spec(x_grad, cin, cout, hw):
-    """≥ 256 channels each way and < 128 patches per sample: the oneDNN 1×1-backward branch."""
+    """≥ 256 channels each way on few patches per sample (the GEMM layouts of wide convs)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, cin, *hw, generator=g, dtype=torch.float64).requires_grad_(x_grad)
     w = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -242,6 +242,30 @@ def test_wide_channels_on_few_patches_match_spec(x_grad, cin, cout, hw):
     torch.testing.assert_close(w.grad, gw, rtol=1e-9, atol=1e-9)
     if x_grad:
         torch.testing.assert_close(x.grad, gx, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("hw,r", [((7, 9), 4), ((64, 66), 2)])
+@pytest.mark.parametrize("layout", ["plain", "channels_last"])
+@pytest.mark.parametrize("products", ["onednn", "mkl"])
+def test_float32_cpu_products_match_spec(monkeypatch, x_grad, hw, r, layout, products):
+    """float32 on the CPU: patch products in oneDNN or MKL by size (float64 runs neither)."""
+    from gradfilter import functional
+
+    monkeypatch.setattr(functional, "_ONEDNN_MACS", 0 if products == "onednn" else 1 << 62)
+    g = torch.Generator().manual_seed(6)
+    x64 = torch.randn(2, 24, *hw, generator=g, dtype=torch.float64)
+    w64 = torch.randn(40, 24, 3, 3, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x64.float().contiguous(memory_format=fmt).requires_grad_(x_grad)
+    w = w64.float().requires_grad_()
+    y = gf.conv2d(x, w, None, 1, 1, 1, 1, r)
+    gy64 = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy64.float())
+    gx, gw = _wide_oracle(x64, w64, gy64, r)
+    torch.testing.assert_close(w.grad.double(), gw, rtol=1e-4, atol=1e-3)
+    if x_grad:
+        torch.testing.assert_close(x.grad.double(), gx, rtol=1e-4, atol=1e-4)
 
 
 def test_wide_oracle_agrees_with_the_spec_on_small_channels():

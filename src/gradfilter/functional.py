@@ -346,8 +346,8 @@ def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry,
     if gxt.device.type == "cpu" and _tiny(gh.size * gw.size, ph * pw):
         k = _pool_matrix(gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad, ph, pw, gxt.dtype)
         return torch.mm(gxt.reshape(n * c, ph * pw), k.t()).view(n, c, gh.size, gw.size)
-    if native.applies(gxt):
-        return native.unpool(gxt, gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad)
+    if native.applies(gxt):  # g̃x may come channels-last from the products; gx stays plain
+        return native.unpool(gxt.contiguous(), gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad)
     return _unpool_pytorch(gxt, gh, gw)
 
 
@@ -390,11 +390,41 @@ def _kernel_sum(weight: Tensor) -> Tensor:
     return torch.mv(flat, flat.new_ones(taps)).reshape(cout, cpg)
 
 
+# From this many multiply-adds per product, CPU patch products run in oneDNN's 1×1 conv backward
+# (both in one call) instead of MKL GEMMs: 1.4–2.3× faster on the per-layer benchmark's large
+# maps. Below it oneDNN can win alone yet loses inside a training step: ~1 ms per step on
+# ResNet18 and MobileNetV2 at r=4 (benchmarks/ab_switch.py).
+_ONEDNN_MACS = 20_000_000
+_CPU_ONEDNN = True  # private switch for benchmarks/ab_switch.py
+
+
+def _onednn_products(gbar, xt, weight, cin, scale, need_w, need_x):
+    """gW̃ and g̃x of a dense conv on the CPU: oneDNN's 1×1 conv backward, both in one call.
+
+    oneDNN's own AVX-512 kernels beat the MKL GEMMs behind ``mm`` on large patch maps and on wide
+    channels (see the caller). Both products stay in the layout of ḡ: on plain maps, copies to
+    channels-last cost as much as they speed oneDNN up.
+    """
+    n, cout, ph, pw = gbar.shape
+    fmt = torch.channels_last if _dense_format(gbar) is torch.channels_last \
+        else torch.contiguous_format
+    gbar = gbar.contiguous(memory_format=fmt)
+    w_t = (_kernel_sum(weight).to(gbar.dtype) * scale).reshape(cout, cin, 1, 1) if need_x \
+        else gbar.new_zeros(()).expand(cout, cin, 1, 1)
+    x_in = xt.to(gbar.dtype).contiguous(memory_format=fmt) if need_w \
+        else gbar.new_zeros(()).expand(n, cin, ph, pw)
+    gxt, gw_, _ = torch.ops.aten.convolution_backward(
+        gbar, x_in, w_t, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [need_x, need_w, False])
+    return (gw_.reshape(cout, cin).mul_(scale) if need_w else None), gxt
+
+
 def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
     """Taps summed on both axes: gW̃ and g̃x are matrix products over (batch × patches).
 
-    Returns gW̃ (Cout, Cin/G) and g̃x (N, Cin, Ph, Pw). Dense convs use one GEMM per product,
-    choosing the layout that moves fewer bytes; depthwise convs are elementwise.
+    Returns gW̃ (Cout, Cin/G) and g̃x (N, Cin, Ph, Pw). On the CPU dense convs use oneDNN; elsewhere
+    one GEMM per product, choosing the layout that moves fewer bytes. Depthwise convs are
+    elementwise.
     """
     if isinstance(scale, Tensor):  # per-patch 1/count where the grid overhangs the map
         gbar, scale = gbar * scale, 1.0
@@ -403,18 +433,10 @@ def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
     cpg = w_shape[1]
     cin = cpg * groups
     depthwise = cout == groups and cpg == 1
+    if not depthwise and groups == 1 and gbar.device.type == "cpu" and _CPU_ONEDNN and (
+            n * p * cout * cin >= _ONEDNN_MACS):
+        return _onednn_products(gbar, xt, weight, cin, scale, need_w, need_x)
     narrow = p < 128 and groups == 1  # narrow GEMMs: one big GEMM on channel-major copies
-    if narrow and not depthwise and gbar.device.type == "cpu" and min(cout, cin) >= 256:
-        # oneDNN's 1×1 conv backward does both products in one call: up to 1.6× faster than MKL
-        # GEMMs on channel-major copies with ≥ 256 channels each way, slower on thin ones such as
-        # MobileNetV2's 960×160 (benchmarks/kernel_micro.py)
-        w_t = _kernel_sum(weight).to(gbar.dtype) * scale if need_x else \
-            gbar.new_zeros(()).expand(cout, cin)
-        gxt, gw_, _ = torch.ops.aten.convolution_backward(
-            gbar, xt.to(gbar.dtype) if need_w else gbar.new_zeros(()).expand(n, cin, ph, pw),
-            w_t.reshape(cout, cin, 1, 1), None, [1, 1], [0, 0], [1, 1],
-            False, [0, 0], 1, [need_x, need_w, False])
-        return (gw_.reshape(cout, cin).mul_(scale) if need_w else None), gxt
     g_t = gbar.transpose(0, 1).reshape(cout, n * p) if narrow and not depthwise else None
     gw_ = gxt = None
     if need_w:
