@@ -16,7 +16,14 @@ def test_step_bench_case_reports_ratios_and_saved_bytes():
     assert row["blocks"] == ["features.17", "features.18"]
     for m in METHODS:
         assert row[f"step_ms_{m}"] > 0
+        phases = [row[f"{p}_ms_{m}"] for p in ("forward", "backward", "optimizer")]
+        assert min(phases) > 0 and sum(phases) == pytest.approx(row[f"step_ms_{m}"], rel=0.5)
     assert row["forward_only_ms"] > 0
+    # the zero-backward bound: vanilla's own step minus its backward, over E's denominator
+    no_backward = row["forward_ms_vanilla"] + row["optimizer_ms_vanilla"]
+    window = row["step_ms_vanilla"] - row["forward_only_ms"]
+    expect = (row["step_ms_vanilla"] - no_backward) / window if window > 0 else None
+    assert row["efficiency_bound"] == pytest.approx(expect)
     for m in METHODS[1:]:
         assert row[f"speedup_{m}"] == pytest.approx(row["step_ms_vanilla"] / row[f"step_ms_{m}"])
     # what the blocks save: filtering alone shrinks the convs' inputs only; lean much more
