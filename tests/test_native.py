@@ -84,6 +84,25 @@ def test_tiny_gemm_pool_and_unpool_match_loops(grid):
 
 
 @needs_native
+@pytest.mark.parametrize("w,top,left", [(1024, 1, 2), (1027, -2, 0)])  # aligned rows / mostly not
+def test_native_unpool_streams_large_outputs_exactly(w, top, left):
+    """Outputs of ≥ 32 MiB take the streaming-store path; off-grid rows and columns stay zero."""
+    c, h, kh, kw = 4, 2048, 4, 3
+    ph, pw = (h + top) // kh - 1, -(-(w + left) // kw)  # the grid stops short of the last rows
+    g = torch.randn(1, c, ph, pw)
+    with native.use_native(True):
+        up = native.unpool(g, h, w, kh, kw, top, left)
+    assert up.numel() * 4 >= 32 << 20
+    # oracle: gather from g padded with a zero row and column, off-grid positions point at them
+    padded = torch.nn.functional.pad(g, (0, 1, 0, 1))
+    rows, cols = torch.arange(h) + top, torch.arange(w) + left
+    rows = torch.where((rows >= 0) & (rows < ph * kh), rows // kh, ph)
+    cols = torch.where((cols >= 0) & (cols < pw * kw), cols // kw, pw)
+    assert torch.equal(up, padded[:, :, rows][:, :, :, cols])
+    assert up[:, :, -kh:].abs().sum() == 0
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_native_low_precision_accumulates_in_float(dtype):
     x = torch.full((1, 2, 64, 64), 0.01, dtype=dtype)

@@ -121,37 +121,59 @@ void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_
   });
 }
 
+// Outputs at least this large are written with streaming (non-temporal) stores: they cannot stay
+// in the cache anyway, and streaming skips reading every destination line before writing it.
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
+
+// row[0, W) to dst: streaming stores for float rows that start 16-byte aligned, else memcpy
+template <typename scalar_t>
+inline void write_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ row, int64_t W,
+                      bool stream) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream && (reinterpret_cast<std::uintptr_t>(dst) & 15) == 0) {
+      int64_t w = 0;
+      for (; w + 4 <= W; w += 4) _mm_stream_ps(dst + w, _mm_loadu_ps(row + w));
+      for (; w < W; ++w) dst[w] = row[w];
+      return;
+    }
+  }
+#endif
+  std::memcpy(dst, row, W * sizeof(scalar_t));
+}
+
 template <typename scalar_t>
 void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
                    int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
   const auto cols = segments(W, kw, left, Pw);
   const auto row_patch = position_patch(H, kh, top, Ph);
+  const bool stream = planes * H * W * int64_t(sizeof(scalar_t)) >= kStreamBytes;
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> buf(W);  // the current patch row's output row, built once
+    scalar_t* __restrict__ row = buf.data();
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* in = src + p * Ph * Pw;
       scalar_t* __restrict__ out = dst + p * H * W;
-      int64_t built = -2;  // patch row of the row last written (-1: a zero row)
+      int64_t built = -2;  // patch row held in `row` (-1: a zero row)
       for (int64_t h = 0; h < H; ++h) {
-        scalar_t* __restrict__ o = out + h * W;
         const int64_t i = row_patch[h];
-        if (i == built) {  // same patch row as the row above: copy it
-          std::memcpy(o, o - W, W * sizeof(scalar_t));
-          continue;
+        if (i != built) {
+          built = i;
+          std::fill(row, row + W, scalar_t(0));
+          if (i >= 0) {
+            const scalar_t* g = in + i * Pw;
+            for (int64_t j = 0; j < Pw; ++j) {
+              const scalar_t v = g[j];
+              for (int64_t w = cols[j].first; w < cols[j].second; ++w) row[w] = v;
+            }
+          }
         }
-        built = i;
-        if (i < 0) {
-          for (int64_t w = 0; w < W; ++w) o[w] = scalar_t(0);
-          continue;
-        }
-        for (int64_t w = 0; w < cols[0].first; ++w) o[w] = scalar_t(0);
-        for (int64_t w = cols[Pw - 1].second; w < W; ++w) o[w] = scalar_t(0);
-        const scalar_t* g = in + i * Pw;
-        for (int64_t j = 0; j < Pw; ++j) {
-          const scalar_t v = g[j];
-          for (int64_t w = cols[j].first; w < cols[j].second; ++w) o[w] = v;
-        }
+        write_row(out + h * W, row, W, stream);
       }
     }
+#if defined(__SSE2__)
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them
+#endif
   });
 }
 
