@@ -6,7 +6,8 @@ process, alternating, median of repeats:
 
 * patch sums / unpooling: the native kernel (gradfilter.native), the pure-PyTorch path, and the
   tiny-map GEMM, against a plain ``clone`` of the same tensor (the memory-traffic floor);
-* patch products: MKL GEMMs on channel-major copies vs oneDNN's 1×1 conv backward;
+* patch products: MKL GEMMs on channel-major copies vs oneDNN's 1×1 conv backward (on plain and
+  on channels-last maps);
 * lean ReLU6: native one-pass clamp + bit mask and mask application vs PyTorch's relu6 and
   hardtanh backward (which keep the full map).
 
@@ -88,8 +89,10 @@ def _pool_case(n: int, c: int, h: int, r: int, repeats: int) -> dict:
     return {"shape": [n, c, h, w], "radius": r, "ms": _median_ms(fns, repeats)}
 
 
+# end-to-end shapes (batch 16, r=4 on 7×7 maps) and the per-layer benchmark's (batch 8)
 PRODUCT_SHAPES = [(16, 960, 160, 2, 2), (16, 512, 512, 2, 2), (8, 512, 512, 7, 7),
-                  (8, 256, 256, 7, 7), (8, 128, 128, 7, 7)]
+                  (8, 256, 256, 7, 7), (8, 128, 128, 7, 7), (8, 64, 64, 28, 28),
+                  (8, 512, 512, 15, 20), (8, 256, 256, 30, 40), (8, 128, 128, 60, 80)]
 
 
 def product_rows(repeats: int) -> list[dict]:
@@ -105,12 +108,16 @@ def _product_case(n: int, co: int, ci: int, ph: int, pw: int, repeats: int) -> d
         xt = x.transpose(0, 1).reshape(ci, n * p)
         return torch.mm(gt, xt.t()), torch.mm(w.view(co, ci).t(), gt)
 
-    def onednn():
+    def onednn(g=g, x=x, w=w):
         return torch.ops.aten.convolution_backward(
             g, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
 
-    return {"n": n, "cout": co, "cin": ci, "patches": [ph, pw],
-            "ms": _median_ms({"mkl_gemm": mkl, "onednn_1x1_backward": onednn}, repeats)}
+    cl = torch.channels_last
+    g_cl, x_cl, w_cl = (t.contiguous(memory_format=cl) for t in (g, x, w))
+    return {"n": n, "cout": co, "cin": ci, "patches": [ph, pw], "macs": n * p * co * ci,
+            "ms": _median_ms({"mkl_gemm": mkl, "onednn_1x1_backward": onednn,
+                              "onednn_1x1_backward_nhwc": lambda: onednn(g_cl, x_cl, w_cl)},
+                             repeats)}
 
 
 def activation_rows(repeats: int) -> list[dict]:

@@ -391,10 +391,11 @@ def _kernel_sum(weight: Tensor) -> Tensor:
 
 
 # From this many multiply-adds per product, CPU patch products run in oneDNN's 1×1 conv backward
-# (both in one call) instead of MKL GEMMs: 1.4–2.3× faster on the per-layer benchmark's large
-# maps. Below it oneDNN can win alone yet loses inside a training step: ~1 ms per step on
-# ResNet18 and MobileNetV2 at r=4 (benchmarks/ab_switch.py).
-_ONEDNN_MACS = 20_000_000
+# (both in one call) instead of MKL GEMMs: 1.1–1.6× faster on the per-layer benchmark's maps of
+# ≥ 100M. Below it oneDNN can win alone yet loses inside a backward: the one-call native
+# backward with MKL GEMMs is 1.05–1.2× faster at 26M, and on ResNet18 and MobileNetV2 at r=4
+# (≤ 17M) oneDNN cost ~1 ms per step (benchmarks/ab_switch.py).
+_ONEDNN_MACS = 64_000_000
 _CPU_ONEDNN = True  # private switch for benchmarks/ab_switch.py
 
 
@@ -527,7 +528,13 @@ class _FilteredConv(torch.autograd.Function):
         # Where the patch grid does not shrink the map (maps no larger than a patch), x̃ would be
         # a new tensor as large as x: keep x itself (as vanilla does) and pool it in the backward.
         keep_x = need_w and gh.patches * gw.patches >= x2.shape[-2] * x2.shape[-1]
-        xt = x2 if keep_x else (patch_sum_input(x2, gh, gw) if need_w else None)
+        ctx.fused = _fused_backward_applies(x2, w2, groups, gh, gw, keep_x, exact_gx)
+        if ctx.fused and need_w:  # x̃ channel-major, as the native backward's GEMM takes it
+            xt = native.patch_sum_cm(x2, gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad,
+                                     gh.patches, gw.patches,
+                                     pool=_tiny_matrix(*x2.shape[-2:], gh, gw, x2.dtype))[0]
+        else:
+            xt = x2 if keep_x else (patch_sum_input(x2, gh, gw) if need_w else None)
         ctx.pool_in_backward = keep_x
         ctx.channels_last = _dense_format(x2) is torch.channels_last
         # The weight itself is saved (it is alive anyway); W̃ is formed in the backward.
@@ -547,6 +554,8 @@ class _FilteredConv(torch.autograd.Function):
             )
         xt, weight = ctx.saved_tensors
         gh, gw = ctx.geometry
+        if ctx.fused:
+            return _native_backward(ctx, gy, xt, weight)
         if ctx.pool_in_backward:
             xt = patch_sum_input(xt, gh, gw)
         groups, w_shape, one_d, need_x, need_w, need_b = ctx.meta
@@ -575,6 +584,60 @@ class _FilteredConv(torch.autograd.Function):
         if gx is not None and one_d:
             gx = gx.squeeze(-2)
         return gx, gw_, (gb if need_b else None), None, None, None, None, None, None, None
+
+
+_NATIVE_BACKWARD = True  # private switch for benchmarks/ab_switch.py
+
+
+def _fused_backward_applies(x: Tensor, w: Tensor, groups: int, gh: AxisGeometry,
+                            gw: AxisGeometry, keep_x: bool, exact_gx: bool) -> bool:
+    """Whether the one-call native backward takes this conv: dense, taps summed, plain CPU maps
+    beyond the tiny-map GEMM's size, products below the oneDNN threshold (MKL GEMMs)."""
+    if not _NATIVE_BACKWARD or groups != 1 or keep_x or exact_gx or gh.keeps_taps or gw.keeps_taps:
+        return False
+    if _dense_format(x) is not torch.contiguous_format or not native.applies(x):
+        return False
+    if w.shape[-2] * w.shape[-1] == 1 and _tiny(x.shape[-2] * x.shape[-1], gh.patches * gw.patches):
+        return False  # 1×1 convs on tiny maps: measured 0.1 ms per conv slower than the ops below
+    return x.shape[0] * gh.patches * gw.patches * w.shape[0] * w.shape[1] < _ONEDNN_MACS
+
+
+def _tiny_matrix(h: int, w: int, gh: AxisGeometry, gw: AxisGeometry, dtype: torch.dtype,
+                 output: bool = False) -> Tensor | None:
+    """The pooling matrix of an h×w map's input grid (output grid with ``output``) if it is tiny."""
+    if not _tiny(h * w, gh.patches * gw.patches):
+        return None
+    if output:
+        return _pool_matrix(h, w, gh.radius, gw.radius, gh.out_pad, gw.out_pad, gh.patches,
+                            gw.patches, dtype)
+    return _pool_matrix(h, w, gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad, gh.patches,
+                        gw.patches, dtype)
+
+
+def _native_backward(ctx, gy: Tensor, xt: Tensor | None, weight: Tensor | None):
+    """The backward of :class:`_FilteredConv` as one native call (see _fused_backward_applies)."""
+    gh, gw = ctx.geometry
+    groups, w_shape, one_d, need_x, need_w, need_b = ctx.meta
+    if one_d:
+        gy = gy.unsqueeze(-2)
+        weight = weight.unsqueeze(-2) if weight is not None else None
+    rh, rw = gh.radius, gw.radius
+    tiles = gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
+        gw.patches * rw == gy.shape[-1])
+    scale = (1.0 / (rh * rw) if tiles else 1.0) / (gh.stride * gw.stride)  # §1.2 and the §1 stride
+    scale_map = None if tiles else _inverse_counts(gh, gw, gy.device, gy.dtype)
+    empty = gy.new_empty(0)
+    gx, gw_, gb = native.filtered_backward(
+        gy, xt if need_w else empty, weight if need_x else empty, (w_shape[2], w_shape[3]),
+        (rh, rw, gh.out_pad, gw.out_pad, gh.patches, gw.patches),
+        (gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad), (gh.size, gw.size), scale, scale_map,
+        need_x, need_w, _tiny_matrix(*gy.shape[-2:], gh, gw, gy.dtype, output=True),
+        _tiny_matrix(gh.size, gw.size, gh, gw, gy.dtype))
+    if one_d:
+        gx = gx.squeeze(-2) if need_x else gx
+        gw_ = gw_.squeeze(-2) if need_w else gw_
+    return (gx if need_x else None), (gw_ if need_w else None), (gb if need_b else None), \
+        None, None, None, None, None, None, None
 
 
 def _explicit_padding(padding, w_shape, dilation) -> tuple[tuple[int, int], tuple[int, int]]:

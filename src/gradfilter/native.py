@@ -29,9 +29,11 @@ from torch import Tensor
 __all__ = [
     "NativeBuildWarning",
     "available",
+    "filtered_backward",
     "mask_apply",
     "masked_clamp",
     "patch_sum",
+    "patch_sum_cm",
     "unpool",
     "use_native",
 ]
@@ -150,3 +152,30 @@ def masked_clamp(x: Tensor, upper: float) -> tuple[Tensor, Tensor]:
 def mask_apply(g: Tensor, bits: Tensor) -> Tensor:
     """g where the packed mask bit is set, else 0 (the lean activations' backward)."""
     return _ops().mask_apply(g, bits)
+
+
+def patch_sum_cm(x: Tensor, kh: int, kw: int, top: int, left: int, ph: int, pw: int,
+                 scale: float = 1.0, scale_map: Tensor | None = None,
+                 pool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Channel-major patch sums of a plain (N, C, H, W) map: ((C, N, ph, pw) sums · scale ·
+    scale_map, the per-channel total of the unscaled sums). ``pool``, the grid's (H·W, ph·pw)
+    0/1 membership matrix, makes the pooling one GEMM (for tiny maps)."""
+    return _ops().patch_sum_cm(x, kh, kw, top, left, ph, pw, scale, scale_map, pool)
+
+
+def filtered_backward(gy: Tensor, xt_cm: Tensor, weight: Tensor, kernel: tuple[int, int],
+                      out_grid: tuple[int, int, int, int, int, int],
+                      in_grid: tuple[int, int, int, int], size: tuple[int, int], scale: float,
+                      scale_map: Tensor | None, need_x: bool, need_w: bool,
+                      pool_out: Tensor | None = None, pool_in: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """(gx, gW, gb) of a filtered dense conv with summed taps, in one call (plain layout).
+
+    ``xt_cm`` holds the input patch sums channel-major (Cin, N, Ph, Pw); ``out_grid`` is
+    (rh, rw, top, left, Ph, Pw) of gy's patches, ``in_grid`` (kh, kw, top, left) of the input's,
+    ``size`` the input map's (H, W). ``pool_out`` / ``pool_in``: membership matrices of the
+    output / input grid, to pool / unpool tiny maps by GEMM. Results not asked for come back
+    empty.
+    """
+    return _ops().filtered_backward(gy, xt_cm, weight, *kernel, *out_grid, *in_grid, *size,
+                                    scale, scale_map, need_x, need_w, pool_out, pool_in)

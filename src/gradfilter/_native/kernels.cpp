@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -78,45 +79,89 @@ inline void interior_sums(const acc_t* __restrict__ row, scalar_t* __restrict__ 
   }
 }
 
+// Patch sums of one plane: the geometry of a ph×pw grid over an H×W plane, precomputed.
+struct PlaneGrid {
+  int64_t H, W, kw, left, Ph, Pw, j0, j1;
+  std::vector<std::pair<int64_t, int64_t>> rows, cols;
+
+  PlaneGrid(int64_t H_, int64_t W_, int64_t kh, int64_t kw_, int64_t top, int64_t left_, int64_t Ph_,
+            int64_t Pw_)
+      : H(H_), W(W_), kw(kw_), left(left_), Ph(Ph_), Pw(Pw_), j0(0), j1(Pw_),
+        rows(segments(H_, kh, top, Ph_)), cols(segments(W_, kw_, left_, Pw_)) {
+    // interior column patches: those lying wholly inside the map
+    while (j0 < Pw && cols[j0].second - cols[j0].first < kw) ++j0;
+    while (j1 > j0 && cols[j1 - 1].second - cols[j1 - 1].first < kw) --j1;
+  }
+};
+
+// out[Ph*Pw] = patch sums of the plane `in`; `row` is a scratch row of W accumulators
+template <typename scalar_t, typename acc_t>
+inline void sum_plane(const PlaneGrid& g, const scalar_t* in, scalar_t* __restrict__ out,
+                      acc_t* __restrict__ row) {
+  const int64_t W = g.W, Pw = g.Pw, j0 = g.j0, j1 = g.j1;
+  for (int64_t i = 0; i < g.Ph; ++i) {
+    const auto [h0, h1] = g.rows[i];
+    if (h0 == h1) {
+      for (int64_t j = 0; j < Pw; ++j) out[i * Pw + j] = scalar_t(0);
+      continue;
+    }
+    // the patch row's rows summed into one row (contiguous, vectorisable)
+    const scalar_t* __restrict__ r0 = in + h0 * W;
+    for (int64_t w = 0; w < W; ++w) row[w] = acc_t(r0[w]);
+    for (int64_t h = h0 + 1; h < h1; ++h) {
+      const scalar_t* __restrict__ r = in + h * W;
+      for (int64_t w = 0; w < W; ++w) row[w] += acc_t(r[w]);
+    }
+    scalar_t* __restrict__ o = out + i * Pw;
+    for (int64_t j = 0; j < j0; ++j) o[j] = scalar_t(segment_sum(row, g.cols[j]));
+    switch (g.kw) {  // full-width interior patches, with the width known to the compiler
+      case 2: interior_sums<2>(row, o, j0, j1, g.left); break;
+      case 3: interior_sums<3>(row, o, j0, j1, g.left); break;
+      case 4: interior_sums<4>(row, o, j0, j1, g.left); break;
+      default:
+        for (int64_t j = j0; j < j1; ++j) o[j] = scalar_t(segment_sum(row, g.cols[j]));
+    }
+    for (int64_t j = std::max(j0, j1); j < Pw; ++j) o[j] = scalar_t(segment_sum(row, g.cols[j]));
+  }
+}
+
 template <typename scalar_t>
 void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
                       int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
-  // interior column patches: those lying wholly inside the map
-  int64_t j0 = 0, j1 = Pw;
-  while (j0 < Pw && cols[j0].second - cols[j0].first < kw) ++j0;
-  while (j1 > j0 && cols[j1 - 1].second - cols[j1 - 1].first < kw) --j1;
+  const PlaneGrid grid(H, W, kh, kw, top, left, Ph, Pw);
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(W);
-    acc_t* __restrict__ row = buf.data();
-    for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* in = src + p * H * W;
-      scalar_t* __restrict__ out = dst + p * Ph * Pw;
-      for (int64_t i = 0; i < Ph; ++i) {
-        const auto [h0, h1] = rows[i];
-        if (h0 == h1) {
-          for (int64_t j = 0; j < Pw; ++j) out[i * Pw + j] = scalar_t(0);
-          continue;
+    for (int64_t p = begin; p < end; ++p)
+      sum_plane(grid, src + p * H * W, dst + p * Ph * Pw, buf.data());
+  });
+}
+
+// Channel-major patch sums of an (N, C, H, W) map: dst (C, N, Ph, Pw) = scale · map[patch] · sums,
+// and csum[c] = the plain sum of channel c's patch sums (the bias gradient when x is gy). The
+// channel-major layout is what the patch-resolution GEMMs take without a transposing copy.
+template <typename scalar_t>
+void patch_sum_cm_kernel(const scalar_t* src, scalar_t* dst, scalar_t* csum, int64_t N, int64_t C,
+                         int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t top, int64_t left,
+                         int64_t Ph, int64_t Pw, double scale, const scalar_t* map) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PlaneGrid grid(H, W, kh, kw, top, left, Ph, Pw);
+  const int64_t P = Ph * Pw;
+  const acc_t s = acc_t(scale);
+  at::parallel_for(0, C, grain_for(N * H * W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(W);
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t total = acc_t(0);
+      for (int64_t n = 0; n < N; ++n) {
+        scalar_t* __restrict__ out = dst + (c * N + n) * P;
+        sum_plane(grid, src + (n * C + c) * H * W, out, buf.data());
+        for (int64_t k = 0; k < P; ++k) {
+          const acc_t v = acc_t(out[k]);
+          total += v;
+          out[k] = scalar_t(map ? v * s * acc_t(map[k]) : v * s);
         }
-        // the patch row's rows summed into one row (contiguous, vectorisable)
-        const scalar_t* __restrict__ r0 = in + h0 * W;
-        for (int64_t w = 0; w < W; ++w) row[w] = acc_t(r0[w]);
-        for (int64_t h = h0 + 1; h < h1; ++h) {
-          const scalar_t* __restrict__ r = in + h * W;
-          for (int64_t w = 0; w < W; ++w) row[w] += acc_t(r[w]);
-        }
-        scalar_t* __restrict__ o = out + i * Pw;
-        for (int64_t j = 0; j < j0; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
-        switch (kw) {  // full-width interior patches, with the width known to the compiler
-          case 2: interior_sums<2>(row, o, j0, j1, left); break;
-          case 3: interior_sums<3>(row, o, j0, j1, left); break;
-          case 4: interior_sums<4>(row, o, j0, j1, left); break;
-          default:
-            for (int64_t j = j0; j < j1; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
-        }
-        for (int64_t j = std::max(j0, j1); j < Pw; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
       }
+      csum[c] = scalar_t(total);
     }
   });
 }
@@ -142,17 +187,22 @@ inline void write_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ r
   std::memcpy(dst, row, W * sizeof(scalar_t));
 }
 
+// dst (N, C, H, W): each patch value repeated over its patch. The source planes are (N, C, Ph, Pw)
+// or, with channel_major, (C, N, Ph, Pw) (the patch-resolution GEMM's output, not transposed).
 template <typename scalar_t>
-void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
-                   int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+void unpool_kernel(const scalar_t* src, scalar_t* dst, int64_t N, int64_t C, int64_t H, int64_t W,
+                   int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw,
+                   bool channel_major = false) {
   const auto cols = segments(W, kw, left, Pw);
   const auto row_patch = position_patch(H, kh, top, Ph);
+  const int64_t planes = N * C;
   const bool stream = planes * H * W * int64_t(sizeof(scalar_t)) >= kStreamBytes;
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> buf(W);  // the current patch row's output row, built once
     scalar_t* __restrict__ row = buf.data();
     for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* in = src + p * Ph * Pw;
+      const int64_t source = channel_major ? (p % C) * N + p / C : p;
+      const scalar_t* in = src + source * Ph * Pw;
       scalar_t* __restrict__ out = dst + p * H * W;
       int64_t built = -2;  // patch row held in `row` (-1: a zero row)
       for (int64_t h = 0; h < H; ++h) {
@@ -276,9 +326,164 @@ at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_unpool", [&] {
     unpool_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                            N * C, H, W, kh, kw, top, left, Ph, Pw);
+                            N, C, H, W, kh, kw, top, left, Ph, Pw);
   });
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole filtered backward of a dense 2-D convolution with summed taps (DESIGN §1.2-§1.7) in
+// one call, on plain (NCHW) maps: the patch sums of gy go straight into the channel-major matrix
+// the GEMMs take, already scaled, with the bias gradient from the same pass; W̃ and the tap
+// expansion of gW̃ are single loops; gx is unpooled straight from the GEMM's channel-major
+// output. Against the same steps as PyTorch ops this saves five tensor passes and about ten
+// operator calls, which dominate on small maps.
+
+// (P, N·C) patch sums (the pooling GEMM's output) to channel-major (C, N, P), scaled, with the
+// channel totals
+template <typename scalar_t>
+void to_channel_major(const scalar_t* cols, scalar_t* dst, scalar_t* csum, int64_t N, int64_t C,
+                      int64_t P, double scale, const scalar_t* map) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t s = acc_t(scale);
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * P, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t total = acc_t(0);
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* in = cols + n * C + c;
+        scalar_t* out = dst + (c * N + n) * P;
+        for (int64_t k = 0; k < P; ++k) {
+          const acc_t v = acc_t(in[k * N * C]);
+          total += v;
+          out[k] = scalar_t(map ? v * s * acc_t(map[k]) : v * s);
+        }
+      }
+      csum[c] = scalar_t(total);
+    }
+  });
+}
+
+// `pool`, when given, is the (H·W, Ph·Pw) 0/1 membership matrix of the grid: tiny maps are
+// pooled by one GEMM with it (per-plane loops over 49 pixels cost more than the arithmetic).
+std::tuple<at::Tensor, at::Tensor> patch_sum_cm(const at::Tensor& x, int64_t kh, int64_t kw,
+                                                int64_t top, int64_t left, int64_t Ph, int64_t Pw,
+                                                double scale, const std::optional<at::Tensor>& map,
+                                                const std::optional<at::Tensor>& pool) {
+  TORCH_CHECK(x.dim() == 4, "gradfilter native patch_sum_cm: expected a 4-D tensor, got ", x.dim(), "-D");
+  check_geometry(kh, Ph, "height");
+  check_geometry(kw, Pw, "width");
+  const at::Tensor src = x.contiguous();
+  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
+  at::Tensor out = at::empty({C, N, Ph, Pw}, src.options());
+  at::Tensor csum = at::empty({C}, src.options());
+  at::Tensor m;
+  if (map.has_value() && map->defined()) {
+    TORCH_CHECK(map->numel() == Ph * Pw, "gradfilter native patch_sum_cm: the scale map needs ", Ph * Pw,
+                " values, got ", map->numel());
+    m = map->to(src.scalar_type()).contiguous();
+  }
+  if (out.numel() == 0) return {out, csum.zero_()};
+  const bool gemm = pool.has_value() && pool->defined();
+  if (gemm) {
+    TORCH_CHECK(pool->dim() == 2 && pool->size(0) == H * W && pool->size(1) == Ph * Pw,
+                "gradfilter native patch_sum_cm: the pooling matrix must be (", H * W, ", ", Ph * Pw, ")");
+  }
+  // (P, H·W)·(H·W, N·C): MKL runs this orientation 2× faster than (N·C, H·W)·(H·W, P)
+  const at::Tensor cols = gemm ? at::mm(pool->to(src.scalar_type()).t(), src.view({N * C, H * W}).t())
+                               : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_patch_sum_cm", [&] {
+    const scalar_t* mp = m.defined() ? m.const_data_ptr<scalar_t>() : nullptr;
+    if (gemm)
+      to_channel_major<scalar_t>(cols.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                 csum.mutable_data_ptr<scalar_t>(), N, C, Ph * Pw, scale, mp);
+    else
+      patch_sum_cm_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                    csum.mutable_data_ptr<scalar_t>(), N, C, H, W, kh, kw, top, left,
+                                    Ph, Pw, scale, mp);
+  });
+  return {out, csum};
+}
+
+// W̃ (Cout, Cin): the kernel summed over its taps
+at::Tensor tap_sum(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t rows = w.size(0) * w.size(1), taps = w.numel() / std::max<int64_t>(rows, 1);
+  at::Tensor out = at::empty({w.size(0), w.size(1)}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "gf_tap_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(taps, 1)),
+                     [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        acc_t acc = acc_t(0);
+        for (int64_t t = 0; t < taps; ++t) acc += acc_t(src[r * taps + t]);
+        dst[r] = scalar_t(acc);
+      }
+    });
+  });
+  return out;
+}
+
+// gW (Cout, Cin, kh, kw): every tap gets its (Cout, Cin) entry of gW̃
+at::Tensor expand_taps(const at::Tensor& gw, int64_t kh, int64_t kw) {
+  const at::Tensor src = gw.contiguous();
+  const int64_t rows = src.numel(), taps = kh * kw;
+  at::Tensor out = at::empty({src.size(0), src.size(1), kh, kw}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_expand_taps", [&] {
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / taps), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) std::fill(dst + r * taps, dst + (r + 1) * taps, in[r]);
+    });
+  });
+  return out;
+}
+
+// (gx, gW, gb) of a filtered dense conv from gy (N, Cout, Ho, Wo) and the channel-major input
+// patch sums xt (Cin, N, Ph, Pw). Entries not asked for come back empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
+    const at::Tensor& gy, const at::Tensor& xt, const at::Tensor& weight, int64_t kh, int64_t kw,
+    int64_t rh, int64_t rw, int64_t out_top, int64_t out_left, int64_t Ph, int64_t Pw,
+    int64_t in_kh, int64_t in_kw, int64_t in_top, int64_t in_left, int64_t H, int64_t W,
+    double scale, const std::optional<at::Tensor>& map, bool need_x, bool need_w,
+    const std::optional<at::Tensor>& pool_out, const std::optional<at::Tensor>& pool_in) {
+  TORCH_CHECK(gy.dim() == 4, "gradfilter native filtered_backward: expected a 4-D gy");
+  const int64_t N = gy.size(0), P = Ph * Pw;
+  auto [g_cm, gb] = patch_sum_cm(gy, rh, rw, out_top, out_left, Ph, Pw, scale, map, pool_out);
+  const at::Tensor g2 = g_cm.view({g_cm.size(0), N * P});
+  const at::Tensor empty = at::empty({0}, gy.options());
+  at::Tensor gw = empty, gx = empty;
+  if (need_w) {
+    TORCH_CHECK(xt.dim() == 4 && xt.size(1) == N && xt.size(2) == Ph && xt.size(3) == Pw,
+                "gradfilter native filtered_backward: xt must be (Cin, N, Ph, Pw)");
+    const at::Tensor x2 = xt.to(gy.scalar_type()).contiguous().view({xt.size(0), N * P});
+    gw = expand_taps(at::mm(g2, x2.t()), kh, kw);
+  }
+  if (need_x) {
+    const at::Tensor wsum = tap_sum(weight.to(gy.scalar_type()));  // (Cout, Cin)
+    TORCH_CHECK(wsum.size(0) == g2.size(0), "gradfilter native filtered_backward: weight has ",
+                wsum.size(0), " output channels, gy ", g2.size(0));
+    const at::Tensor gxt = at::mm(wsum.t(), g2);  // (Cin, N·P), channel-major
+    const int64_t Cin = gxt.size(0);
+    if (pool_in.has_value() && pool_in->defined()) {  // tiny maps: unpool by one GEMM
+      TORCH_CHECK(pool_in->dim() == 2 && pool_in->size(0) == H * W && pool_in->size(1) == P,
+                  "gradfilter native filtered_backward: the unpooling matrix must be (", H * W,
+                  ", ", P, ")");
+      const at::Tensor g_rows = gxt.view({Cin, N, P}).transpose(0, 1).reshape({N * Cin, P});
+      gx = at::mm(g_rows, pool_in->to(gxt.scalar_type()).t()).view({N, Cin, H, W});
+      return {gx, gw, gb};
+    }
+    gx = at::empty({N, Cin, H, W}, gy.options());
+    if (gx.numel() > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gxt.scalar_type(), "gf_unpool_cm", [&] {
+        unpool_kernel<scalar_t>(gxt.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), N,
+                                Cin, H, W, in_kh, in_kw, in_top, in_left, Ph, Pw, true);
+      });
+    }
+  }
+  return {gx, gw, gb};
 }
 
 // Lean ReLU / ReLU6: y = clamp(x, 0, upper) and the gradient mask (0 < x < upper) packed 8 to a
@@ -422,6 +627,12 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("unpool(Tensor g, int h, int w, int kh, int kw, int top, int left) -> Tensor");
   m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
   m.def("mask_apply(Tensor g, Tensor bits) -> Tensor");
+  m.def("patch_sum_cm(Tensor x, int kh, int kw, int top, int left, int ph, int pw, float scale, "
+        "Tensor? map, Tensor? pool) -> (Tensor, Tensor)");
+  m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
+        "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
+        "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_out, "
+        "Tensor? pool_in) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
@@ -429,4 +640,6 @@ TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
   m.impl("unpool", TORCH_FN(unpool));
   m.impl("masked_clamp", TORCH_FN(masked_clamp));
   m.impl("mask_apply", TORCH_FN(mask_apply));
+  m.impl("patch_sum_cm", TORCH_FN(patch_sum_cm));
+  m.impl("filtered_backward", TORCH_FN(filtered_backward));
 }
