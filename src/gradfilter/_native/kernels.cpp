@@ -79,87 +79,70 @@ inline void interior_sums(const acc_t* __restrict__ row, scalar_t* __restrict__ 
   }
 }
 
-// Patch sums of one plane: the geometry of a ph×pw grid over an H×W plane, precomputed.
-struct PlaneGrid {
-  int64_t H, W, kw, left, Ph, Pw, j0, j1;
-  std::vector<std::pair<int64_t, int64_t>> rows, cols;
-
-  PlaneGrid(int64_t H_, int64_t W_, int64_t kh, int64_t kw_, int64_t top, int64_t left_, int64_t Ph_,
-            int64_t Pw_)
-      : H(H_), W(W_), kw(kw_), left(left_), Ph(Ph_), Pw(Pw_), j0(0), j1(Pw_),
-        rows(segments(H_, kh, top, Ph_)), cols(segments(W_, kw_, left_, Pw_)) {
-    // interior column patches: those lying wholly inside the map
-    while (j0 < Pw && cols[j0].second - cols[j0].first < kw) ++j0;
-    while (j1 > j0 && cols[j1 - 1].second - cols[j1 - 1].first < kw) --j1;
-  }
-};
-
-// out[Ph*Pw] = patch sums of the plane `in`; `row` is a scratch row of W accumulators
-template <typename scalar_t, typename acc_t>
-inline void sum_plane(const PlaneGrid& g, const scalar_t* in, scalar_t* __restrict__ out,
-                      acc_t* __restrict__ row) {
-  const int64_t W = g.W, Pw = g.Pw, j0 = g.j0, j1 = g.j1;
-  for (int64_t i = 0; i < g.Ph; ++i) {
-    const auto [h0, h1] = g.rows[i];
-    if (h0 == h1) {
-      for (int64_t j = 0; j < Pw; ++j) out[i * Pw + j] = scalar_t(0);
-      continue;
-    }
-    // the patch row's rows summed into one row (contiguous, vectorisable)
-    const scalar_t* __restrict__ r0 = in + h0 * W;
-    for (int64_t w = 0; w < W; ++w) row[w] = acc_t(r0[w]);
-    for (int64_t h = h0 + 1; h < h1; ++h) {
-      const scalar_t* __restrict__ r = in + h * W;
-      for (int64_t w = 0; w < W; ++w) row[w] += acc_t(r[w]);
-    }
-    scalar_t* __restrict__ o = out + i * Pw;
-    for (int64_t j = 0; j < j0; ++j) o[j] = scalar_t(segment_sum(row, g.cols[j]));
-    switch (g.kw) {  // full-width interior patches, with the width known to the compiler
-      case 2: interior_sums<2>(row, o, j0, j1, g.left); break;
-      case 3: interior_sums<3>(row, o, j0, j1, g.left); break;
-      case 4: interior_sums<4>(row, o, j0, j1, g.left); break;
-      default:
-        for (int64_t j = j0; j < j1; ++j) o[j] = scalar_t(segment_sum(row, g.cols[j]));
-    }
-    for (int64_t j = std::max(j0, j1); j < Pw; ++j) o[j] = scalar_t(segment_sum(row, g.cols[j]));
-  }
-}
-
+// dst: the patch sums of every (H, W) plane of src, in src's plane order, or with channel_major
+// (src as (N, C, H, W) planes) in (C, N) order. The loop body stays in this lambda: moved into
+// a helper function, GCC compiled it 2.5× slower.
 template <typename scalar_t>
 void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
-                      int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+                      int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw,
+                      int64_t N = 1, bool channel_major = false) {
+  const int64_t C = planes / std::max<int64_t>(N, 1);
   using acc_t = at::opmath_type<scalar_t>;
-  const PlaneGrid grid(H, W, kh, kw, top, left, Ph, Pw);
+  const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
+  // interior column patches: those lying wholly inside the map
+  int64_t j0 = 0, j1 = Pw;
+  while (j0 < Pw && cols[j0].second - cols[j0].first < kw) ++j0;
+  while (j1 > j0 && cols[j1 - 1].second - cols[j1 - 1].first < kw) --j1;
   at::parallel_for(0, planes, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(W);
-    for (int64_t p = begin; p < end; ++p)
-      sum_plane(grid, src + p * H * W, dst + p * Ph * Pw, buf.data());
+    acc_t* __restrict__ row = buf.data();
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* in = src + (channel_major ? (p % N) * C + p / N : p) * H * W;
+      scalar_t* __restrict__ out = dst + p * Ph * Pw;
+      for (int64_t i = 0; i < Ph; ++i) {
+        const auto [h0, h1] = rows[i];
+        if (h0 == h1) {
+          for (int64_t j = 0; j < Pw; ++j) out[i * Pw + j] = scalar_t(0);
+          continue;
+        }
+        // the patch row's rows summed into one row (contiguous, vectorisable)
+        const scalar_t* __restrict__ r0 = in + h0 * W;
+        for (int64_t w = 0; w < W; ++w) row[w] = acc_t(r0[w]);
+        for (int64_t h = h0 + 1; h < h1; ++h) {
+          const scalar_t* __restrict__ r = in + h * W;
+          for (int64_t w = 0; w < W; ++w) row[w] += acc_t(r[w]);
+        }
+        scalar_t* __restrict__ o = out + i * Pw;
+        for (int64_t j = 0; j < j0; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
+        switch (kw) {  // full-width interior patches, with the width known to the compiler
+          case 2: interior_sums<2>(row, o, j0, j1, left); break;
+          case 3: interior_sums<3>(row, o, j0, j1, left); break;
+          case 4: interior_sums<4>(row, o, j0, j1, left); break;
+          default:
+            for (int64_t j = j0; j < j1; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
+        }
+        for (int64_t j = std::max(j0, j1); j < Pw; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
+      }
+    }
   });
 }
 
-// Channel-major patch sums of an (N, C, H, W) map: dst (C, N, Ph, Pw) = scale · map[patch] · sums,
-// and csum[c] = the plain sum of channel c's patch sums (the bias gradient when x is gy). The
-// channel-major layout is what the patch-resolution GEMMs take without a transposing copy.
+// In place on channel-major (C, N, P) patch sums: csum[c] = the channel's plain total (the bias
+// gradient when the map is gy), then every sum times scale · map[patch].
 template <typename scalar_t>
-void patch_sum_cm_kernel(const scalar_t* src, scalar_t* dst, scalar_t* csum, int64_t N, int64_t C,
-                         int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t top, int64_t left,
-                         int64_t Ph, int64_t Pw, double scale, const scalar_t* map) {
+void scale_channel_major(scalar_t* sums, scalar_t* csum, int64_t N, int64_t C, int64_t P,
+                         double scale, const scalar_t* map) {
   using acc_t = at::opmath_type<scalar_t>;
-  const PlaneGrid grid(H, W, kh, kw, top, left, Ph, Pw);
-  const int64_t P = Ph * Pw;
   const acc_t s = acc_t(scale);
-  at::parallel_for(0, C, grain_for(N * H * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(W);
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * P, 1)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
+      scalar_t* v = sums + c * N * P;
       acc_t total = acc_t(0);
-      for (int64_t n = 0; n < N; ++n) {
-        scalar_t* __restrict__ out = dst + (c * N + n) * P;
-        sum_plane(grid, src + (n * C + c) * H * W, out, buf.data());
-        for (int64_t k = 0; k < P; ++k) {
-          const acc_t v = acc_t(out[k]);
-          total += v;
-          out[k] = scalar_t(map ? v * s * acc_t(map[k]) : v * s);
-        }
+      for (int64_t k = 0; k < N * P; ++k) {
+        const acc_t a = acc_t(v[k]);
+        total += a;
+        v[k] = scalar_t(map ? a * s * acc_t(map[k % P]) : a * s);
       }
       csum[c] = scalar_t(total);
     }
@@ -397,10 +380,12 @@ std::tuple<at::Tensor, at::Tensor> patch_sum_cm(const at::Tensor& x, int64_t kh,
     if (gemm)
       to_channel_major<scalar_t>(cols.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                  csum.mutable_data_ptr<scalar_t>(), N, C, Ph * Pw, scale, mp);
-    else
-      patch_sum_cm_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                    csum.mutable_data_ptr<scalar_t>(), N, C, H, W, kh, kw, top, left,
-                                    Ph, Pw, scale, mp);
+    else {
+      patch_sum_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                 N * C, H, W, kh, kw, top, left, Ph, Pw, N, true);
+      scale_channel_major<scalar_t>(out.mutable_data_ptr<scalar_t>(), csum.mutable_data_ptr<scalar_t>(),
+                                    N, C, Ph * Pw, scale, mp);
+    }
   });
   return {out, csum};
 }
