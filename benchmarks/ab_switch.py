@@ -1,8 +1,8 @@
 """A/B one private on/off switch of gradfilter inside a real training step, in one process.
 
 Builds one model as `gradfilter bench step` does and alternates the switch between consecutive
-backward passes (order reversible), so that both settings see the same machine state; prints the
-median backward time of each. This is how the CPU dispatch thresholds were chosen: kernels that
+steps (order reversible), so that both settings see the same machine state; prints the median
+forward and backward time of each. This is how the CPU dispatch thresholds were chosen: kernels that
 win alone can lose inside a step (cache state, thread hand-offs).
 
     .venv/bin/python benchmarks/ab_switch.py resnet18 4 --method lean \
@@ -46,21 +46,25 @@ def main() -> None:
     net.train()
     order = (False, True) if args.reverse else (True, False)
     times: dict[bool, list[float]] = {True: [], False: []}
+    fwd: dict[bool, list[float]] = {True: [], False: []}
     try:
         for i in range(args.repeats + 4):
             for value in order:
                 setattr(module, attr, value)
                 opt.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
                 loss = F.cross_entropy(net(x), y)
                 t = time.perf_counter()
                 loss.backward()
                 if i >= 4:
                     times[value].append((time.perf_counter() - t) * 1e3)
+                    fwd[value].append((t - t0) * 1e3)
     finally:
         setattr(module, attr, original)
     for value in (True, False):
-        print(f"{attr}={value}: backward median {statistics.median(times[value]):.2f} ms "
-              f"({args.model}, last {args.last}, {args.method})")
+        print(f"{attr}={value}: forward median {statistics.median(fwd[value]):.2f} ms, backward "
+              f"median {statistics.median(times[value]):.2f} ms ({args.model}, last {args.last}, "
+              f"{args.method})")
 
 
 if __name__ == "__main__":

@@ -529,12 +529,7 @@ class _FilteredConv(torch.autograd.Function):
         # a new tensor as large as x: keep x itself (as vanilla does) and pool it in the backward.
         keep_x = need_w and gh.patches * gw.patches >= x2.shape[-2] * x2.shape[-1]
         ctx.fused = _fused_backward_applies(x2, w2, groups, gh, gw, keep_x, exact_gx)
-        if ctx.fused and need_w:  # x̃ channel-major, as the native backward's GEMM takes it
-            xt = native.patch_sum_cm(x2, gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad,
-                                     gh.patches, gw.patches,
-                                     pool=_tiny_matrix(*x2.shape[-2:], gh, gw, x2.dtype))[0]
-        else:
-            xt = x2 if keep_x else (patch_sum_input(x2, gh, gw) if need_w else None)
+        xt = x2 if keep_x else (patch_sum_input(x2, gh, gw) if need_w else None)
         ctx.pool_in_backward = keep_x
         ctx.channels_last = _dense_format(x2) is torch.channels_last
         # The weight itself is saved (it is alive anyway); W̃ is formed in the backward.

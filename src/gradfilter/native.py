@@ -163,7 +163,7 @@ def patch_sum_cm(x: Tensor, kh: int, kw: int, top: int, left: int, ph: int, pw: 
     return _ops().patch_sum_cm(x, kh, kw, top, left, ph, pw, scale, scale_map, pool)
 
 
-def filtered_backward(gy: Tensor, xt_cm: Tensor, weight: Tensor, kernel: tuple[int, int],
+def filtered_backward(gy: Tensor, xt: Tensor, weight: Tensor, kernel: tuple[int, int],
                       out_grid: tuple[int, int, int, int, int, int],
                       in_grid: tuple[int, int, int, int], size: tuple[int, int], scale: float,
                       scale_map: Tensor | None, need_x: bool, need_w: bool,
@@ -171,11 +171,11 @@ def filtered_backward(gy: Tensor, xt_cm: Tensor, weight: Tensor, kernel: tuple[i
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """(gx, gW, gb) of a filtered dense conv with summed taps, in one call (plain layout).
 
-    ``xt_cm`` holds the input patch sums channel-major (Cin, N, Ph, Pw); ``out_grid`` is
+    ``xt`` holds the input patch sums (N, Cin, Ph, Pw); ``out_grid`` is
     (rh, rw, top, left, Ph, Pw) of gy's patches, ``in_grid`` (kh, kw, top, left) of the input's,
     ``size`` the input map's (H, W). ``pool_out`` / ``pool_in``: membership matrices of the
     output / input grid, to pool / unpool tiny maps by GEMM. Results not asked for come back
     empty.
     """
-    return _ops().filtered_backward(gy, xt_cm, weight, *kernel, *out_grid, *in_grid, *size,
+    return _ops().filtered_backward(gy, xt, weight, *kernel, *out_grid, *in_grid, *size,
                                     scale, scale_map, need_x, need_w, pool_out, pool_in)

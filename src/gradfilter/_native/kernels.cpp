@@ -79,14 +79,11 @@ inline void interior_sums(const acc_t* __restrict__ row, scalar_t* __restrict__ 
   }
 }
 
-// dst: the patch sums of every (H, W) plane of src, in src's plane order, or with channel_major
-// (src as (N, C, H, W) planes) in (C, N) order. The loop body stays in this lambda: moved into
-// a helper function, GCC compiled it 2.5× slower.
+// dst: the patch sums of every (H, W) plane of src. The loop body stays in this lambda: moved
+// into a helper function, GCC compiled it 2.5× slower.
 template <typename scalar_t>
 void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
-                      int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw,
-                      int64_t N = 1, bool channel_major = false) {
-  const int64_t C = planes / std::max<int64_t>(N, 1);
+                      int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
   // interior column patches: those lying wholly inside the map
@@ -97,7 +94,7 @@ void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_
     std::vector<acc_t> buf(W);
     acc_t* __restrict__ row = buf.data();
     for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* in = src + (channel_major ? (p % N) * C + p / N : p) * H * W;
+      const scalar_t* in = src + p * H * W;
       scalar_t* __restrict__ out = dst + p * Ph * Pw;
       for (int64_t i = 0; i < Ph; ++i) {
         const auto [h0, h1] = rows[i];
@@ -123,28 +120,6 @@ void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_
         }
         for (int64_t j = std::max(j0, j1); j < Pw; ++j) o[j] = scalar_t(segment_sum(row, cols[j]));
       }
-    }
-  });
-}
-
-// In place on channel-major (C, N, P) patch sums: csum[c] = the channel's plain total (the bias
-// gradient when the map is gy), then every sum times scale · map[patch].
-template <typename scalar_t>
-void scale_channel_major(scalar_t* sums, scalar_t* csum, int64_t N, int64_t C, int64_t P,
-                         double scale, const scalar_t* map) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t s = acc_t(scale);
-  at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * P, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      scalar_t* v = sums + c * N * P;
-      acc_t total = acc_t(0);
-      for (int64_t k = 0; k < N * P; ++k) {
-        const acc_t a = acc_t(v[k]);
-        total += a;
-        v[k] = scalar_t(map ? a * s * acc_t(map[k % P]) : a * s);
-      }
-      csum[c] = scalar_t(total);
     }
   });
 }
@@ -322,11 +297,13 @@ at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t
 // output. Against the same steps as PyTorch ops this saves five tensor passes and about ten
 // operator calls, which dominate on small maps.
 
-// (P, N·C) patch sums (the pooling GEMM's output) to channel-major (C, N, P), scaled, with the
-// channel totals
+// Patch sums of plane (n, c), patch k, at sums[(n·C + c)·plane_stride + k·patch_stride] (n-major
+// kernel output: P, 1; the pooling GEMM's (P, N·C) output: 1, N·C) to channel-major (C, N, P),
+// scaled, with the channel totals
 template <typename scalar_t>
-void to_channel_major(const scalar_t* cols, scalar_t* dst, scalar_t* csum, int64_t N, int64_t C,
-                      int64_t P, double scale, const scalar_t* map) {
+void to_channel_major(const scalar_t* sums, scalar_t* dst, scalar_t* csum, int64_t N, int64_t C,
+                      int64_t P, int64_t plane_stride, int64_t patch_stride, double scale,
+                      const scalar_t* map) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t s = acc_t(scale);
   at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * P, 1)),
@@ -334,10 +311,10 @@ void to_channel_major(const scalar_t* cols, scalar_t* dst, scalar_t* csum, int64
     for (int64_t c = begin; c < end; ++c) {
       acc_t total = acc_t(0);
       for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* in = cols + n * C + c;
+        const scalar_t* in = sums + (n * C + c) * plane_stride;
         scalar_t* out = dst + (c * N + n) * P;
         for (int64_t k = 0; k < P; ++k) {
-          const acc_t v = acc_t(in[k * N * C]);
+          const acc_t v = acc_t(in[k * patch_stride]);
           total += v;
           out[k] = scalar_t(map ? v * s * acc_t(map[k]) : v * s);
         }
@@ -372,20 +349,19 @@ std::tuple<at::Tensor, at::Tensor> patch_sum_cm(const at::Tensor& x, int64_t kh,
     TORCH_CHECK(pool->dim() == 2 && pool->size(0) == H * W && pool->size(1) == Ph * Pw,
                 "gradfilter native patch_sum_cm: the pooling matrix must be (", H * W, ", ", Ph * Pw, ")");
   }
-  // (P, H·W)·(H·W, N·C): MKL runs this orientation 2× faster than (N·C, H·W)·(H·W, P)
-  const at::Tensor cols = gemm ? at::mm(pool->to(src.scalar_type()).t(), src.view({N * C, H * W}).t())
-                               : at::Tensor();
+  // The full-resolution map is read in its own (n-major) order, the faster pass; the reordering
+  // happens at patch resolution. Tiny maps: (P, H·W)·(H·W, N·C), an orientation MKL runs 2×
+  // faster than (N·C, H·W)·(H·W, P).
+  const int64_t P = Ph * Pw;
+  const at::Tensor sums = gemm ? at::mm(pool->to(src.scalar_type()).t(), src.view({N * C, H * W}).t())
+                               : at::empty({N, C, Ph, Pw}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_patch_sum_cm", [&] {
-    const scalar_t* mp = m.defined() ? m.const_data_ptr<scalar_t>() : nullptr;
-    if (gemm)
-      to_channel_major<scalar_t>(cols.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                 csum.mutable_data_ptr<scalar_t>(), N, C, Ph * Pw, scale, mp);
-    else {
-      patch_sum_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                 N * C, H, W, kh, kw, top, left, Ph, Pw, N, true);
-      scale_channel_major<scalar_t>(out.mutable_data_ptr<scalar_t>(), csum.mutable_data_ptr<scalar_t>(),
-                                    N, C, Ph * Pw, scale, mp);
-    }
+    if (!gemm)
+      patch_sum_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<scalar_t>(),
+                                 N * C, H, W, kh, kw, top, left, Ph, Pw);
+    to_channel_major<scalar_t>(sums.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                               csum.mutable_data_ptr<scalar_t>(), N, C, P, gemm ? 1 : P,
+                               gemm ? N * C : 1, scale, m.defined() ? m.const_data_ptr<scalar_t>() : nullptr);
   });
   return {out, csum};
 }
@@ -436,8 +412,8 @@ at::Tensor expand_taps(const at::Tensor& gw, int64_t kh, int64_t kw) {
   return out;
 }
 
-// (gx, gW, gb) of a filtered dense conv from gy (N, Cout, Ho, Wo) and the channel-major input
-// patch sums xt (Cin, N, Ph, Pw). Entries not asked for come back empty.
+// (gx, gW, gb) of a filtered dense conv from gy (N, Cout, Ho, Wo) and the input patch sums xt
+// (N, Cin, Ph, Pw). Entries not asked for come back empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
     const at::Tensor& gy, const at::Tensor& xt, const at::Tensor& weight, int64_t kh, int64_t kw,
     int64_t rh, int64_t rw, int64_t out_top, int64_t out_left, int64_t Ph, int64_t Pw,
@@ -451,9 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
   const at::Tensor empty = at::empty({0}, gy.options());
   at::Tensor gw = empty, gx = empty;
   if (need_w) {
-    TORCH_CHECK(xt.dim() == 4 && xt.size(1) == N && xt.size(2) == Ph && xt.size(3) == Pw,
-                "gradfilter native filtered_backward: xt must be (Cin, N, Ph, Pw)");
-    const at::Tensor x2 = xt.to(gy.scalar_type()).contiguous().view({xt.size(0), N * P});
+    TORCH_CHECK(xt.dim() == 4 && xt.size(0) == N && xt.size(2) == Ph && xt.size(3) == Pw,
+                "gradfilter native filtered_backward: xt must be (N, Cin, Ph, Pw)");
+    // channel-major copy of x̃ at patch resolution (in the forward, the n-major patch sums are
+    // the faster pass over the full-resolution x)
+    const at::Tensor x2 = xt.to(gy.scalar_type()).transpose(0, 1).reshape({xt.size(1), N * P});
     gw = expand_taps(at::mm(g2, x2.t()), kh, kw);
   }
   if (need_x) {
