@@ -155,27 +155,23 @@ def mask_apply(g: Tensor, bits: Tensor) -> Tensor:
 
 
 def patch_sum_cm(x: Tensor, kh: int, kw: int, top: int, left: int, ph: int, pw: int,
-                 scale: float = 1.0, scale_map: Tensor | None = None,
-                 pool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 scale: float = 1.0, scale_map: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Channel-major patch sums of a plain (N, C, H, W) map: ((C, N, ph, pw) sums · scale ·
-    scale_map, the per-channel total of the unscaled sums). ``pool``, the grid's (H·W, ph·pw)
-    0/1 membership matrix, makes the pooling one GEMM (for tiny maps)."""
-    return _ops().patch_sum_cm(x, kh, kw, top, left, ph, pw, scale, scale_map, pool)
+    scale_map, the per-channel total of the unscaled sums)."""
+    return _ops().patch_sum_cm(x, kh, kw, top, left, ph, pw, scale, scale_map)
 
 
 def filtered_backward(gy: Tensor, xt: Tensor, weight: Tensor, kernel: tuple[int, int],
                       out_grid: tuple[int, int, int, int, int, int],
                       in_grid: tuple[int, int, int, int], size: tuple[int, int], scale: float,
                       scale_map: Tensor | None, need_x: bool, need_w: bool,
-                      pool_out: Tensor | None = None, pool_in: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+                      pool_in: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(gx, gW, gb) of a filtered dense conv with summed taps, in one call (plain layout).
 
     ``xt`` holds the input patch sums (N, Cin, Ph, Pw); ``out_grid`` is
     (rh, rw, top, left, Ph, Pw) of gy's patches, ``in_grid`` (kh, kw, top, left) of the input's,
-    ``size`` the input map's (H, W). ``pool_out`` / ``pool_in``: membership matrices of the
-    output / input grid, to pool / unpool tiny maps by GEMM. Results not asked for come back
-    empty.
+    ``size`` the input map's (H, W). ``pool_in``: the input grid's membership matrix, to
+    unpool a tiny map by GEMM. Results not asked for come back empty.
     """
     return _ops().filtered_backward(gy, xt, weight, *kernel, *out_grid, *in_grid, *size,
-                                    scale, scale_map, need_x, need_w, pool_out, pool_in)
+                                    scale, scale_map, need_x, need_w, pool_in)

@@ -79,11 +79,60 @@ inline void interior_sums(const acc_t* __restrict__ row, scalar_t* __restrict__ 
   }
 }
 
+// Tiny planes (a 7×7 map in 2×2 patches): the per-row loops below have trip counts of 2-4 and
+// cost more than the adds. Here each patch is summed over its pixel list for 8 planes at once,
+// so that the 8 sums are independent (throughput- rather than latency-bound).
+constexpr int64_t kTinyPixels = 256, kTinyPatches = 16, kTinyPlanes = 8;
+
+bool tiny_planes(int64_t H, int64_t W, int64_t Ph, int64_t Pw) {
+  return H * W <= kTinyPixels && Ph * Pw <= kTinyPatches;
+}
+
+template <typename scalar_t>
+void tiny_patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
+                           int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = H * W, P = Ph * Pw;
+  const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
+  // the pixels of each patch, patch after patch: patch k owns pixels[first[k], first[k + 1])
+  std::vector<int64_t> pixels, first(P + 1, 0);
+  for (int64_t i = 0; i < Ph; ++i)
+    for (int64_t j = 0; j < Pw; ++j) {
+      for (int64_t h = rows[i].first; h < rows[i].second; ++h)
+        for (int64_t w = cols[j].first; w < cols[j].second; ++w) pixels.push_back(h * W + w);
+      first[i * Pw + j + 1] = static_cast<int64_t>(pixels.size());
+    }
+  const int64_t blocks = (planes + kTinyPlanes - 1) / kTinyPlanes;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / (kTinyPlanes * HW)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t p0 = b * kTinyPlanes, count = std::min(kTinyPlanes, planes - p0);
+      const scalar_t* in = src + p0 * HW;
+      for (int64_t k = 0; k < P; ++k) {
+        acc_t acc[kTinyPlanes] = {};  // 8 independent sums, one per plane: kept in registers
+        if (count == kTinyPlanes) {
+          for (int64_t e = first[k]; e < first[k + 1]; ++e) {
+            const scalar_t* px = in + pixels[e];
+            for (int64_t j = 0; j < kTinyPlanes; ++j) acc[j] += acc_t(px[j * HW]);
+          }
+        } else {
+          for (int64_t e = first[k]; e < first[k + 1]; ++e)
+            for (int64_t j = 0; j < count; ++j) acc[j] += acc_t(in[j * HW + pixels[e]]);
+        }
+        for (int64_t j = 0; j < count; ++j) dst[(p0 + j) * P + k] = scalar_t(acc[j]);
+      }
+    }
+  });
+}
+
 // dst: the patch sums of every (H, W) plane of src. The loop body stays in this lambda: moved
 // into a helper function, GCC compiled it 2.5× slower.
 template <typename scalar_t>
 void patch_sum_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W,
                       int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph, int64_t Pw) {
+  if (tiny_planes(H, W, Ph, Pw)) {
+    tiny_patch_sum_kernel(src, dst, planes, H, W, kh, kw, top, left, Ph, Pw);
+    return;
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const auto rows = segments(H, kh, top, Ph), cols = segments(W, kw, left, Pw);
   // interior column patches: those lying wholly inside the map
@@ -297,13 +346,11 @@ at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t
 // output. Against the same steps as PyTorch ops this saves five tensor passes and about ten
 // operator calls, which dominate on small maps.
 
-// Patch sums of plane (n, c), patch k, at sums[(n·C + c)·plane_stride + k·patch_stride] (n-major
-// kernel output: P, 1; the pooling GEMM's (P, N·C) output: 1, N·C) to channel-major (C, N, P),
-// scaled, with the channel totals
+// n-major (N, C, P) patch sums to channel-major (C, N, P), times scale · map[patch], with the
+// channels' plain totals
 template <typename scalar_t>
 void to_channel_major(const scalar_t* sums, scalar_t* dst, scalar_t* csum, int64_t N, int64_t C,
-                      int64_t P, int64_t plane_stride, int64_t patch_stride, double scale,
-                      const scalar_t* map) {
+                      int64_t P, double scale, const scalar_t* map) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t s = acc_t(scale);
   at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * P, 1)),
@@ -311,10 +358,10 @@ void to_channel_major(const scalar_t* sums, scalar_t* dst, scalar_t* csum, int64
     for (int64_t c = begin; c < end; ++c) {
       acc_t total = acc_t(0);
       for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* in = sums + (n * C + c) * plane_stride;
+        const scalar_t* in = sums + (n * C + c) * P;
         scalar_t* out = dst + (c * N + n) * P;
         for (int64_t k = 0; k < P; ++k) {
-          const acc_t v = acc_t(in[k * patch_stride]);
+          const acc_t v = acc_t(in[k]);
           total += v;
           out[k] = scalar_t(map ? v * s * acc_t(map[k]) : v * s);
         }
@@ -324,12 +371,11 @@ void to_channel_major(const scalar_t* sums, scalar_t* dst, scalar_t* csum, int64
   });
 }
 
-// `pool`, when given, is the (H·W, Ph·Pw) 0/1 membership matrix of the grid: tiny maps are
-// pooled by one GEMM with it (per-plane loops over 49 pixels cost more than the arithmetic).
+// The full-resolution map is read in its own (n-major) order, the faster pass; the reordering
+// to channel-major happens at patch resolution.
 std::tuple<at::Tensor, at::Tensor> patch_sum_cm(const at::Tensor& x, int64_t kh, int64_t kw,
                                                 int64_t top, int64_t left, int64_t Ph, int64_t Pw,
-                                                double scale, const std::optional<at::Tensor>& map,
-                                                const std::optional<at::Tensor>& pool) {
+                                                double scale, const std::optional<at::Tensor>& map) {
   TORCH_CHECK(x.dim() == 4, "gradfilter native patch_sum_cm: expected a 4-D tensor, got ", x.dim(), "-D");
   check_geometry(kh, Ph, "height");
   check_geometry(kw, Pw, "width");
@@ -344,24 +390,13 @@ std::tuple<at::Tensor, at::Tensor> patch_sum_cm(const at::Tensor& x, int64_t kh,
     m = map->to(src.scalar_type()).contiguous();
   }
   if (out.numel() == 0) return {out, csum.zero_()};
-  const bool gemm = pool.has_value() && pool->defined();
-  if (gemm) {
-    TORCH_CHECK(pool->dim() == 2 && pool->size(0) == H * W && pool->size(1) == Ph * Pw,
-                "gradfilter native patch_sum_cm: the pooling matrix must be (", H * W, ", ", Ph * Pw, ")");
-  }
-  // The full-resolution map is read in its own (n-major) order, the faster pass; the reordering
-  // happens at patch resolution. Tiny maps: (P, H·W)·(H·W, N·C), an orientation MKL runs 2×
-  // faster than (N·C, H·W)·(H·W, P).
-  const int64_t P = Ph * Pw;
-  const at::Tensor sums = gemm ? at::mm(pool->to(src.scalar_type()).t(), src.view({N * C, H * W}).t())
-                               : at::empty({N, C, Ph, Pw}, src.options());
+  at::Tensor sums = at::empty({N, C, Ph, Pw}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_patch_sum_cm", [&] {
-    if (!gemm)
-      patch_sum_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<scalar_t>(),
-                                 N * C, H, W, kh, kw, top, left, Ph, Pw);
+    patch_sum_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<scalar_t>(),
+                               N * C, H, W, kh, kw, top, left, Ph, Pw);
     to_channel_major<scalar_t>(sums.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                               csum.mutable_data_ptr<scalar_t>(), N, C, P, gemm ? 1 : P,
-                               gemm ? N * C : 1, scale, m.defined() ? m.const_data_ptr<scalar_t>() : nullptr);
+                               csum.mutable_data_ptr<scalar_t>(), N, C, Ph * Pw, scale,
+                               m.defined() ? m.const_data_ptr<scalar_t>() : nullptr);
   });
   return {out, csum};
 }
@@ -419,10 +454,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
     int64_t rh, int64_t rw, int64_t out_top, int64_t out_left, int64_t Ph, int64_t Pw,
     int64_t in_kh, int64_t in_kw, int64_t in_top, int64_t in_left, int64_t H, int64_t W,
     double scale, const std::optional<at::Tensor>& map, bool need_x, bool need_w,
-    const std::optional<at::Tensor>& pool_out, const std::optional<at::Tensor>& pool_in) {
+    const std::optional<at::Tensor>& pool_in) {
   TORCH_CHECK(gy.dim() == 4, "gradfilter native filtered_backward: expected a 4-D gy");
   const int64_t N = gy.size(0), P = Ph * Pw;
-  auto [g_cm, gb] = patch_sum_cm(gy, rh, rw, out_top, out_left, Ph, Pw, scale, map, pool_out);
+  auto [g_cm, gb] = patch_sum_cm(gy, rh, rw, out_top, out_left, Ph, Pw, scale, map);
   const at::Tensor g2 = g_cm.view({g_cm.size(0), N * P});
   const at::Tensor empty = at::empty({0}, gy.options());
   at::Tensor gw = empty, gx = empty;
@@ -601,11 +636,11 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
   m.def("mask_apply(Tensor g, Tensor bits) -> Tensor");
   m.def("patch_sum_cm(Tensor x, int kh, int kw, int top, int left, int ph, int pw, float scale, "
-        "Tensor? map, Tensor? pool) -> (Tensor, Tensor)");
+        "Tensor? map) -> (Tensor, Tensor)");
   m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
         "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
-        "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_out, "
-        "Tensor? pool_in) -> (Tensor, Tensor, Tensor)");
+        "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_in) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
