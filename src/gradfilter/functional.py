@@ -267,6 +267,12 @@ def _padded_axis_sum(t: Tensor, dim: int, g: AxisGeometry) -> Tensor:
     return out
 
 
+def _tiles(gy: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> bool:
+    """Whether the output patch grid tiles gy exactly (then every patch has r·r real pixels)."""
+    return gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * gh.radius == gy.shape[-2] and (
+        gw.patches * gw.radius == gy.shape[-1])
+
+
 def patch_mean_output(
     gy: Tensor, gh: AxisGeometry, gw: AxisGeometry
 ) -> tuple[Tensor, float | Tensor, Tensor]:
@@ -278,11 +284,8 @@ def patch_mean_output(
     small patch-resolution products instead of spending a pass on it.
     """
     rh, rw = gh.radius, gw.radius
-    tiles = gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
-        gw.patches * rw == gy.shape[-1]
-    )
     sums = _fast_patch_sum(gy, rh, rw, gh.out_pad, gw.out_pad, gh.patches, gw.patches)
-    if tiles:
+    if _tiles(gy, gh, gw):
         sums = _sum_exact(gy, rh, rw) if sums is None else sums
         return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
     sums = _padded_patch_sums(gy, gh, gw) if sums is None else sums
@@ -403,8 +406,8 @@ _CPU_ONEDNN = True  # private switch for benchmarks/ab_switch.py
 def _onednn_products(gbar, xt, weight, cin, scale, need_w, need_x):
     """gW̃ and g̃x of a dense conv on the CPU: oneDNN's 1×1 conv backward, both in one call.
 
-    oneDNN's own AVX-512 kernels beat the MKL GEMMs behind ``mm`` on large patch maps and on wide
-    channels (see the caller). Both products stay in the layout of ḡ: on plain maps, copies to
+    oneDNN's own AVX-512 kernels beat the MKL GEMMs behind ``mm`` on large products (see
+    ``_ONEDNN_MACS``). Both products stay in the layout of ḡ: on plain maps, copies to
     channels-last cost as much as they speed oneDNN up.
     """
     n, cout, ph, pw = gbar.shape
@@ -424,9 +427,9 @@ def _onednn_products(gbar, xt, weight, cin, scale, need_w, need_x):
 def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
     """Taps summed on both axes: gW̃ and g̃x are matrix products over (batch × patches).
 
-    Returns gW̃ (Cout, Cin/G) and g̃x (N, Cin, Ph, Pw). On the CPU dense convs use oneDNN; elsewhere
-    one GEMM per product, choosing the layout that moves fewer bytes. Depthwise convs are
-    elementwise.
+    Returns gW̃ (Cout, Cin/G) and g̃x (N, Cin, Ph, Pw). Dense convs with products of at least
+    ``_ONEDNN_MACS`` on the CPU use oneDNN; others one GEMM per product, choosing the layout that
+    moves fewer bytes. Depthwise convs are elementwise.
     """
     if isinstance(scale, Tensor):  # per-patch 1/count where the grid overhangs the map
         gbar, scale = gbar * scale, 1.0
@@ -613,9 +616,8 @@ def _native_backward(ctx, gy: Tensor, xt: Tensor | None, weight: Tensor | None):
         gy = gy.unsqueeze(-2)
         weight = weight.unsqueeze(-2) if weight is not None else None
     rh, rw = gh.radius, gw.radius
-    tiles = gh.out_pad == 0 and gw.out_pad == 0 and gh.patches * rh == gy.shape[-2] and (
-        gw.patches * rw == gy.shape[-1])
-    scale = (1.0 / (rh * rw) if tiles else 1.0) / (gh.stride * gw.stride)  # §1.2 and the §1 stride
+    tiles = _tiles(gy, gh, gw)  # the same ḡ scale as patch_mean_output, and the §1 stride scale
+    scale = (1.0 / (rh * rw) if tiles else 1.0) / (gh.stride * gw.stride)
     scale_map = None if tiles else _inverse_counts(gh, gw, gy.device, gy.dtype)
     empty = gy.new_empty(0)
     gx, gw_, gb = native.filtered_backward(

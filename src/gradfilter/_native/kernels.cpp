@@ -340,11 +340,11 @@ at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t
 
 // ---------------------------------------------------------------------------------------------
 // The whole filtered backward of a dense 2-D convolution with summed taps (DESIGN §1.2-§1.7) in
-// one call, on plain (NCHW) maps: the patch sums of gy go straight into the channel-major matrix
-// the GEMMs take, already scaled, with the bias gradient from the same pass; W̃ and the tap
-// expansion of gW̃ are single loops; gx is unpooled straight from the GEMM's channel-major
-// output. Against the same steps as PyTorch ops this saves five tensor passes and about ten
-// operator calls, which dominate on small maps.
+// one call, on plain (NCHW) maps: gy's patch sums are reordered at patch resolution into the
+// channel-major matrix the GEMMs take, already scaled, with the bias gradient from the same
+// pass; W̃ and the tap expansion of gW̃ are single loops; gx is unpooled straight from the
+// GEMM's channel-major output. Against the same steps as PyTorch ops called from Python this
+// saves several small tensor passes and about ten operator calls, which dominate on small maps.
 
 // n-major (N, C, P) patch sums to channel-major (C, N, P), times scale · map[patch], with the
 // channels' plain totals
