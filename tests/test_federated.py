@@ -259,6 +259,11 @@ def _group_alive(pgid: int) -> bool:
 def _deploy(tmp_path: Path, clients: int, extra: str, timeout: float) -> dict:
     if shutil.which("flower-superlink", path=str(BIN)) is None:
         pytest.skip("flwr's deployment executables are not installed next to this Python")
+    # Build the native kernels (cached per machine) before the clients start: a first-use build
+    # inside a client's round (10-20 s) would run into the short round timeouts below.
+    from gradfilter import native
+
+    native.available()
     out = tmp_path / "out"
     fleet = _Fleet(tmp_path)
     try:
