@@ -119,6 +119,13 @@ def test_native_rejects_bad_input_with_one_clear_error():
             native.patch_sum(torch.zeros(3, 4, 5), 2, 2, 0, 0, 2, 2)
         with pytest.raises(RuntimeError, match="patch length along height must be >= 1"):
             native.unpool(torch.zeros(1, 1, 2, 2), 4, 4, 0, 2, 0, 0)
+        gy, w = torch.zeros(2, 3, 8, 8), torch.zeros(3, 5, 3, 3)
+        grid, args = (4, 4, 0, 0, 2, 2), ((4, 4, 0, 0), (8, 8), 1 / 16, None, True, True)
+        with pytest.raises(RuntimeError, match=r"xt must be \(N, Cin, Ph, Pw\)"):
+            native.filtered_backward(gy, torch.zeros(5, 2, 2, 2), w, (3, 3), grid, *args)
+        with pytest.raises(RuntimeError, match="weight has 4 output channels, gy 3"):
+            native.filtered_backward(gy, torch.zeros(2, 5, 2, 2), torch.zeros(4, 5, 3, 3), (3, 3),
+                                     grid, *args)
 
 
 def test_policy_variable_is_validated(monkeypatch):

@@ -33,7 +33,6 @@ __all__ = [
     "mask_apply",
     "masked_clamp",
     "patch_sum",
-    "patch_sum_cm",
     "unpool",
     "use_native",
 ]
@@ -152,13 +151,6 @@ def masked_clamp(x: Tensor, upper: float) -> tuple[Tensor, Tensor]:
 def mask_apply(g: Tensor, bits: Tensor) -> Tensor:
     """g where the packed mask bit is set, else 0 (the lean activations' backward)."""
     return _ops().mask_apply(g, bits)
-
-
-def patch_sum_cm(x: Tensor, kh: int, kw: int, top: int, left: int, ph: int, pw: int,
-                 scale: float = 1.0, scale_map: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Channel-major patch sums of a plain (N, C, H, W) map: ((C, N, ph, pw) sums · scale ·
-    scale_map, the per-channel total of the unscaled sums)."""
-    return _ops().patch_sum_cm(x, kh, kw, top, left, ph, pw, scale, scale_map)
 
 
 def filtered_backward(gy: Tensor, xt: Tensor, weight: Tensor, kernel: tuple[int, int],

@@ -635,8 +635,6 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("unpool(Tensor g, int h, int w, int kh, int kw, int top, int left) -> Tensor");
   m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
   m.def("mask_apply(Tensor g, Tensor bits) -> Tensor");
-  m.def("patch_sum_cm(Tensor x, int kh, int kw, int top, int left, int ph, int pw, float scale, "
-        "Tensor? map) -> (Tensor, Tensor)");
   m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
         "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
         "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_in) -> "
@@ -648,6 +646,5 @@ TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
   m.impl("unpool", TORCH_FN(unpool));
   m.impl("masked_clamp", TORCH_FN(masked_clamp));
   m.impl("mask_apply", TORCH_FN(mask_apply));
-  m.impl("patch_sum_cm", TORCH_FN(patch_sum_cm));
   m.impl("filtered_backward", TORCH_FN(filtered_backward));
 }
