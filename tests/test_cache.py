@@ -109,3 +109,27 @@ def test_cached_finetune_trains_exactly_like_uncached(tmp_path, model_name, pret
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     on_disk = json.loads((tmp_path / "cached" / "metrics.json").read_text())
     assert on_disk["cache_time_s"] > 0 and on_disk["epoch_time_s"] > 0
+
+
+def test_channels_last_finetune_trains_like_the_plain_layout(tmp_path):
+    """--channels-last changes the memory format of the weights and batches, not the math."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("timm")
+    from gradfilter.train.runner import finetune
+
+    common = dict(model="resnet18", data="digits", epochs=1, batch_size=64, lr=1e-3,
+                  method="gradfilter", radius=2, train_last=2, image_size=32, quiet=True,
+                  optimizer="sgd", lean="patch")
+    plain = finetune(out=tmp_path / "plain", **common)
+    cl = finetune(out=tmp_path / "cl", channels_last=True, **common)
+    assert cl["channels_last"] and not plain["channels_last"]
+    assert cl["history"][0]["train_loss"] == pytest.approx(
+        plain["history"][0]["train_loss"], rel=1e-4)
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cl" / "checkpoint.pt", weights_only=True)["model"]
+    conv = "layer4.1.conv2.weight"  # trained, filtered; the layout reaches the checkpoint
+    assert b[conv].is_contiguous(memory_format=torch.channels_last)
+    assert not b[conv].is_contiguous() and a[conv].is_contiguous()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+

@@ -107,6 +107,9 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                         "from that cache (inputs are never augmented here, so it is exact)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
                    help="storage of the feature cache (float16 halves its RAM)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and batches in channels-last memory format: the same math, "
+                        "1.2-1.5x faster steps on CPUs (docs/performance.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt and metrics.json")
 
@@ -140,7 +143,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 optimizer=args.optimizer, resume=args.resume, quiet=args.quiet,
                 device=args.device, cache_features=args.cache_features,
                 cache_dtype=args.cache_dtype, lean=args.lean, reinit_head=args.reinit_head,
-                input_grad=args.input_grad,
+                input_grad=args.input_grad, channels_last=args.channels_last,
             )
         except KeyboardInterrupt:
             print(f"gradfilter finetune: interrupted; continue with --resume --out {args.out}",
