@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--reverse", action="store_true", help="run False before True")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="model and batch in channels-last memory format")
     args = ap.parse_args()
     tune_cpu_allocator()
     module_name, attr = args.switch.split(":")
@@ -43,6 +45,9 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224, generator=gen)
     y = torch.randint(0, 1000, (args.batch,), generator=gen)
     net, opt = build(args.model, args.method, args.last, args.radius, x[:2])[:2]
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     net.train()
     order = (False, True) if args.reverse else (True, False)
     times: dict[bool, list[float]] = {True: [], False: []}
