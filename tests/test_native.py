@@ -228,3 +228,18 @@ def test_native_masked_activation_channels_last(upper):
     (gx_ref,) = torch.autograd.grad(y_ref, x, gy)
     assert torch.equal(y, y_ref) and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(gx, gx_ref)
+
+
+def test_builds_run_the_pip_ninja_first(monkeypatch):
+    """Every process builds with the same ninja (see native._ninja_dir); PATH is restored."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    seen = {}
+    monkeypatch.setattr(native, "_ninja_dir", lambda: "/opt/pip-ninja/bin")
+    monkeypatch.setattr(cpp_extension, "load",
+                        lambda **kwargs: seen.setdefault("path", os.environ["PATH"]))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    native._build()
+    assert seen["path"].split(os.pathsep)[:2] == ["/opt/pip-ninja/bin", "/usr/bin"]
+    assert os.environ["PATH"] == "/usr/bin"
+

@@ -59,10 +59,28 @@ def _policy() -> str:
     return value
 
 
+def _ninja_dir() -> str | None:
+    """Where the pip ``ninja`` (a dependency) keeps its binary, if importable.
+
+    Every build must run the same ninja: versions keep incompatible build logs, so processes
+    that find different ninjas on their PATH (a system one, the virtual environment's) rebuild
+    the cached kernels on each switch, 10–20 s each time (a Flower client's first round).
+    """
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return getattr(ninja, "BIN_DIR", None)
+
+
 def _build() -> None:
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "no CUDA runtime" notices: these kernels are CPU-only
+    path = os.environ.get("PATH", "")
+    ninja_dir = _ninja_dir()
+    if ninja_dir:  # torch runs `ninja` from PATH
+        os.environ["PATH"] = ninja_dir + os.pathsep + path
     try:
         from torch.utils import cpp_extension
 
@@ -76,6 +94,7 @@ def _build() -> None:
         )
     finally:
         quiet.setLevel(level)
+        os.environ["PATH"] = path
 
 
 def available() -> bool:
