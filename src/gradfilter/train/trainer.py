@@ -323,7 +323,7 @@ def train(
     if not 0 <= start_epoch <= epochs:
         raise ValueError(f"start_epoch must be in 0..{epochs}, got {start_epoch}")
     device = torch.device(device)
-    model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
