@@ -25,15 +25,10 @@ from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.layers import CONFIGS
 from gradfilter.bench.machine import machine_info
 
-_EVICT = torch.empty(0)
-
 
 def _evict_caches() -> None:
     """Write 64 MiB (twice this CPU's L3) so that the next op finds nothing in the caches."""
-    global _EVICT
-    if _EVICT.numel() == 0:
-        _EVICT = torch.empty(16 << 20)
-    _EVICT.fill_(0.0)
+    torch.empty(16 << 20).fill_(0.0)
 
 
 def _median_ms(fn, repeats: int, cold: bool = False) -> float:

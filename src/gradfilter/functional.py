@@ -215,6 +215,15 @@ def _pool_matrix(h: int, w: int, kh: int, kw: int, top: int, left: int, ph: int,
     return torch.kron(rows, cols).to(dtype)
 
 
+def _tiny_matrix(h: int, w: int, gh: AxisGeometry, gw: AxisGeometry,
+                 dtype: torch.dtype) -> Tensor | None:
+    """The pooling matrix of an h×w map's input grid if the map is tiny (for unpooling by GEMM)."""
+    if not _tiny(h * w, gh.patches * gw.patches):
+        return None
+    return _pool_matrix(h, w, gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad, gh.patches,
+                        gw.patches, dtype)
+
+
 def _fast_patch_sum(t: Tensor, kh: int, kw: int, top: int, left: int, ph: int,
                     pw: int) -> Tensor | None:
     """Patch sums by the native kernel or a tiny-map GEMM; None where neither applies."""
@@ -285,11 +294,16 @@ def patch_mean_output(
     """
     rh, rw = gh.radius, gw.radius
     sums = _fast_patch_sum(gy, rh, rw, gh.out_pad, gw.out_pad, gh.patches, gw.patches)
+    if sums is None:
+        sums = _sum_exact(gy, rh, rw) if _tiles(gy, gh, gw) else _padded_patch_sums(gy, gh, gw)
+    return sums, _patch_mean_scale(gy, gh, gw), sums.sum((0, 2, 3))
+
+
+def _patch_mean_scale(gy: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> float | Tensor:
+    """ḡ's scale: 1/(r·r) where the grid tiles gy, else a (Ph, Pw) map of 1/(real pixels)."""
     if _tiles(gy, gh, gw):
-        sums = _sum_exact(gy, rh, rw) if sums is None else sums
-        return sums, 1.0 / (rh * rw), sums.sum((0, 2, 3))
-    sums = _padded_patch_sums(gy, gh, gw) if sums is None else sums
-    return sums, _inverse_counts(gh, gw, gy.device, sums.dtype), sums.sum((0, 2, 3))
+        return 1.0 / (gh.radius * gw.radius)
+    return _inverse_counts(gh, gw, gy.device, gy.dtype)
 
 
 def _padded_patch_sums(gy: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
@@ -347,8 +361,8 @@ def unpool_input(gxt: Tensor, gh: AxisGeometry, gw: AxisGeometry,
     if channels_last and native.applies(gxt):
         gxt = gxt.contiguous(memory_format=torch.channels_last)
         return native.unpool(gxt, gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad)
-    if gxt.device.type == "cpu" and _tiny(gh.size * gw.size, ph * pw):
-        k = _pool_matrix(gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad, ph, pw, gxt.dtype)
+    k = _tiny_matrix(gh.size, gw.size, gh, gw, gxt.dtype) if gxt.device.type == "cpu" else None
+    if k is not None:
         return torch.mm(gxt.reshape(n * c, ph * pw), k.t()).view(n, c, gh.size, gw.size)
     if native.applies(gxt):  # g̃x may come channels-last from the products; gx stays plain
         return native.unpool(gxt.contiguous(), gh.size, gw.size, kh, kw, gh.in_pad, gw.in_pad)
@@ -395,12 +409,17 @@ def _kernel_sum(weight: Tensor) -> Tensor:
 
 
 # From this many multiply-adds per product, CPU patch products run in oneDNN's 1×1 conv backward
-# (both in one call) instead of MKL GEMMs: 1.1–1.6× faster on the per-layer benchmark's maps of
-# ≥ 100M. Below it oneDNN can win alone yet loses inside a backward: the one-call native
-# backward with MKL GEMMs is 1.05–1.2× faster at 26M, and on ResNet18 and MobileNetV2 at r=4
-# (≤ 17M) oneDNN cost ~1 ms per step (benchmarks/ab_switch.py).
+# (both in one call) instead of MKL GEMMs: 1.7–2.0× faster alone on the per-layer benchmark's
+# products of ≥ 100M (benchmarks/kernel_micro.py). Below it oneDNN can win alone yet loses
+# inside a backward: the one-call native backward with MKL GEMMs is 1.05–1.2× faster at 26M, and
+# on ResNet18 and MobileNetV2 at r=4 (≤ 17M) oneDNN cost ~1 ms per step (benchmarks/ab_switch.py).
 _ONEDNN_MACS = 64_000_000
 _CPU_ONEDNN = True  # private switch for benchmarks/ab_switch.py
+
+
+def _onednn_sized(n: int, patches: int, cout: int, cin: int) -> bool:
+    """Whether a dense conv's patch products are large enough for oneDNN (see _ONEDNN_MACS)."""
+    return n * patches * cout * cin >= _ONEDNN_MACS
 
 
 def _onednn_products(gbar, xt, weight, cin, scale, need_w, need_x):
@@ -439,7 +458,7 @@ def _pointwise_grads(gbar, xt, weight, w_shape, groups, scale, need_w, need_x):
     cin = cpg * groups
     depthwise = cout == groups and cpg == 1
     if not depthwise and groups == 1 and gbar.device.type == "cpu" and _CPU_ONEDNN and (
-            n * p * cout * cin >= _ONEDNN_MACS):
+            _onednn_sized(n, p, cout, cin)):
         return _onednn_products(gbar, xt, weight, cin, scale, need_w, need_x)
     narrow = p < 128 and groups == 1  # narrow GEMMs: one big GEMM on channel-major copies
     g_t = gbar.transpose(0, 1).reshape(cout, n * p) if narrow and not depthwise else None
@@ -596,16 +615,7 @@ def _fused_backward_applies(x: Tensor, w: Tensor, groups: int, gh: AxisGeometry,
         return False
     if _dense_format(x) is not torch.contiguous_format or not native.applies(x):
         return False
-    return x.shape[0] * gh.patches * gw.patches * w.shape[0] * w.shape[1] < _ONEDNN_MACS
-
-
-def _tiny_matrix(h: int, w: int, gh: AxisGeometry, gw: AxisGeometry,
-                 dtype: torch.dtype) -> Tensor | None:
-    """The pooling matrix of an h×w map's input grid if the map is tiny (for unpooling by GEMM)."""
-    if not _tiny(h * w, gh.patches * gw.patches):
-        return None
-    return _pool_matrix(h, w, gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad, gh.patches,
-                        gw.patches, dtype)
+    return not _onednn_sized(x.shape[0], gh.patches * gw.patches, w.shape[0], w.shape[1])
 
 
 def _native_backward(ctx, gy: Tensor, xt: Tensor | None, weight: Tensor | None):
@@ -615,14 +625,13 @@ def _native_backward(ctx, gy: Tensor, xt: Tensor | None, weight: Tensor | None):
     if one_d:
         gy = gy.unsqueeze(-2)
         weight = weight.unsqueeze(-2) if weight is not None else None
-    rh, rw = gh.radius, gw.radius
-    tiles = _tiles(gy, gh, gw)  # the same ḡ scale as patch_mean_output, and the §1 stride scale
-    scale = (1.0 / (rh * rw) if tiles else 1.0) / (gh.stride * gw.stride)
-    scale_map = None if tiles else _inverse_counts(gh, gw, gy.device, gy.dtype)
+    mean_scale = _patch_mean_scale(gy, gh, gw)  # as patch_mean_output, times the §1 stride scale
+    scale_map = mean_scale if isinstance(mean_scale, Tensor) else None
+    scale = (1.0 if scale_map is not None else mean_scale) / (gh.stride * gw.stride)
     empty = gy.new_empty(0)
     gx, gw_, gb = native.filtered_backward(
         gy, xt if need_w else empty, weight if need_x else empty, (w_shape[2], w_shape[3]),
-        (rh, rw, gh.out_pad, gw.out_pad, gh.patches, gw.patches),
+        (gh.radius, gw.radius, gh.out_pad, gw.out_pad, gh.patches, gw.patches),
         (gh.in_patch, gw.in_patch, gh.in_pad, gw.in_pad), (gh.size, gw.size), scale, scale_map,
         need_x, need_w, _tiny_matrix(gh.size, gw.size, gh, gw, gy.dtype))
     if one_d:
