@@ -172,6 +172,14 @@ def mask_apply(g: Tensor, bits: Tensor) -> Tensor:
     return _ops().mask_apply(g, bits)
 
 
+def bn_act_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, k: int, top: int,
+                 left: int, ph: int, pw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eval BatchNorm + activation of a fused block in one pass (src/gradfilter/blocks.py):
+    y = clamp(z·scale + shift, 0, upper) (``upper`` NaN: no activation) and, per k×k patch,
+    channel-major (C, N, ph, pw): the count of 0 < v < upper, the sum of z there, the sum of y."""
+    return _ops().bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw)
+
+
 def filtered_backward(gy: Tensor, xt: Tensor, weight: Tensor, kernel: tuple[int, int],
                       out_grid: tuple[int, int, int, int, int, int],
                       in_grid: tuple[int, int, int, int], size: tuple[int, int], scale: float,

@@ -404,6 +404,7 @@ def remove(model: nn.Module) -> list[str]:
         if original is not None and not isinstance(mod, _FILTERED):
             del mod._gradfilter_original_class
             mod.__dict__.pop("bn_radius", None)
+            mod.__dict__.pop("_gradfilter_units", None)
             mod.__class__ = original
             reverted.append(name)
         elif isinstance(mod, _FILTERED):

@@ -628,6 +628,166 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Eval-mode BatchNorm and activation of a fused block (src/gradfilter/blocks.py), in one pass,
+// with the patch statistics its patch-resolution backward needs:
+//   v = z * scale[c] + shift[c];  y = clamp(v, 0, upper) (upper NaN: no activation, y = v);
+//   m = 0 < v < upper (all ones without activation);
+//   per patch, channel-major (C, N, Ph, Pw): count of m, sum of m * z, sum of y.
+// Planes go 8 at a time: first the elementwise part over each whole plane (vectorised; y, and
+// y, m * z, m into a small buffer), then the patch sums of the buffer, as patch_sum_kernel does
+// (tiny planes: 8 planes' sums at once over each patch's pixel list).
+
+// y, and the buffer's three planes (y, m * z, m), of one plane. Branch-free: the mask is random.
+template <typename scalar_t, typename acc_t>
+inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ y,
+                         acc_t* __restrict__ ty, acc_t* __restrict__ tmz, acc_t* __restrict__ tm,
+                         int64_t n, acc_t s, acc_t t, bool act, acc_t hi) {
+  int64_t e = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const __m128 vs = _mm_set1_ps(s), vt = _mm_set1_ps(t), zero = _mm_setzero_ps();
+    const __m128 vhi = _mm_set1_ps(hi), one = _mm_set1_ps(1.0f);
+    const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
+    for (; e + 4 <= n; e += 4) {
+      const __m128 zv = _mm_loadu_ps(z + e);
+      const __m128 v = _mm_add_ps(_mm_mul_ps(zv, vs), vt);
+      __m128 out = v, m = all;
+      if (act) {  // maxps/minps return the second operand on NaN: NaN stays NaN, as clamp
+        out = _mm_min_ps(vhi, _mm_max_ps(zero, v));
+        m = _mm_and_ps(_mm_cmpgt_ps(v, zero), _mm_cmplt_ps(v, vhi));
+      }
+      _mm_storeu_ps(y + e, out);
+      _mm_storeu_ps(ty + e, out);
+      _mm_storeu_ps(tmz + e, _mm_and_ps(m, zv));
+      _mm_storeu_ps(tm + e, _mm_and_ps(m, one));
+    }
+  }
+#endif
+  for (; e < n; ++e) {
+    const acc_t zv = acc_t(z[e]);
+    const acc_t v = zv * s + t;
+    acc_t out = v;
+    bool m = true;
+    if (act) {
+      const acc_t lo = v < acc_t(0) ? acc_t(0) : v;
+      out = hi < lo ? hi : lo;
+      m = (v > acc_t(0)) & (v < hi);
+    }
+    y[e] = scalar_t(out);
+    ty[e] = out;
+    tmz[e] = m ? zv : acc_t(0);
+    tm[e] = m ? acc_t(1) : acc_t(0);
+  }
+}
+
+template <typename scalar_t>
+void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_t* shift,
+                         scalar_t* y, scalar_t* count, scalar_t* mz_sum, scalar_t* y_sum,
+                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t k, int64_t top,
+                         int64_t left, int64_t Ph, int64_t Pw, double upper) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool act = !std::isnan(upper);
+  const acc_t hi = act ? static_cast<acc_t>(upper) : std::numeric_limits<acc_t>::infinity();
+  const int64_t HW = H * W, P = Ph * Pw, planes = N * C;
+  const auto rows = segments(H, k, top, Ph), cols = segments(W, k, left, Pw);
+  const bool tiny = tiny_planes(H, W, Ph, Pw);
+  std::vector<int64_t> pixels, first(P + 1, 0);  // tiny planes: each patch's pixel list
+  if (tiny)
+    for (int64_t i = 0; i < Ph; ++i)
+      for (int64_t j = 0; j < Pw; ++j) {
+        for (int64_t h = rows[i].first; h < rows[i].second; ++h)
+          for (int64_t w = cols[j].first; w < cols[j].second; ++w) pixels.push_back(h * W + w);
+        first[i * Pw + j + 1] = static_cast<int64_t>(pixels.size());
+      }
+  constexpr int64_t B = kTinyPlanes;
+  const int64_t blocks = (planes + B - 1) / B;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / (B * HW)), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> buf(3 * B * HW + 3 * W);
+    acc_t* ty = buf.data();        // [B][HW]
+    acc_t* tmz = ty + B * HW;      // [B][HW]
+    acc_t* tm = tmz + B * HW;      // [B][HW]
+    acc_t* row = tm + B * HW;      // 3 rows of W: y, m*z, m summed over a patch row
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t p0 = b * B, cnt = std::min(B, planes - p0);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const int64_t c = (p0 + j) % C;
+        bn_act_plane<scalar_t, acc_t>(z + (p0 + j) * HW, y + (p0 + j) * HW, ty + j * HW,
+                                      tmz + j * HW, tm + j * HW, HW, acc_t(scale[c]),
+                                      acc_t(shift[c]), act, hi);
+      }
+      auto store = [&](int64_t j, int64_t q, acc_t sc, acc_t smz, acc_t sy) {
+        const int64_t plane = p0 + j, n = plane / C, c = plane % C, o = (c * N + n) * P + q;
+        count[o] = scalar_t(sc);
+        mz_sum[o] = scalar_t(smz);
+        y_sum[o] = scalar_t(sy);
+      };
+      if (tiny) {
+        for (int64_t q = 0; q < P; ++q) {
+          acc_t a0[B] = {}, a1[B] = {}, a2[B] = {};  // independent sums, one per plane
+          for (int64_t e = first[q]; e < first[q + 1]; ++e) {
+            const int64_t px = pixels[e];
+            for (int64_t j = 0; j < B; ++j) {
+              a0[j] += tm[j * HW + px];
+              a1[j] += tmz[j * HW + px];
+              a2[j] += ty[j * HW + px];
+            }
+          }
+          for (int64_t j = 0; j < cnt; ++j) store(j, q, a0[j], a1[j], a2[j]);
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < cnt; ++j)
+        for (int64_t i = 0; i < Ph; ++i) {
+          acc_t* __restrict__ r0 = row;
+          acc_t* __restrict__ r1 = row + W;
+          acc_t* __restrict__ r2 = row + 2 * W;
+          std::fill(row, row + 3 * W, acc_t(0));
+          for (int64_t h = rows[i].first; h < rows[i].second; ++h) {
+            const acc_t* __restrict__ sm = tm + j * HW + h * W;
+            const acc_t* __restrict__ smz = tmz + j * HW + h * W;
+            const acc_t* __restrict__ sy = ty + j * HW + h * W;
+            for (int64_t w = 0; w < W; ++w) {
+              r0[w] += sm[w];
+              r1[w] += smz[w];
+              r2[w] += sy[w];
+            }
+          }
+          for (int64_t q = 0; q < Pw; ++q)
+            store(j, i * Pw + q, segment_sum(r0, cols[q]), segment_sum(r1, cols[q]),
+                  segment_sum(r2, cols[q]));
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_stats(
+    const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift, double upper,
+    int64_t k, int64_t top, int64_t left, int64_t ph, int64_t pw) {
+  TORCH_CHECK(z.dim() == 4, "gradfilter native bn_act_stats: expected a 4-D map, got ", z.dim(), "-D");
+  check_geometry(k, ph, "height");
+  check_geometry(k, pw, "width");
+  TORCH_CHECK(std::isnan(upper) || upper > 0,
+              "gradfilter native bn_act_stats: upper bound must be > 0 or NaN, got ", upper);
+  const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
+  TORCH_CHECK(scale.numel() == C && shift.numel() == C,
+              "gradfilter native bn_act_stats: scale and shift need ", C, " values");
+  const at::Tensor src = z.contiguous();
+  const at::Tensor sc = scale.to(z.scalar_type()).contiguous(), sh = shift.to(z.scalar_type()).contiguous();
+  at::Tensor y = at::empty_like(src);
+  at::Tensor count = at::empty({C, N, ph, pw}, src.options());
+  at::Tensor mz = at::empty_like(count), ys = at::empty_like(count);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "gf_bn_act_stats", [&] {
+    bn_act_stats_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
+                                  sh.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                  count.mutable_data_ptr<scalar_t>(), mz.mutable_data_ptr<scalar_t>(),
+                                  ys.mutable_data_ptr<scalar_t>(), N, C, H, W, k, top, left, ph, pw,
+                                  upper);
+  });
+  return {y, count, mz, ys};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gradfilter, m) {
@@ -635,6 +795,8 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("unpool(Tensor g, int h, int w, int kh, int kw, int top, int left) -> Tensor");
   m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
   m.def("mask_apply(Tensor g, Tensor bits) -> Tensor");
+  m.def("bn_act_stats(Tensor z, Tensor scale, Tensor shift, float upper, int k, int top, int left, "
+        "int ph, int pw) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
         "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
         "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_in) -> "
@@ -646,5 +808,6 @@ TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
   m.impl("unpool", TORCH_FN(unpool));
   m.impl("masked_clamp", TORCH_FN(masked_clamp));
   m.impl("mask_apply", TORCH_FN(mask_apply));
+  m.impl("bn_act_stats", TORCH_FN(bn_act_stats));
   m.impl("filtered_backward", TORCH_FN(filtered_backward));
 }

@@ -8,7 +8,10 @@ eval mode):
 * ``filtered``  the convolutions of the trainable blocks filtered at radius r (what the paper's
   reference code does);
 * ``lean``      filtered convolutions plus :func:`gradfilter.slim` (ReLU masks as bits,
-  BatchNorm weight gradient from patch sums at radius r).
+  BatchNorm weight gradient from patch sums at radius r);
+* ``fused``     ``lean`` plus :func:`gradfilter.fuse_blocks` on the trainable blocks it
+  supports (inverted residuals and conv-BN-act at stride 1: the whole block's backward at
+  patch resolution); the others stay ``lean``.
 
 One step is forward + cross-entropy + backward + SGD step. The methods' steps alternate in one
 process; each figure is the median of ``repeats`` steps. The forward-only time (no grad) bounds
@@ -39,7 +42,7 @@ from .machine import describe, machine_info
 
 MODELS = ("mobilenet_v2", "resnet18", "tf_efficientnet_lite0")
 LAST = (4, 8)
-METHODS = ("vanilla", "filtered", "lean")
+METHODS = ("vanilla", "filtered", "lean", "fused")
 
 
 def build(model_name: str, method: str, last: int, radius: int, example: torch.Tensor):
@@ -52,9 +55,13 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
     net = create_model(model_name, 1000)
     net, info = prepare_model(net, "vanilla" if method == "vanilla" else "gradfilter",
                               radius, last, example)
-    if method == "lean":
+    if method in ("lean", "fused"):
         slim(net, names=[f"{b}.*" for b in info.blocks] + info.blocks, bn="patch",
              radius=radius)
+    if method == "fused":
+        from ..blocks import fuse_blocks
+
+        fuse_blocks(net, info.blocks, on_unsupported="skip")
     params = [p for p in net.parameters() if p.requires_grad]
     return net, torch.optim.SGD(params, lr=1e-3, momentum=0.9), info.blocks
 

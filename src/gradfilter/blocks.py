@@ -1,0 +1,309 @@
+"""Block-level gradient filtering: a whole inverted-residual block's backward at patch resolution.
+
+Inside a block of filtered convolutions (MobileNetV2 / EfficientNet-Lite ``InvertedResidual``:
+1×1 conv, BatchNorm, ReLU6, depthwise conv, BatchNorm, ReLU6, 1×1 conv, BatchNorm, skip), the
+gradient leaving a filtered conv is constant on each r×r patch (DESIGN §1.6). The eval-mode
+BatchNorm and ReLU/ReLU6 between the convs are per-pixel masks and per-channel affines, and the
+next conv only needs the patch *means* of what they produce. With ``g`` one value per patch:
+
+* ReLU/ReLU6 then BatchNorm then the conv's patch mean: ``mean_P(g · m · s) = g · s · |m|_P / |P|``
+  (``m`` the activation's pass mask, ``|m|_P`` its count in the patch, ``s = γ/σ``);
+* BatchNorm's weight gradient ``Σ g · m · x̂ = Σ_P g_P · (Σ_P m·z − μ |m|_P) / σ`` (``z`` its
+  input), its bias gradient ``Σ_P g_P · |m|_P``; the conv's bias gradient likewise.
+
+So the forward keeps, per unit (conv → BatchNorm → activation), three patch-resolution maps: the
+mask count, the masked sum of ``z`` and the sum of the activation output (the next conv's x̃);
+the backward never touches a full-resolution map except to pool the gradient arriving at the
+block and to write the one it passes down. The results are the per-layer filtered convolutions'
+with exact BatchNorm and ReLU gradients whenever the gradient arriving at the block is constant
+on its patches — as it is between such blocks and from a global-average-pooling head. Otherwise
+only the last BatchNorm's weight gradient differs: it takes that gradient's patch means (as
+``slim(bn="patch")`` does); the skip connection passes the gradient on exactly.
+
+Supported blocks: torchvision ``InvertedResidual`` and ``Conv2dNormActivation``, timm
+``InvertedResidual`` (no squeeze-excite, no drop-path), whose convs are all filtered with one
+radius, stride 1, dilation 1, dense or depthwise, size-preserving padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as GF
+from . import native
+from .nn import FilteredConv2d
+
+__all__ = ["fuse_blocks", "fusable", "FusedBlockMixin"]
+
+_NO_ACT = math.nan  # the stats kernel's "no activation"
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """conv → eval BatchNorm → activation (upper bound: inf ReLU, 6 ReLU6, NaN none)."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    upper: float
+
+
+def _activation_bound(act: nn.Module | None) -> float | str:
+    if act is None or isinstance(act, nn.Identity):
+        return _NO_ACT
+    if isinstance(act, nn.ReLU6):
+        return 6.0
+    if isinstance(act, nn.ReLU):
+        return math.inf
+    return f"activation {type(act).__name__} (only ReLU, ReLU6 or none)"
+
+
+def _bn_unit(conv: nn.Module, bn: nn.Module, act: nn.Module | None) -> _Unit | str:
+    if not isinstance(conv, FilteredConv2d):
+        return f"{type(conv).__name__} is not a filtered conv (gradfilter.apply it first)"
+    if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+        return f"{type(bn).__name__} is not a BatchNorm2d with running statistics"
+    if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
+        return "BatchNormAct2d with dropout"
+    k = conv.kernel_size
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0:
+        return f"conv {tuple(k)} stride {conv.stride} dilation {conv.dilation} (needs stride 1, " \
+               "dilation 1, odd kernel)"
+    if not conv.tf_same and tuple(conv.padding) != ((k[0] - 1) // 2, (k[1] - 1) // 2):
+        return f"conv padding {conv.padding} does not keep the map size"
+    if conv.groups not in (1, conv.in_channels) or (
+            conv.groups > 1 and conv.out_channels != conv.in_channels):
+        return f"conv groups={conv.groups} (dense or depthwise only)"
+    if conv.input_grad != "filtered":
+        return "conv with input_grad='exact'"
+    upper = _activation_bound(act)
+    if isinstance(upper, str):
+        return upper
+    return _Unit(conv, bn, upper)
+
+
+def _units(block: nn.Module) -> tuple[list[_Unit], bool] | str:
+    """The block's (units, has skip), or why it cannot be fused."""
+    name = type(block).__name__
+    if hasattr(block, "conv_pwl") and hasattr(block, "conv_dw") and hasattr(block, "bn3"):
+        for part in ("aa", "se", "drop_path"):  # timm InvertedResidual
+            if not isinstance(getattr(block, part, nn.Identity()), nn.Identity):
+                return f"timm {name} with {part} (only plain inverted residuals)"
+        pieces = [(block.conv_pw, block.bn1), (block.conv_dw, block.bn2),
+                  (block.conv_pwl, block.bn3)]
+        units = [_bn_unit(c, b, getattr(b, "act", None)) for c, b in pieces]
+        skip = bool(getattr(block, "has_skip", False))
+    elif hasattr(block, "use_res_connect") and isinstance(getattr(block, "conv", None),
+                                                          nn.Sequential):
+        units, mods = [], list(block.conv)  # torchvision InvertedResidual
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            if isinstance(m, nn.Sequential):
+                units.append(_sequential_unit(m))
+                i += 1
+            elif i + 1 < len(mods):
+                units.append(_bn_unit(m, mods[i + 1], None))
+                i += 2
+            else:
+                return f"{name}: unrecognised layout"
+        skip = bool(block.use_res_connect)
+    elif isinstance(block, nn.Sequential):  # torchvision Conv2dNormActivation
+        units, skip = [_sequential_unit(block)], False
+    else:
+        return f"{name} is not a supported block (inverted residual or conv-BN-act)"
+    for u in units:
+        if isinstance(u, str):
+            return f"{name}: {u}"
+    radii = {u.conv.radius for u in units}
+    if len(radii) != 1:
+        return f"{name}: its convs have different radii {sorted(radii)}"
+    return units, skip
+
+
+def _sequential_unit(seq: nn.Sequential) -> _Unit | str:
+    mods = list(seq)
+    if len(mods) not in (2, 3):
+        return f"Sequential of {len(mods)} modules (conv, BatchNorm[, activation])"
+    return _bn_unit(mods[0], mods[1], mods[2] if len(mods) == 3 else None)
+
+
+def fusable(block: nn.Module) -> str | None:
+    """None if :func:`fuse_blocks` can fuse ``block``, else the reason it cannot."""
+    found = _units(block)
+    return found if isinstance(found, str) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused forward and its patch-resolution backward
+
+
+def _grid(h: int, w: int, radius: int) -> tuple[GF.AxisGeometry, GF.AxisGeometry]:
+    """The stride-1 patch grid of an h×w map (output grid = input grid, DESIGN §1.1)."""
+    return (GF.axis_geometry(h, h, 1, 1, 1, radius), GF.axis_geometry(w, w, 1, 1, 1, radius))
+
+
+def _patch_sums_cm(t: Tensor, gh: GF.AxisGeometry, gw: GF.AxisGeometry) -> Tensor:
+    """Sums of t over the grid's patches, channel-major: (C, N·Ph·Pw)."""
+    sums = GF.patch_mean_output(t, gh, gw)[0]
+    return sums.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale γ/σ, shift β − μγ/σ, 1/σ) of an eval-mode BatchNorm."""
+    inv_std = torch.rsqrt(bn.running_var + bn.eps).to(dtype)
+    mean = bn.running_mean.to(dtype)
+    scale = inv_std if bn.weight is None else bn.weight * inv_std
+    shift = -mean * scale if bn.bias is None else bn.bias - mean * scale
+    return scale, shift, inv_std
+
+
+def _unit_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, gh: GF.AxisGeometry,
+                gw: GF.AxisGeometry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mask count, masked sum of z, sum of y); the sums channel-major (C, N·P)."""
+    c = z.shape[1]
+    if native.applies(z) and z.is_contiguous():
+        y, count, mz, ys = native.bn_act_stats(z, scale, shift, upper, gh.radius, gh.out_pad,
+                                               gw.out_pad, gh.patches, gw.patches)
+        return y, count.view(c, -1), mz.view(c, -1), ys.view(c, -1)
+    v = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if math.isnan(upper):
+        y, mask = v, torch.ones_like(v)
+    else:
+        y = v.clamp(0.0, upper)
+        mask = ((v > 0) & (v < upper)).to(z.dtype)
+    return (y, _patch_sums_cm(mask, gh, gw), _patch_sums_cm(z * mask, gh, gw),
+            _patch_sums_cm(y, gh, gw))
+
+
+def _params(units: list[_Unit]) -> list[Tensor | None]:
+    flat: list[Tensor | None] = []
+    for u in units:
+        flat += [u.conv.weight, u.conv.bias, u.bn.weight, u.bn.bias]
+    return flat
+
+
+class _FusedBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, *params: Tensor | None):
+        n, _, h, w = x.shape
+        radius = units[0].conv.radius
+        gh, gw = _grid(h, w, radius)
+        xt = _patch_sums_cm(x, gh, gw)  # the first conv's x̃
+        saved: list[Tensor] = []
+        t = x
+        for u in units:
+            conv = u.conv
+            z = F.conv2d(t, conv.weight, conv.bias, 1, (conv.kernel_size[0] // 2,
+                                                          conv.kernel_size[1] // 2), 1,
+                         conv.groups)
+            scale, shift, inv_std = _bn_affine(u.bn, z.dtype)
+            t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, gh, gw)
+            saved += [xt, count, mz, scale, inv_std, u.bn.running_mean, conv.weight]
+            xt = ys
+        if skip:
+            t = t + x
+        counts = GF._inverse_counts(gh, gw, x.device, x.dtype).reciprocal()
+        ctx.save_for_backward(counts, *saved)
+        ctx.meta = (units, skip, gh, gw, n)
+        return t
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError("gradfilter: double backward through a fused block is not "
+                               "supported")
+        units, skip, gh, gw, n = ctx.meta
+        counts, *saved = ctx.saved_tensors
+        per_pixel = counts.reshape(1, 1, -1).expand(1, n, -1).reshape(1, -1)  # (1, N·P)
+        needs = ctx.needs_input_grad
+        g = _patch_sums_cm(g_out, gh, gw) / per_pixel  # the gradient's patch means
+        grads: list[Tensor | None] = [None] * (4 * len(units))
+        for i in reversed(range(len(units))):
+            u = units[i]
+            xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
+            need_w, need_b, need_gamma, need_beta = needs[3 + 4 * i: 7 + 4 * i]
+            if need_gamma:  # Σ g · m · (z − μ) / σ
+                grads[4 * i + 2] = (g * (mz - mean.to(g.dtype)[:, None] * count)).sum(1) * inv_std
+            g_count = g * count
+            if need_beta:
+                grads[4 * i + 3] = g_count.sum(1)
+            g_count = g_count * scale[:, None]  # Σ over each patch of the conv's output grad
+            if need_b:
+                grads[4 * i + 1] = g_count.sum(1)
+            gbar = g_count / per_pixel  # the conv's filtered output gradient ḡ
+            depthwise = u.conv.groups > 1
+            if need_w:
+                gw_ = (gbar * xt).sum(1)[:, None] if depthwise else gbar @ xt.t()
+                grads[4 * i] = gw_[:, :, None, None].expand(weight.shape).contiguous()
+            if i == 0 and not needs[0]:
+                break
+            w_sum = weight.sum((2, 3))  # W̃
+            g = w_sum * gbar if depthwise else w_sum.t() @ gbar  # g̃x, one value per patch
+        gx = None
+        if needs[0]:
+            c = g.shape[0]
+            gxt = g.view(c, n, gh.patches, gw.patches).transpose(0, 1)
+            gx = GF.unpool_input(gxt, gh, gw)
+            if skip:
+                gx = gx.add_(g_out)
+        return (gx, None, None, *grads)
+
+
+class FusedBlockMixin:
+    """Mixed in front of a supported block's class by :func:`fuse_blocks`: its training forward
+    runs as one fused node (:mod:`gradfilter.blocks`); no-grad and unsupported calls run the
+    block's own forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        units, skip = self._gradfilter_units
+        if (x.dim() != 4 or not torch.is_grad_enabled() or any(u.bn.training for u in units)
+                or not (x.requires_grad or any(p is not None and p.requires_grad
+                                               for p in _params(units)))):
+            return super().forward(x)
+        return _FusedBlock.apply(x, units, skip, *_params(units))
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedBlockMixin, cls), {})
+    return _FUSED_CLASSES[cls]
+
+
+def fuse_blocks(model: nn.Module, names: str | Iterable[str],
+                on_unsupported: str = "error") -> list[str]:
+    """Fuse the named blocks of ``model`` in place (see the module docstring); return the names
+    fused. ``names``: block names or glob patterns. A block named exactly that cannot be fused
+    raises with the reason (``on_unsupported="error"``) or stays as it is (``"skip"``); blocks
+    matched by a glob only are fused where they can be. :func:`gradfilter.remove` undoes it.
+    Call after :func:`gradfilter.apply` (the blocks' convs must be filtered); BatchNorm must be
+    in eval mode when training (:func:`gradfilter.freeze` pins it)."""
+    from .surgery import _match
+
+    if on_unsupported not in ("error", "skip"):
+        raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
+    patterns = [names] if isinstance(names, str) else list(names)
+    fused = []
+    for name, mod in model.named_modules():
+        if not name or not _match(name, patterns) or isinstance(mod, FusedBlockMixin):
+            continue
+        found = _units(mod)
+        if isinstance(found, str):
+            if name in patterns and on_unsupported == "error":
+                raise ValueError(f"cannot fuse {name}: {found}")
+            continue
+        mod._gradfilter_units = found
+        mod._gradfilter_original_class = type(mod)
+        mod.__class__ = _fused_class(type(mod))
+        fused.append(name)
+    if not fused:
+        raise ValueError(f"fuse_blocks: no block matching {patterns} can be fused")
+    return fused
