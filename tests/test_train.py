@@ -249,6 +249,8 @@ def test_demo_table_and_machine_info():
     table = demo._table(rows)
     assert "4.00x less" in table and "97.00%" in table and "gradfilter" in table
     assert "gradfilter+lean" in table and "8.00x less" in table
+    rows.append({**rows[2], "fused_blocks": ["blocks.6.0"], "saved_activation_bytes": 2**18})
+    assert "gradfilter+lean+fused" in demo._table(rows) and "16.00x less" in demo._table(rows)
 
 
 @pytest.mark.slow
@@ -257,9 +259,10 @@ def test_run_demo_end_to_end(tmp_path, lite0_pretrained):
 
     assert run_demo(epochs=1, quiet=True, out=str(tmp_path)) == 0
     rows = json.loads((tmp_path / "metrics.json").read_text())
-    assert [(r["method"], r["radius"], r["lean"]) for r in rows] == [
-        ("vanilla", None, None), ("gradfilter", 2, None), ("gradfilter", 4, None),
-        ("gradfilter", 4, "patch"),
+    assert [(r["method"], r["radius"], r["lean"], bool(r["fused_blocks"])) for r in rows] == [
+        ("vanilla", None, None, False), ("gradfilter", 2, None, False),
+        ("gradfilter", 4, None, False), ("gradfilter", 4, "patch", False),
+        ("gradfilter", 4, "patch", True),
     ]
     assert all(r["val_accuracy"] > 0.5 for r in rows)
     assert rows[1]["saved_activation_bytes"] < rows[0]["saved_activation_bytes"]

@@ -1,6 +1,7 @@
 """gradfilter: cheap fine-tuning of CNNs through gradient filtering (Yang et al., CVPR 2023)."""
 
 from .allocator import tune_cpu_allocator
+from .blocks import fuse_blocks
 from .functional import UnsupportedDilationError, conv1d, conv2d
 from .memory import count_saved
 from .nn import FilteredConv1d, FilteredConv2d
@@ -28,6 +29,7 @@ __all__ = [
     "conv_layers",
     "count_saved",
     "freeze",
+    "fuse_blocks",
     "remove",
     "slim",
     "tune_cpu_allocator",

@@ -197,13 +197,17 @@ class _FusedBlock(torch.autograd.Function):
         xt = _patch_sums_cm(x, gh, gw)  # the first conv's x̃
         saved: list[Tensor] = []
         t = x
-        for u in units:
+        for i, u in enumerate(units):
             conv = u.conv
             z = F.conv2d(t, conv.weight, conv.bias, 1, (conv.kernel_size[0] // 2,
                                                           conv.kernel_size[1] // 2), 1,
                          conv.groups)
             scale, shift, inv_std = _bn_affine(u.bn, z.dtype)
             t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, gh, gw)
+            if radius * radius <= 255:  # a count of at most r·r pixels: one byte each
+                count = count.to(torch.uint8)
+            if not ctx.needs_input_grad[5 + 4 * i]:  # BatchNorm weight frozen: Σ m·z unused
+                mz = None
             saved += [xt, count, mz, scale, inv_std, u.bn.running_mean, conv.weight]
             xt = ys
         if skip:
@@ -227,6 +231,7 @@ class _FusedBlock(torch.autograd.Function):
         for i in reversed(range(len(units))):
             u = units[i]
             xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
+            count = count.to(g.dtype)
             need_w, need_b, need_gamma, need_beta = needs[3 + 4 * i: 7 + 4 * i]
             if need_gamma:  # Σ g · m · (z − μ) / σ
                 grads[4 * i + 2] = (g * (mz - mean.to(g.dtype)[:, None] * count)).sum(1) * inv_std

@@ -102,6 +102,10 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                    help="gradfilter: the input gradient the filtered convs pass down, from the "
                         "patch-mean output gradient (filtered, the paper) or exact (same memory, "
                         "vanilla backward-input cost, for tasks whose accuracy needs it)")
+    p.add_argument("--fuse-blocks", action="store_true",
+                   help="gradfilter: run each trained inverted-residual / conv-BN-act block's "
+                        "backward at patch resolution as one node (faster and leaner; exact "
+                        "BatchNorm weight gradients in those blocks; docs/performance.md)")
     p.add_argument("--cache-features", action="store_true",
                    help="compute the frozen prefix's features once and train the last blocks "
                         "from that cache (inputs are never augmented here, so it is exact)")
@@ -144,6 +148,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 device=args.device, cache_features=args.cache_features,
                 cache_dtype=args.cache_dtype, lean=args.lean, reinit_head=args.reinit_head,
                 input_grad=args.input_grad, channels_last=args.channels_last,
+                fuse=args.fuse_blocks,
             )
         except KeyboardInterrupt:
             print(f"gradfilter finetune: interrupted; continue with --resume --out {args.out}",

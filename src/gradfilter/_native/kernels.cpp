@@ -682,6 +682,91 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
   }
 }
 
+#if defined(__SSE2__)
+// Tiny float planes, a full block of 8: first 4 planes × 4 pixels at a time (y stored, and y,
+// m * z, m transposed 4×4 into pixel-major buffers pm[quantity][pixel][8 planes]), then each
+// patch's pixel list summed with the 8 planes in two vectors per quantity. sums: [P][3][8].
+inline void bn_act_tiny_block_f32(const float* z, float* y, const float* s8, const float* t8,
+                                  int64_t HW, bool act, float hi, float* pm,
+                                  const int64_t* pixels, const int64_t* first, int64_t P,
+                                  float* sums) {
+  float* pmy = pm;
+  float* pmz = pm + HW * 8;
+  float* pmm = pm + 2 * HW * 8;
+  const __m128 zero = _mm_setzero_ps(), vhi = _mm_set1_ps(hi), one = _mm_set1_ps(1.0f);
+  const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  for (int64_t g = 0; g < 2; ++g) {
+    const float* zg = z + g * 4 * HW;
+    float* yg = y + g * 4 * HW;
+    __m128 S[4], T[4];
+    for (int j = 0; j < 4; ++j) {
+      S[j] = _mm_set1_ps(s8[g * 4 + j]);
+      T[j] = _mm_set1_ps(t8[g * 4 + j]);
+    }
+    int64_t e = 0;
+    for (; e + 4 <= HW; e += 4) {
+      __m128 o[4], mz[4], mm[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m128 zv = _mm_loadu_ps(zg + j * HW + e);
+        const __m128 v = _mm_add_ps(_mm_mul_ps(zv, S[j]), T[j]);
+        __m128 out = v, m = all;
+        if (act) {  // maxps/minps return the second operand on NaN: NaN stays NaN, as clamp
+          out = _mm_min_ps(vhi, _mm_max_ps(zero, v));
+          m = _mm_and_ps(_mm_cmpgt_ps(v, zero), _mm_cmplt_ps(v, vhi));
+        }
+        _mm_storeu_ps(yg + j * HW + e, out);
+        o[j] = out;
+        mz[j] = _mm_and_ps(m, zv);
+        mm[j] = _mm_and_ps(m, one);
+      }
+      _MM_TRANSPOSE4_PS(o[0], o[1], o[2], o[3]);
+      _MM_TRANSPOSE4_PS(mz[0], mz[1], mz[2], mz[3]);
+      _MM_TRANSPOSE4_PS(mm[0], mm[1], mm[2], mm[3]);
+      for (int k = 0; k < 4; ++k) {
+        _mm_storeu_ps(pmy + (e + k) * 8 + g * 4, o[k]);
+        _mm_storeu_ps(pmz + (e + k) * 8 + g * 4, mz[k]);
+        _mm_storeu_ps(pmm + (e + k) * 8 + g * 4, mm[k]);
+      }
+    }
+    for (; e < HW; ++e)
+      for (int j = 0; j < 4; ++j) {
+        const float zv = zg[j * HW + e];
+        const float v = zv * s8[g * 4 + j] + t8[g * 4 + j];
+        float out = v;
+        bool m = true;
+        if (act) {
+          const float lo = v < 0.0f ? 0.0f : v;
+          out = hi < lo ? hi : lo;
+          m = (v > 0.0f) & (v < hi);
+        }
+        yg[j * HW + e] = out;
+        pmy[e * 8 + g * 4 + j] = out;
+        pmz[e * 8 + g * 4 + j] = m ? zv : 0.0f;
+        pmm[e * 8 + g * 4 + j] = m ? 1.0f : 0.0f;
+      }
+  }
+  for (int64_t q = 0; q < P; ++q) {
+    __m128 y0 = zero, y1 = zero, z0 = zero, z1 = zero, m0 = zero, m1 = zero;
+    for (int64_t i = first[q]; i < first[q + 1]; ++i) {
+      const int64_t o = pixels[i] * 8;
+      y0 = _mm_add_ps(y0, _mm_loadu_ps(pmy + o));
+      y1 = _mm_add_ps(y1, _mm_loadu_ps(pmy + o + 4));
+      z0 = _mm_add_ps(z0, _mm_loadu_ps(pmz + o));
+      z1 = _mm_add_ps(z1, _mm_loadu_ps(pmz + o + 4));
+      m0 = _mm_add_ps(m0, _mm_loadu_ps(pmm + o));
+      m1 = _mm_add_ps(m1, _mm_loadu_ps(pmm + o + 4));
+    }
+    float* d = sums + q * 24;
+    _mm_storeu_ps(d, m0);
+    _mm_storeu_ps(d + 4, m1);
+    _mm_storeu_ps(d + 8, z0);
+    _mm_storeu_ps(d + 12, z1);
+    _mm_storeu_ps(d + 16, y0);
+    _mm_storeu_ps(d + 20, y1);
+  }
+}
+#endif
+
 template <typename scalar_t>
 void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_t* shift,
                          scalar_t* y, scalar_t* count, scalar_t* mz_sum, scalar_t* y_sum,
@@ -704,13 +789,36 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   constexpr int64_t B = kTinyPlanes;
   const int64_t blocks = (planes + B - 1) / B;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / (B * HW)), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(3 * B * HW + 3 * W);
+    std::vector<acc_t> buf(3 * B * HW + 3 * W + 3 * B * P);
     acc_t* ty = buf.data();        // [B][HW]
     acc_t* tmz = ty + B * HW;      // [B][HW]
     acc_t* tm = tmz + B * HW;      // [B][HW]
     acc_t* row = tm + B * HW;      // 3 rows of W: y, m*z, m summed over a patch row
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t p0 = b * B, cnt = std::min(B, planes - p0);
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (tiny && cnt == B) {
+          float s8[B], t8[B];
+          for (int64_t j = 0; j < B; ++j) {
+            s8[j] = scale[(p0 + j) % C];
+            t8[j] = shift[(p0 + j) % C];
+          }
+          float* sums = row + 3 * W;  // [P][3][B]
+          bn_act_tiny_block_f32(z + p0 * HW, y + p0 * HW, s8, t8, HW, act, hi, ty, pixels.data(),
+                                first.data(), P, sums);
+          for (int64_t j = 0; j < B; ++j) {
+            const int64_t plane = p0 + j, o = ((plane % C) * N + plane / C) * P;
+            for (int64_t q = 0; q < P; ++q) {
+              count[o + q] = sums[q * 24 + j];
+              mz_sum[o + q] = sums[q * 24 + 8 + j];
+              y_sum[o + q] = sums[q * 24 + 16 + j];
+            }
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t j = 0; j < cnt; ++j) {
         const int64_t c = (p0 + j) % C;
         bn_act_plane<scalar_t, acc_t>(z + (p0 + j) * HW, y + (p0 + j) * HW, ty + j * HW,
@@ -723,18 +831,24 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
         mz_sum[o] = scalar_t(smz);
         y_sum[o] = scalar_t(sy);
       };
-      if (tiny) {
-        for (int64_t q = 0; q < P; ++q) {
-          acc_t a0[B] = {}, a1[B] = {}, a2[B] = {};  // independent sums, one per plane
-          for (int64_t e = first[q]; e < first[q + 1]; ++e) {
-            const int64_t px = pixels[e];
-            for (int64_t j = 0; j < B; ++j) {
-              a0[j] += tm[j * HW + px];
-              a1[j] += tmz[j * HW + px];
-              a2[j] += ty[j * HW + px];
+      if (tiny) {  // 4 planes at a time: 12 independent sums stay in registers
+        constexpr int64_t Q = 4;
+        for (int64_t j0 = 0; j0 < cnt; j0 += Q) {
+          const acc_t* m0 = tm + j0 * HW;
+          const acc_t* mz0 = tmz + j0 * HW;
+          const acc_t* y0 = ty + j0 * HW;
+          for (int64_t q = 0; q < P; ++q) {
+            acc_t a0[Q] = {}, a1[Q] = {}, a2[Q] = {};
+            for (int64_t e = first[q]; e < first[q + 1]; ++e) {
+              const int64_t px = pixels[e];
+              for (int64_t j = 0; j < Q; ++j) {
+                a0[j] += m0[j * HW + px];
+                a1[j] += mz0[j * HW + px];
+                a2[j] += y0[j * HW + px];
+              }
             }
+            for (int64_t j = 0; j < std::min(Q, cnt - j0); ++j) store(j0 + j, q, a0[j], a1[j], a2[j]);
           }
-          for (int64_t j = 0; j < cnt; ++j) store(j, q, a0[j], a1[j], a2[j]);
         }
         continue;
       }

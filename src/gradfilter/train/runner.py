@@ -40,7 +40,7 @@ __all__ = ["MATCH_KEYS", "evaluate_checkpoint", "finetune"]
 # Config entries a resumed run must share with its checkpoint: anything else would give a
 # different model, different data or an optimizer state that does not fit.
 MATCH_KEYS = ("model", "data", "image_size", "num_classes", "method", "radius", "train_last",
-              "optimizer", "lean", "input_grad")
+              "optimizer", "lean", "input_grad", "fuse")
 # Entries that may change on resume (with a note): the schedule / data order then differ from
 # an uninterrupted run of the new config.
 NOTE_KEYS = ("epochs", "batch_size", "lr")
@@ -61,9 +61,12 @@ def _normalise_data_spec(spec: str) -> str:
 
 
 def _saved_value(saved: dict[str, Any], key: str) -> Any:
-    """A checkpoint's config entry; runs saved before ``input_grad`` existed filtered it."""
+    """A checkpoint's config entry; runs saved before ``input_grad`` existed filtered it, before
+    ``fuse`` existed did not fuse."""
     if key == "input_grad" and key not in saved:
         return "filtered" if saved.get("method") == "gradfilter" else None
+    if key == "fuse" and key not in saved:
+        return False
     return saved.get(key)
 
 
@@ -129,6 +132,7 @@ def finetune(
     reinit_head: bool = False,
     input_grad: str = "filtered",
     channels_last: bool = False,
+    fuse: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
     ``out``; write and return ``out/metrics.json``'s content.
@@ -141,7 +145,8 @@ def finetune(
     (``reinit_head_keys``); without it a classifier that does not fit is an error.
     ``input_grad``: "filtered" (the paper) or "exact" input gradients through the filtered
     convs (:func:`gradfilter.apply`). ``channels_last``: model and batches in that memory format
-    (faster on CPUs, same math; :func:`.trainer.train`)."""
+    (faster on CPUs, same math; :func:`.trainer.train`). ``fuse``: fused blocks
+    (:func:`.trainer.prepare_model`)."""
     from torch.utils.data import DataLoader
 
     from ..bench.machine import machine_info
@@ -182,6 +187,7 @@ def finetune(
         "train_last": train_last,
         "lean": lean,
         "input_grad": input_grad if method == "gradfilter" else None,
+        "fuse": fuse,
         "optimizer": optimizer,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -224,7 +230,7 @@ def finetune(
     n_example = min(batch_size, len(splits.train))
     example = torch.stack([splits.train[i][0] for i in range(n_example)])
     net, info = prepare_model(net, method, radius if radius is not None else 0, train_last,
-                              example, lean=lean, input_grad=input_grad)
+                              example, lean=lean, input_grad=input_grad, fuse=fuse)
     resume_state = None
     if ckpt is not None:
         try:
@@ -329,6 +335,7 @@ def finetune(
         "blocks": info.blocks,
         "filtered_layers": info.report.names if info.report is not None else [],
         "lean_layers": info.slimmed,
+        "fused_blocks": info.fused,
         "history": history,
         **_task_extras(task, info, bool(val_acc)),
         "checkpoint": str(ckpt_path),

@@ -78,6 +78,7 @@ class PrepareInfo:
     lean: str | None = None
     slimmed: list[str] = field(default_factory=list)  # ReLU/BatchNorm layers made lean
     input_grad: str | None = None  # filtered convs' input-gradient mode (gradfilter only)
+    fused: list[str] = field(default_factory=list)  # blocks whose backward runs fused
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +90,7 @@ class PrepareInfo:
             "filtered_layers": self.report.names if self.report is not None else [],
             "lean": self.lean,
             "lean_layers": list(self.slimmed),
+            "fused_blocks": list(self.fused),
             "input_grad": self.input_grad,
         }
 
@@ -101,6 +103,7 @@ def prepare_model(
     example_input: Any,
     lean: str | None = None,
     input_grad: str = "filtered",
+    fuse: bool = False,
 ) -> tuple[nn.Module, PrepareInfo]:
     """Set ``model`` up in place for fine-tuning its last ``train_last`` blocks.
 
@@ -115,9 +118,14 @@ def prepare_model(
     bit masks and their BatchNorm layers keep little (:func:`gradfilter.slim`'s ``bn``).
     ``input_grad`` ("filtered" or "exact"): what the filtered convs pass down
     (:func:`gradfilter.apply`'s ``input_grad``).
+    ``fuse`` (gradfilter only): run the backward of every trained block that
+    :func:`gradfilter.fuse_blocks` supports at patch resolution as one node (the others stay
+    per layer); the fused blocks' BatchNorm weight gradients are then exact whatever ``lean``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if fuse and method != "gradfilter":
+        raise ValueError("fuse=True needs method='gradfilter' (fused blocks are filtered)")
     blocks_all = block_names(model)
     if not isinstance(train_last, int) or not 1 <= train_last <= len(blocks_all):
         raise ValueError(
@@ -154,6 +162,11 @@ def prepare_model(
             bn_radius = radius if radius else 1
         slimmed = slim(model, names=[f"{b}.*" for b in blocks] + blocks, bn=lean,
                        radius=bn_radius)
+    fused: list[str] = []
+    if fuse:
+        from ..blocks import fuse_blocks
+
+        fused = fuse_blocks(model, blocks, on_unsupported="skip")
     info = PrepareInfo(
         method=method,
         radius=(dict(radius) if isinstance(radius, Mapping) else radius)
@@ -165,6 +178,7 @@ def prepare_model(
         lean=lean,
         slimmed=slimmed,
         input_grad=input_grad if method == "gradfilter" else None,
+        fused=fused,
     )
     return model, info
 
