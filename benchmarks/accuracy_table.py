@@ -29,9 +29,12 @@ SETTINGS = {  # per data set: epochs, batch size, lr (AdamW, cosine), image size
     "digits": dict(epochs=4, batch_size=32, lr=5e-4, image_size=128),
     "mnist5k": dict(epochs=3, batch_size=32, lr=5e-4, image_size=96),
 }
-# (method, radius, lean): lean="patch" also slims the blocks' ReLU/BatchNorm (gradfilter.slim)
-METHODS = [("vanilla", None, None), ("gradfilter", 2, None), ("gradfilter", 4, None),
-           ("gradfilter", 7, None), ("gradfilter", 2, "patch"), ("gradfilter", 4, "patch")]
+# (method, radius, lean, fuse): lean="patch" also slims the blocks' ReLU/BatchNorm
+# (gradfilter.slim); fuse runs the supported blocks' backward fused (gradfilter.fuse_blocks)
+METHODS = [("vanilla", None, None, False), ("gradfilter", 2, None, False),
+           ("gradfilter", 4, None, False), ("gradfilter", 7, None, False),
+           ("gradfilter", 2, "patch", False), ("gradfilter", 4, "patch", False),
+           ("gradfilter", 4, "patch", True)]
 TARGET_DROP = {2: 0.5, 4: 1.5}  # points of accuracy, from the issue
 
 
@@ -41,11 +44,11 @@ def run_all(datasets, train_lasts, methods, seeds, out_root: Path) -> list[dict]
     i = 0
     for data in datasets:
         for n in train_lasts:
-            for method, radius, lean in methods:
+            for method, radius, lean, fuse in methods:
                 for seed in seeds:
                     i += 1
                     tag = f"{data}-last{n}-{method}{radius or ''}{'-' + lean if lean else ''}" \
-                          f"-s{seed}"
+                          f"{'-fused' if fuse else ''}-s{seed}"
                     out = out_root / tag
                     if (out / "metrics.json").exists():
                         m = json.loads((out / "metrics.json").read_text())
@@ -56,10 +59,11 @@ def run_all(datasets, train_lasts, methods, seeds, out_root: Path) -> list[dict]
                         m = finetune(model="tf_efficientnet_lite0", pretrained=True, data=data,
                                      out=out, method=method, radius=radius, train_last=n,
                                      seed=seed, cache_features=True, quiet=True, lean=lean,
-                                     **SETTINGS[data])
+                                     fuse=fuse, **SETTINGS[data])
                     print(f"[{i}/{total}] {tag}: val acc {100 * m['val_accuracy']:.2f}%, "
                           f"step {m['step_time_ms']:.1f} ms", flush=True)
-                    rows.append({"lean": m.get("lean"), **{k: m[k] for k in (
+                    rows.append({"lean": m.get("lean"), "fuse": m.get("fuse", False),
+                                 **{k: m[k] for k in (
                         "data", "train_last", "method", "radius", "seed", "val_accuracy",
                         "step_time_ms", "saved_activation_bytes", "epochs", "image_size",
                         "batch_size", "lr")}})
@@ -69,16 +73,17 @@ def run_all(datasets, train_lasts, methods, seeds, out_root: Path) -> list[dict]
 def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["data"], r["train_last"], r["method"], r["radius"], r.get("lean"))
+        key = (r["data"], r["train_last"], r["method"], r["radius"], r.get("lean"),
+               r.get("fuse", False))
         groups.setdefault(key, []).append(r)
     lines = ["| data | last N | method | val accuracy % (mean ± std) | Δ vs vanilla (pt) | target "
              "| seeds | step ms | saved MiB/step |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (data, n, method, radius, lean), rs in groups.items():
+    for (data, n, method, radius, lean, fuse), rs in groups.items():
         accs = [100 * r["val_accuracy"] for r in rs]
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        base = groups.get((data, n, "vanilla", None, None))
+        base = groups.get((data, n, "vanilla", None, None, False))
         delta, target = "", ""
         if base and method != "vanilla":
             d = mean - statistics.mean(100 * r["val_accuracy"] for r in base)
@@ -86,7 +91,8 @@ def table(rows: list[dict]) -> str:
             if radius in TARGET_DROP:
                 ok = -d <= TARGET_DROP[radius]
                 target = f"≤ {TARGET_DROP[radius]} pt drop: {'met' if ok else 'NOT met'}"
-        label = method if radius is None else f"r={radius}" + (f" + lean {lean}" if lean else "")
+        label = method if radius is None else f"r={radius}" + (f" + lean {lean}" if lean else "") \
+            + (" + fused" if fuse else "")
         step = statistics.median(r["step_time_ms"] for r in rs)
         mib = statistics.median(r["saved_activation_bytes"] for r in rs) / 2**20
         lines.append(f"| {data} | {n} | {label} | {mean:.2f} ± {std:.2f} | {delta} | {target} "

@@ -30,6 +30,10 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define GF_HAVE_AVX2_TARGET 1
+#endif
 
 namespace {
 
@@ -767,6 +771,108 @@ inline void bn_act_tiny_block_f32(const float* z, float* y, const float* s8, con
 }
 #endif
 
+#if defined(GF_HAVE_AVX2_TARGET)
+// bn_act_tiny_block_f32 with 256-bit vectors (8 planes × 8 pixels, 8×8 transposes), for CPUs
+// with AVX2 (checked at run time; the build itself targets baseline x86-64).
+__attribute__((target("avx2"))) inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+__attribute__((target("avx2"))) void bn_act_tiny_block_avx2(
+    const float* z, float* y, const float* s8, const float* t8, int64_t HW, bool act, float hi,
+    float* pm, const int64_t* pixels, const int64_t* first, int64_t P, float* sums) {
+  float* pmy = pm;
+  float* pmz = pm + HW * 8;
+  float* pmm = pm + 2 * HW * 8;
+  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t e = 0;
+  for (; e + 8 <= HW; e += 8) {
+    __m256 o[8], mz[8], mm[8];
+    for (int j = 0; j < 8; ++j) {
+      const __m256 zv = _mm256_loadu_ps(z + j * HW + e);
+      const __m256 v = _mm256_add_ps(_mm256_mul_ps(zv, _mm256_set1_ps(s8[j])), _mm256_set1_ps(t8[j]));
+      __m256 out = v, m = all;
+      if (act) {  // vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp
+        out = _mm256_min_ps(vhi, _mm256_max_ps(zero, v));
+        m = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), _mm256_cmp_ps(v, vhi, _CMP_LT_OQ));
+      }
+      _mm256_storeu_ps(y + j * HW + e, out);
+      o[j] = out;
+      mz[j] = _mm256_and_ps(m, zv);
+      mm[j] = _mm256_and_ps(m, one);
+    }
+    transpose8(o);
+    transpose8(mz);
+    transpose8(mm);
+    for (int k = 0; k < 8; ++k) {
+      _mm256_storeu_ps(pmy + (e + k) * 8, o[k]);
+      _mm256_storeu_ps(pmz + (e + k) * 8, mz[k]);
+      _mm256_storeu_ps(pmm + (e + k) * 8, mm[k]);
+    }
+  }
+  for (; e < HW; ++e)
+    for (int j = 0; j < 8; ++j) {
+      const float zv = z[j * HW + e];
+      const float v = zv * s8[j] + t8[j];
+      float out = v;
+      bool m = true;
+      if (act) {
+        const float lo = v < 0.0f ? 0.0f : v;
+        out = hi < lo ? hi : lo;
+        m = (v > 0.0f) & (v < hi);
+      }
+      y[j * HW + e] = out;
+      pmy[e * 8 + j] = out;
+      pmz[e * 8 + j] = m ? zv : 0.0f;
+      pmm[e * 8 + j] = m ? 1.0f : 0.0f;
+    }
+  for (int64_t q = 0; q < P; ++q) {
+    __m256 ay = zero, az = zero, am = zero, by = zero, bz = zero, bm = zero;
+    int64_t i = first[q];
+    for (; i + 2 <= first[q + 1]; i += 2) {  // two sets of sums: half the dependency chains
+      const int64_t o0 = pixels[i] * 8, o1 = pixels[i + 1] * 8;
+      ay = _mm256_add_ps(ay, _mm256_loadu_ps(pmy + o0));
+      az = _mm256_add_ps(az, _mm256_loadu_ps(pmz + o0));
+      am = _mm256_add_ps(am, _mm256_loadu_ps(pmm + o0));
+      by = _mm256_add_ps(by, _mm256_loadu_ps(pmy + o1));
+      bz = _mm256_add_ps(bz, _mm256_loadu_ps(pmz + o1));
+      bm = _mm256_add_ps(bm, _mm256_loadu_ps(pmm + o1));
+    }
+    if (i < first[q + 1]) {
+      const int64_t o0 = pixels[i] * 8;
+      ay = _mm256_add_ps(ay, _mm256_loadu_ps(pmy + o0));
+      az = _mm256_add_ps(az, _mm256_loadu_ps(pmz + o0));
+      am = _mm256_add_ps(am, _mm256_loadu_ps(pmm + o0));
+    }
+    float* d = sums + q * 24;
+    _mm256_storeu_ps(d, _mm256_add_ps(am, bm));
+    _mm256_storeu_ps(d + 8, _mm256_add_ps(az, bz));
+    _mm256_storeu_ps(d + 16, _mm256_add_ps(ay, by));
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
 template <typename scalar_t>
 void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_t* shift,
                          scalar_t* y, scalar_t* count, scalar_t* mz_sum, scalar_t* y_sum,
@@ -805,8 +911,14 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
             t8[j] = shift[(p0 + j) % C];
           }
           float* sums = row + 3 * W;  // [P][3][B]
-          bn_act_tiny_block_f32(z + p0 * HW, y + p0 * HW, s8, t8, HW, act, hi, ty, pixels.data(),
-                                first.data(), P, sums);
+#if defined(GF_HAVE_AVX2_TARGET)
+          if (cpu_has_avx2())
+            bn_act_tiny_block_avx2(z + p0 * HW, y + p0 * HW, s8, t8, HW, act, hi, ty,
+                                   pixels.data(), first.data(), P, sums);
+          else
+#endif
+            bn_act_tiny_block_f32(z + p0 * HW, y + p0 * HW, s8, t8, HW, act, hi, ty,
+                                  pixels.data(), first.data(), P, sums);
           for (int64_t j = 0; j < B; ++j) {
             const int64_t plane = p0 + j, o = ((plane % C) * N + plane / C) * P;
             for (int64_t q = 0; q < P; ++q) {
