@@ -71,9 +71,10 @@ def _bn_unit(conv: nn.Module, bn: nn.Module, act: nn.Module | None) -> _Unit | s
     if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
         return "BatchNormAct2d with dropout"
     k = conv.kernel_size
-    if conv.stride != (1, 1) or conv.dilation != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0:
-        return f"conv {tuple(k)} stride {conv.stride} dilation {conv.dilation} (needs stride 1, " \
-               "dilation 1, odd kernel)"
+    if conv.stride not in ((1, 1), (2, 2)) or conv.dilation != (1, 1) or k[0] % 2 == 0 or (
+            k[1] % 2 == 0):
+        return f"conv {tuple(k)} stride {conv.stride} dilation {conv.dilation} (needs stride 1 " \
+               "or 2, dilation 1, odd kernel)"
     if not conv.tf_same and tuple(conv.padding) != ((k[0] - 1) // 2, (k[1] - 1) // 2):
         return f"conv padding {conv.padding} does not keep the map size"
     if conv.groups not in (1, conv.in_channels) or (
@@ -120,6 +121,10 @@ def _units(block: nn.Module) -> tuple[list[_Unit], bool] | str:
     for u in units:
         if isinstance(u, str):
             return f"{name}: {u}"
+    if sum(u.conv.stride != (1, 1) for u in units) > 1:
+        return f"{name}: more than one strided conv"
+    if skip and any(u.conv.stride != (1, 1) for u in units):
+        return f"{name}: a skip connection around a strided conv"
     radii = {u.conv.radius for u in units}
     if len(radii) != 1:
         return f"{name}: its convs have different radii {sorted(radii)}"
@@ -188,33 +193,114 @@ def _params(units: list[_Unit]) -> list[Tensor | None]:
     return flat
 
 
+Grid = tuple[GF.AxisGeometry, GF.AxisGeometry]
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Patch grids of a fused block for one input size: the stride-1 grid at the input
+    resolution, then per unit its output grid and, for a stride-2 unit, its conv's input padding
+    (TF 'same' or symmetric) and whether its x̃ is the coarsened previous grid."""
+
+    grid_in: Grid
+    grids: tuple[Grid, ...]
+    strided: tuple[bool, ...]
+
+
+def _geometry(units: list[_Unit], h: int, w: int) -> _Geometry | None:
+    """The block's grids for an h×w input, or None where a stride-2 conv's input patches
+    (2r×2r, DESIGN §1.3) are not unions of 2×2 patches of the grid before it."""
+    radius = units[0].conv.radius
+    cur = _grid(h, w, radius)
+    grid_in, grids, strided = cur, [], []
+    for u in units:
+        conv = u.conv
+        if conv.stride == (1, 1):
+            grids.append(cur)
+            strided.append(False)
+            continue
+        sizes = (cur[0].size, cur[1].size)
+        axes = []
+        for d in range(2):
+            k, size = conv.kernel_size[d], sizes[d]
+            if conv.tf_same:  # the filtered conv sees the padded map (nn._FilteredMixin)
+                from .nn import tf_same_total
+
+                total = tf_same_total(size, k, 2, 1)
+                seen, before, out = size + total, total // 2, (size + total - k) // 2 + 1
+            else:  # its grids are relative to the map itself
+                seen, before, out = size, 0, (size + 2 * (k // 2) - k) // 2 + 1
+            g_in = GF.axis_geometry(seen, out, k, 2, 1, radius)
+            # the conv's input grid relative to the map must be the coarsened grid before it
+            if g_in.in_pad + before != cur[d].out_pad or 2 * g_in.patches < cur[d].patches:
+                return None
+            axes.append(GF.axis_geometry(out, out, 1, 1, 1, radius))
+        cur = (axes[0], axes[1])
+        grids.append(cur)
+        strided.append(True)
+    return _Geometry(grid_in, tuple(grids), tuple(strided))
+
+
+def _coarsen(t: Tensor, fine: Grid, coarse: Grid) -> Tensor:
+    """(C, N·Pf) sums on a grid → (C, N·Pc) sums on the grid of 2×2 unions of its patches."""
+    c = t.shape[0]
+    ph, pw = coarse[0].patches, coarse[1].patches
+    t = t.view(c, -1, fine[0].patches, fine[1].patches)
+    t = F.pad(t, (0, 2 * pw - fine[1].patches, 0, 2 * ph - fine[0].patches))
+    return t.view(c, -1, ph, 2, pw, 2).sum((3, 5)).reshape(c, -1)
+
+
+def _refine(t: Tensor, coarse: Grid, fine: Grid) -> Tensor:
+    """Per-patch values on the coarse grid repeated onto the fine grid's patches (C, N·Pf)."""
+    c = t.shape[0]
+    t = t.view(c, -1, coarse[0].patches, coarse[1].patches)
+    t = t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    return t[:, :, :fine[0].patches, :fine[1].patches].reshape(c, -1)
+
+
+def _conv_forward(conv: nn.Conv2d, t: Tensor) -> Tensor:
+    if conv.stride == (1, 1):
+        pad = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
+    elif conv.tf_same:
+        from .nn import tf_same_pad
+
+        t, pad = tf_same_pad(t, conv.kernel_size, conv.stride, conv.dilation), (0, 0)
+    else:
+        pad = conv.padding
+    return F.conv2d(t, conv.weight, conv.bias, conv.stride, pad, 1, conv.groups)
+
+
+def _per_pixel(grid: Grid, n: int, like: Tensor) -> Tensor:
+    """(1, N·P): the real pixels of each patch, repeated over the batch."""
+    counts = GF._inverse_counts(grid[0], grid[1], like.device, like.dtype).reciprocal()
+    return counts.reshape(1, 1, -1).expand(1, n, -1).reshape(1, -1)
+
+
 class _FusedBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, *params: Tensor | None):
-        n, _, h, w = x.shape
+    def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry,
+                *params: Tensor | None):
+        n = x.shape[0]
         radius = units[0].conv.radius
-        gh, gw = _grid(h, w, radius)
-        xt = _patch_sums_cm(x, gh, gw)  # the first conv's x̃
-        saved: list[Tensor] = []
+        ys = _patch_sums_cm(x, *geo.grid_in)  # the first conv's x̃ (before any coarsening)
+        prev = geo.grid_in
+        saved: list[Tensor | None] = []
         t = x
         for i, u in enumerate(units):
-            conv = u.conv
-            z = F.conv2d(t, conv.weight, conv.bias, 1, (conv.kernel_size[0] // 2,
-                                                          conv.kernel_size[1] // 2), 1,
-                         conv.groups)
+            xt = _coarsen(ys, prev, geo.grids[i]) if geo.strided[i] else ys
+            z = _conv_forward(u.conv, t)
             scale, shift, inv_std = _bn_affine(u.bn, z.dtype)
-            t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, gh, gw)
+            t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, *geo.grids[i])
+            prev = geo.grids[i]
             if radius * radius <= 255:  # a count of at most r·r pixels: one byte each
                 count = count.to(torch.uint8)
-            if not ctx.needs_input_grad[5 + 4 * i]:  # BatchNorm weight frozen: Σ m·z unused
+            if not ctx.needs_input_grad[6 + 4 * i]:  # BatchNorm weight frozen: Σ m·z unused
                 mz = None
-            saved += [xt, count, mz, scale, inv_std, u.bn.running_mean, conv.weight]
-            xt = ys
+            saved += [xt, count, mz, scale, inv_std, u.bn.running_mean, u.conv.weight]
         if skip:
             t = t + x
-        counts = GF._inverse_counts(gh, gw, x.device, x.dtype).reciprocal()
-        ctx.save_for_backward(counts, *saved)
-        ctx.meta = (units, skip, gh, gw, n)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (units, skip, geo, n)
         return t
 
     @staticmethod
@@ -222,17 +308,18 @@ class _FusedBlock(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("gradfilter: double backward through a fused block is not "
                                "supported")
-        units, skip, gh, gw, n = ctx.meta
-        counts, *saved = ctx.saved_tensors
-        per_pixel = counts.reshape(1, 1, -1).expand(1, n, -1).reshape(1, -1)  # (1, N·P)
+        units, skip, geo, n = ctx.meta
+        saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        g = _patch_sums_cm(g_out, gh, gw) / per_pixel  # the gradient's patch means
+        grid = geo.grids[-1]
+        g = _patch_sums_cm(g_out, *grid) / _per_pixel(grid, n, g_out)  # patch means
         grads: list[Tensor | None] = [None] * (4 * len(units))
         for i in reversed(range(len(units))):
-            u = units[i]
+            u, grid = units[i], geo.grids[i]
+            per_pixel = _per_pixel(grid, n, g)
             xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
             count = count.to(g.dtype)
-            need_w, need_b, need_gamma, need_beta = needs[3 + 4 * i: 7 + 4 * i]
+            need_w, need_b, need_gamma, need_beta = needs[4 + 4 * i: 8 + 4 * i]
             if need_gamma:  # Σ g · m · (z − μ) / σ
                 grads[4 * i + 2] = (g * (mz - mean.to(g.dtype)[:, None] * count)).sum(1) * inv_std
             g_count = g * count
@@ -242,6 +329,8 @@ class _FusedBlock(torch.autograd.Function):
             if need_b:
                 grads[4 * i + 1] = g_count.sum(1)
             gbar = g_count / per_pixel  # the conv's filtered output gradient ḡ
+            if geo.strided[i]:
+                gbar = gbar * 0.25  # DESIGN §1: the 1/(sh·sw) stride scale
             depthwise = u.conv.groups > 1
             if need_w:
                 gw_ = (gbar * xt).sum(1)[:, None] if depthwise else gbar @ xt.t()
@@ -250,14 +339,16 @@ class _FusedBlock(torch.autograd.Function):
                 break
             w_sum = weight.sum((2, 3))  # W̃
             g = w_sum * gbar if depthwise else w_sum.t() @ gbar  # g̃x, one value per patch
+            if geo.strided[i]:
+                g = _refine(g, grid, geo.grids[i - 1] if i else geo.grid_in)
         gx = None
         if needs[0]:
-            c = g.shape[0]
+            c, (gh, gw) = g.shape[0], geo.grid_in
             gxt = g.view(c, n, gh.patches, gw.patches).transpose(0, 1)
             gx = GF.unpool_input(gxt, gh, gw)
             if skip:
                 gx = gx.add_(g_out)
-        return (gx, None, None, *grads)
+        return (gx, None, None, None, *grads)
 
 
 class FusedBlockMixin:
@@ -271,7 +362,10 @@ class FusedBlockMixin:
                 or not (x.requires_grad or any(p is not None and p.requires_grad
                                                for p in _params(units)))):
             return super().forward(x)
-        return _FusedBlock.apply(x, units, skip, *_params(units))
+        geo = _geometry(units, x.shape[-2], x.shape[-1])
+        if geo is None:  # a stride-2 grid that does not line up: the per-layer path
+            return super().forward(x)
+        return _FusedBlock.apply(x, units, skip, geo, *_params(units))
 
 
 _FUSED_CLASSES: dict[type, type] = {}

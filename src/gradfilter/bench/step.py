@@ -273,17 +273,20 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     rows = result["rows"]
     labels = [f"{r['model']}\nlast {r['last']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.2
     xs = range(len(rows))
-    for k, m in enumerate(("forward_only", *METHODS)):
+    bars = ("forward_only", *METHODS)
+    width = 0.8 / len(bars)
+    for k, m in enumerate(bars):
         key = "forward_only_ms" if m == "forward_only" else f"step_ms_{m}"
-        axes[0].bar([x + (k - 1.5) * width for x in xs], [r[key] for r in rows], width,
+        axes[0].bar([x + (k - (len(bars) - 1) / 2) * width for x in xs], [r[key] for r in rows],
+                    width,
                     label=m.replace("_", " "))
     axes[0].set_ylabel("ms per training step (median)")
     axes[0].set_xticks(list(xs), labels, fontsize=7)
     axes[0].legend()
+    width = 0.8 / len(METHODS)
     for k, m in enumerate(METHODS):
-        axes[1].bar([x + (k - 1) * width for x in xs],
+        axes[1].bar([x + (k - (len(METHODS) - 1) / 2) * width for x in xs],
                     [r[f"saved_bytes_blocks_{m}"] / 2**20 for r in rows], width, label=m)
     axes[1].set_ylabel("MiB saved for backward in the trainable blocks")
     axes[1].set_xticks(list(xs), labels, fontsize=7)
