@@ -390,19 +390,22 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
     if on_unsupported not in ("error", "skip"):
         raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
     patterns = [names] if isinstance(names, str) else list(names)
-    fused = []
+    fused, refused = [], []
     for name, mod in model.named_modules():
         if not name or not _match(name, patterns) or isinstance(mod, FusedBlockMixin):
             continue
         found = _units(mod)
         if isinstance(found, str):
-            if name in patterns and on_unsupported == "error":
-                raise ValueError(f"cannot fuse {name}: {found}")
+            if name in patterns:
+                if on_unsupported == "error":
+                    raise ValueError(f"cannot fuse {name}: {found}")
+                refused.append(f"{name}: {found}")
             continue
         mod._gradfilter_units = found
         mod._gradfilter_original_class = type(mod)
         mod.__class__ = _fused_class(type(mod))
         fused.append(name)
     if not fused:
-        raise ValueError(f"fuse_blocks: no block matching {patterns} can be fused")
+        why = "".join(f"\n  {r}" for r in refused)
+        raise ValueError(f"fuse_blocks: no block matching {patterns} can be fused{why}")
     return fused

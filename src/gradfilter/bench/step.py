@@ -10,8 +10,9 @@ eval mode):
 * ``lean``      filtered convolutions plus :func:`gradfilter.slim` (ReLU masks as bits,
   BatchNorm weight gradient from patch sums at radius r);
 * ``fused``     ``lean`` plus :func:`gradfilter.fuse_blocks` on the trainable blocks it
-  supports (inverted residuals and conv-BN-act at stride 1: the whole block's backward at
-  patch resolution); the others stay ``lean``.
+  supports (inverted residuals and conv-BN-act blocks: the whole block's backward at patch
+  resolution); the others stay ``lean`` (all of ResNet18's: its BasicBlock ends in a ReLU
+  after the skip sum).
 
 One step is forward + cross-entropy + backward + SGD step. The methods' steps alternate in one
 process; each figure is the median of ``repeats`` steps. The forward-only time (no grad) bounds
@@ -58,10 +59,11 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
     if method in ("lean", "fused"):
         slim(net, names=[f"{b}.*" for b in info.blocks] + info.blocks, bn="patch",
              radius=radius)
-    if method == "fused":
-        from ..blocks import fuse_blocks
+    if method == "fused":  # where no block can be fused (ResNet's BasicBlock) this is lean
+        from ..blocks import fusable, fuse_blocks
 
-        fuse_blocks(net, info.blocks, on_unsupported="skip")
+        if any(fusable(net.get_submodule(b)) is None for b in info.blocks):
+            fuse_blocks(net, info.blocks, on_unsupported="skip")
     params = [p for p in net.parameters() if p.requires_grad]
     return net, torch.optim.SGD(params, lr=1e-3, momentum=0.9), info.blocks
 
