@@ -100,9 +100,13 @@ def test_apply_sets_and_remove_clears_the_mode():
 def test_resume_treats_old_checkpoints_as_filtered(tmp_path):
     keys = dict(model="m", data="d", image_size=8, num_classes=2, method="gradfilter", radius=2,
                 train_last=1, optimizer="adamw", lean=None, epochs=1, batch_size=2, lr=1e-3)
-    _check_resume_config(tmp_path / "c.pt", keys, {**keys, "input_grad": "filtered"})
+    # a checkpoint saved before ``input_grad`` and ``fuse`` existed: filtered, not fused
+    command = {**keys, "input_grad": "filtered", "fuse": False}
+    _check_resume_config(tmp_path / "c.pt", keys, command)
     with pytest.raises(ValueError, match="input_grad: checkpoint 'filtered', command 'exact'"):
-        _check_resume_config(tmp_path / "c.pt", keys, {**keys, "input_grad": "exact"})
+        _check_resume_config(tmp_path / "c.pt", keys, {**command, "input_grad": "exact"})
+    with pytest.raises(ValueError, match="fuse: checkpoint False, command True"):
+        _check_resume_config(tmp_path / "c.pt", keys, {**command, "fuse": True})
 
 
 def test_compare_labels_name_the_mode():

@@ -1,0 +1,606 @@
+"""Fused blocks (gradfilter.blocks) against references that share no code with them.
+
+* Spec oracle (float64, pure-PyTorch path): hand-built torchvision / timm inverted residuals and
+  conv-BN-act blocks, stride 1 and 2. Reference: this file's forward with plain torch ops and its
+  backward walk: g_out averaged over the real pixels of the block output's centred r×r patches
+  (DESIGN §1.1-§1.2), exact eval-BatchNorm and ReLU/ReLU6 gradients from autograd on
+  ``F.batch_norm``/``F.relu6``, each conv's filtered gradients from ``tests/spec.py`` (DESIGN §1,
+  a loop oracle), the skip connection's gradient passed on unaveraged. A stride-2 block whose
+  grids do not line up runs per layer, so its reference skips the averaging.
+* Composition: on MobileNetV2 / EfficientNet-Lite0 prepared for fine-tuning (the gradient at
+  each block output is patch-constant there), fused blocks give the per-layer filtered model's
+  parameter gradients (float64 pure-PyTorch; float32 native kernels).
+* Native ``bn_act_stats``: y against ``torch.clamp`` bit for bit, the patch sums against
+  explicit patch loops (NaN, ±inf, exact 0 / 6 edges, tiny and large maps, offset grids).
+* Errors and surgery: refusals and their reasons, ``gradfilter.remove``, the forward outputs,
+  when the fused node runs, and the bytes saved for backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import native_buildable
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spec import filtered_grads
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.ops.misc import Conv2dNormActivation
+
+import gradfilter
+from gradfilter import native
+from gradfilter.blocks import FusedBlockMixin, fusable, fuse_blocks
+
+timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
+timm_layers = pytest.importorskip("timm.layers")
+
+needs_native = pytest.mark.skipif(not native_buildable(), reason="no C++ toolchain for the kernels")
+
+FUSED_NODE = "_FusedBlockBackward"
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _centred(size, r):
+    """(patches, top padding) of the centred r-grid over ``size`` pixels (DESIGN §1.1)."""
+    p = _ceil_div(size, r)
+    return p, _ceil_div(p * r - size, 2)
+
+
+def _convs(block):
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _rel_err(got, ref):
+    """max |got - ref| relative to max |ref|."""
+    scale = ref.abs().max().clamp_min(1e-300)
+    return ((got.double() - ref.double()).abs().max() / scale).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: plain forward, then the block's backward walked unit by unit
+
+
+def _patch_mean_map(g, r):
+    """g replaced by its mean over the real pixels of each r×r patch of the centred grid."""
+    h, w = g.shape[-2:]
+    (ph, th), (pw, tw) = _centred(h, r), _centred(w, r)
+    out = torch.empty_like(g)
+    for i in range(ph):
+        r0, r1 = max(i * r - th, 0), min((i + 1) * r - th, h)
+        for j in range(pw):
+            c0, c1 = max(j * r - tw, 0), min((j + 1) * r - tw, w)
+            out[:, :, r0:r1, c0:c1] = g[:, :, r0:r1, c0:c1].mean((2, 3), keepdim=True)
+    return out
+
+
+def _units_of(block):
+    """([(conv, bn, activation)], has skip) read off an unconverted block's structure."""
+    if hasattr(block, "conv_pwl"):  # timm InvertedResidual (BatchNormAct2d carries the act)
+        pieces = [(block.conv_pw, block.bn1), (block.conv_dw, block.bn2),
+                  (block.conv_pwl, block.bn3)]
+        return [(c, b, b.act) for c, b in pieces], block.has_skip
+    if hasattr(block, "use_res_connect"):  # torchvision InvertedResidual
+        mods = list(block.conv)
+        units = [(m[0], m[1], m[2]) for m in mods[:-2]]
+        return units + [(mods[-2], mods[-1], None)], block.use_res_connect
+    mods = list(block)  # Conv2dNormActivation
+    return [(mods[0], mods[1], mods[2] if len(mods) == 3 else None)], False
+
+
+def _act(act, v):
+    if act is None or isinstance(act, nn.Identity):
+        return v
+    if isinstance(act, nn.ReLU6):
+        return F.relu6(v)
+    assert isinstance(act, nn.ReLU)
+    return F.relu(v)
+
+
+def _same_pad(size, k, s):
+    """(before, after) of TF 'same' padding (timm Conv2dSame)."""
+    total = max((_ceil_div(size, s) - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv_input(conv, t):
+    """What the conv reads, and its own padding: timm's Conv2dSame pads the map itself."""
+    if isinstance(conv, timm_layers.Conv2dSame):
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        top, bottom = _same_pad(t.shape[2], kh, sh)
+        left, right = _same_pad(t.shape[3], kw, sw)
+        return F.pad(t, (left, right, top, bottom)), (0, 0), (top, left)
+    return t, conv.padding, (0, 0)
+
+
+def _bn(z, bn, gamma, beta):
+    return F.batch_norm(z, bn.running_mean, bn.running_var, gamma, beta, False, 0.0, bn.eps)
+
+
+def _reference(block, x, g_out, r, average):
+    """(output, {parameter name: gradient}, input gradient) of ``block`` (unconverted, eval)."""
+    units, skip = _units_of(block)
+    names = {id(p): n for n, p in block.named_parameters()}
+    t, seen = x, []
+    for conv, bn, act in units:
+        t_in, pad, crop = _conv_input(conv, t)
+        z = F.conv2d(t_in, conv.weight, conv.bias, conv.stride, pad, conv.dilation, conv.groups)
+        seen.append((t_in, crop, t.shape, z))
+        t = _act(act, _bn(z, bn, bn.weight, bn.bias))
+    out = t + x if skip else t
+
+    g = _patch_mean_map(g_out, r) if average else g_out
+    grads, clamps = {}, 0
+    for (conv, bn, act), (t_in, crop, shape, z) in reversed(list(zip(units, seen))):
+        z = z.clone().requires_grad_()
+        gamma = bn.weight.clone().requires_grad_()
+        beta = bn.bias.clone().requires_grad_()
+        v = _bn(z, bn, gamma, beta)
+        clamps += int(isinstance(act, nn.ReLU6) and bool((v > 6).any()))
+        gz, grads[names[id(bn.weight)]], grads[names[id(bn.bias)]] = torch.autograd.grad(
+            _act(act, v), (z, gamma, beta), g)
+        gx, gw, gb = filtered_grads(t_in, conv.weight, gz, conv.stride, conv.dilation,
+                                    conv.groups, (r, r))
+        grads[names[id(conv.weight)]] = gw
+        if conv.bias is not None:
+            grads[names[id(conv.bias)]] = gb
+        g = gx[:, :, crop[0]:crop[0] + shape[2], crop[1]:crop[1] + shape[3]]
+    return out, grads, (g + g_out if skip else g), clamps
+
+
+def _stride2_aligned(size, k, r, tf_same):
+    """Whether a stride-2 conv's 2r×2r input patches (DESIGN §1.3) are unions of 2×2 patches of
+    the stride-1 grid over its input: then the block runs fused, else per layer."""
+    p1, t1 = _centred(size, r)
+    if tf_same:
+        before, after = _same_pad(size, k, 2)
+        seen, out = size + before + after, _ceil_div(size, 2)
+    else:
+        before, seen, out = 0, size, (size - 1) // 2 + 1
+    p2 = _ceil_div(out, r)
+    return _ceil_div(2 * r * p2 - seen, 2) + before == t1 and 2 * p2 >= p1
+
+
+def _randomise(block, gen):
+    """Random BatchNorm statistics and affines (negative γ included), large enough that ReLU6
+    clamps at both ends; channel 0 maps z = 0 to v = 0."""
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 0.75 + 0.25)
+                m.weight.copy_(torch.randn(c, generator=gen) * 2.5)
+                m.bias.copy_(torch.randn(c, generator=gen))
+                m.running_mean[0] = m.bias[0] = 0.0  # a zero input gives v = 0 exactly
+            elif isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen)
+                               / math.sqrt(m.weight[0].numel()))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+    return block.eval()
+
+
+BLOCKS = {
+    "ir_skip": lambda: InvertedResidual(4, 4, stride=1, expand_ratio=6),
+    "ir_no_skip": lambda: InvertedResidual(3, 5, stride=1, expand_ratio=6),
+    "ir_t1": lambda: InvertedResidual(4, 4, stride=1, expand_ratio=1),
+    "cna_1x1_relu6_bias": lambda: Conv2dNormActivation(5, 7, kernel_size=1,
+                                                       activation_layer=nn.ReLU6, bias=True),
+    "cna_dw3_relu_bias": lambda: Conv2dNormActivation(6, 6, kernel_size=3, groups=6,
+                                                      activation_layer=nn.ReLU, bias=True),
+    "cna_3x3_no_act": lambda: Conv2dNormActivation(3, 4, kernel_size=3, activation_layer=None),
+    "timm_ir_k5": lambda: timm_blocks.InvertedResidual(4, 4, dw_kernel_size=5, exp_ratio=4.0,
+                                                       act_layer=nn.ReLU6),
+}
+SIZES = [(7, 7, 4), (9, 11, 2)]  # h, w, r: odd maps, not divisible by r
+
+
+def _fused_copy(block, r):
+    """nn.Sequential(block) filtered at radius r, everything trainable, BatchNorm eval, fused."""
+    model = nn.Sequential(copy.deepcopy(block))
+    gradfilter.apply(model, radius=r)
+    gradfilter.freeze(model, trainable=lambda n, m: True)
+    assert fuse_blocks(model, ["0"]) == ["0"]
+    return model
+
+
+def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused=True):
+    gen = torch.Generator().manual_seed(seed)
+    block = _randomise(block, gen).double()
+    x = torch.randn(2, _convs(block)[0].in_channels, h, w, generator=gen, dtype=torch.float64) * 2
+    x[:, :, : h // 2, : w // 2] = 0  # activations meet the masks' edge (v = 0) exactly
+    with torch.no_grad():
+        out_shape = block(x).shape
+    g_out = torch.randn(out_shape, generator=gen, dtype=torch.float64)  # not patch-constant
+    model = _fused_copy(block, r)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(name.endswith(f) for f in frozen))
+    xg = x.clone().requires_grad_(x_grad)
+    with native.use_native(False):
+        y = model(xg)
+        assert (type(y.grad_fn).__name__ == FUSED_NODE) == fused
+        y.backward(g_out)
+
+    ref_out, ref_grads, ref_gx, clamps = _reference(block, x, g_out, r, average=fused)
+    with torch.no_grad():  # the reference reads the block as the block runs itself
+        assert _rel_err(block(x), ref_out) < 1e-13
+    assert _rel_err(y.detach(), ref_out) < 1e-12
+    if any(isinstance(a, nn.ReLU6) for _, _, a in _units_of(block)[0]):
+        assert clamps, "test data never reaches ReLU6's upper bound"
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+            continue
+        ref = ref_grads[name.removeprefix("0.")]
+        assert p.grad is not None, name
+        err = _rel_err(p.grad, ref)
+        assert err < 1e-10, f"{name}: relative error {err:.2e}"
+    if x_grad:
+        err = _rel_err(xg.grad, ref_gx)
+        assert err < 1e-10, f"input gradient: relative error {err:.2e}"
+    else:
+        assert xg.grad is None
+
+
+@pytest.mark.parametrize("h,w,r", SIZES)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_fused_block_matches_spec_oracle(kind, h, w, r):
+    _check_against_reference(BLOCKS[kind](), h, w, r, seed=10 * list(BLOCKS).index(kind) + r)
+
+
+@pytest.mark.parametrize("frozen", [("1.weight", "2.weight"), ("0.weight",)])
+def test_fused_block_with_frozen_parameters_and_no_input_grad_matches_spec_oracle(frozen):
+    """BatchNorm weights frozen (the masked sums are not kept) / the first conv frozen; the
+    block input needs no gradient (the first trained block of a fine-tuned net)."""
+    _check_against_reference(BLOCKS["ir_skip"](), 9, 11, 2, seed=5, x_grad=False,
+                             frozen=frozen)
+    _check_against_reference(BLOCKS["ir_no_skip"](), 7, 7, 4, seed=6, x_grad=True,
+                             frozen=frozen)
+
+
+STRIDE2 = [  # (block, h, w, r): fused where the grids line up, per layer where they do not
+    ("tv", 7, 11, 2), ("tv", 7, 7, 4), ("tv", 9, 11, 2), ("tv", 14, 14, 4),
+    ("timm_same", 14, 14, 4), ("timm_same", 8, 11, 2), ("timm_same", 9, 7, 2),
+]
+STRIDE2_CONV = {"tv": (3, False), "timm_same": (5, True)}  # dw kernel, TF 'same' padding
+
+
+def _stride2_case_aligned(kind, h, w, r):
+    k, tf_same = STRIDE2_CONV[kind]
+    return _stride2_aligned(h, k, r, tf_same) and _stride2_aligned(w, k, r, tf_same)
+
+
+@pytest.mark.parametrize("kind,h,w,r", STRIDE2)
+def test_stride2_block_matches_spec_oracle(kind, h, w, r):
+    if kind == "tv":
+        block = InvertedResidual(3, 5, stride=2, expand_ratio=4)
+    else:
+        block = timm_blocks.InvertedResidual(3, 5, dw_kernel_size=5, stride=2, exp_ratio=3.0,
+                                             act_layer=nn.ReLU6, pad_type="same")
+        assert isinstance(block.conv_dw, timm_layers.Conv2dSame)
+    _check_against_reference(block, h, w, r, seed=h * w + r,
+                             fused=_stride2_case_aligned(kind, h, w, r))
+
+
+def test_stride2_cases_cover_both_paths():
+    aligned = [_stride2_case_aligned(*case) for case in STRIDE2]
+    assert any(aligned) and not all(aligned)
+    assert aligned[3] and aligned[4]  # 14×14 → 7×7 at r=4: MobileNetV2's and Lite0's 224² maps
+    assert aligned[5]  # an even map: TF 'same' pads 1 before and 2 after
+
+
+# ----------------------------------------------------------------------------------------------
+# Composition: fused blocks inside a prepared network, patch-constant gradients between them
+
+
+def _model_grads(net, x, labels, seed):
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout mask for both models
+    F.cross_entropy(net(x), labels).backward()
+    return {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+
+
+def _record_outputs(net, names):
+    """{block name: (output map size, output grad_fn)} filled by the next forward."""
+    seen = {}
+    for name in names:
+        net.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: seen.__setitem__(name, (o.shape[-2:], o.grad_fn)))
+    return seen
+
+
+COMPOSE = [  # model, last N, input size, radius, its stride-2 block, whether that one runs fused
+    ("mobilenet_v2", 5, 128, 2, "features.14", True),  # 8×8 → 4×4: the grids line up
+    ("mobilenet_v2", 5, 160, 4, "features.14", False),  # 10×10 → 5×5: they do not
+    ("tf_efficientnet_lite0", 8, 128, 2, "blocks.5.0", True),  # 8×8 → 4×4, TF 'same', k=5
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("model_name,last,size,r,strided,strided_fused", COMPOSE)
+def test_fused_network_matches_per_layer_filtered_network(model_name, last, size, r, strided,
+                                                          strided_fused, dtype):
+    """Between fused blocks and from the pooled head the gradient is patch-constant, so the
+    fused network's gradients are the per-layer filtered network's."""
+    from gradfilter.models import create_model
+    from gradfilter.train import prepare_model
+
+    use_native = dtype == torch.float32
+    if use_native and not native_buildable():
+        pytest.skip("no C++ toolchain for the kernels")
+    torch.manual_seed(0)
+    net = create_model(model_name, 10).to(dtype)
+    x = torch.randn(2, 3, size, size, dtype=dtype)
+    net, info = prepare_model(net, "gradfilter", r, last, x)
+    fused_net = copy.deepcopy(net)
+    fused = fuse_blocks(fused_net, info.blocks, on_unsupported="skip")
+    assert len(fused) >= 5 and strided in fused and set(fused) <= set(info.blocks)
+    seen = _record_outputs(fused_net, fused)
+    labels = torch.tensor([3, 7])
+    with native.use_native(use_native):
+        ref = _model_grads(net, x, labels, seed=1)
+        got = _model_grads(fused_net, x, labels, seed=1)
+    assert min(min(size) for size, _ in seen.values()) >= 3
+    ran_fused = {b for b, (_, fn) in seen.items() if type(fn).__name__ == FUSED_NODE}
+    assert ran_fused == set(fused) - ({strided} if not strided_fused else set())
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert set(got) == set(ref)
+    for name in ref:
+        err = _rel_err(got[name], ref[name])
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Native bn_act_stats against torch and explicit patch loops
+
+
+def _stats_reference(z, scale, shift, upper, k, top, left, ph, pw):
+    """(y, count, masked z sums, y sums, |masked z| sums, |y| sums); sums (C, N, ph, pw) in
+    float64 from explicit patch loops."""
+    v = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if math.isnan(upper):
+        y, mask = v, torch.ones_like(v, dtype=torch.bool)
+    else:
+        y, mask = torch.clamp(v, 0, upper), (v > 0) & (v < upper)
+    mz = torch.where(mask, z, torch.zeros_like(z)).double()
+    maps = [mask.double(), mz, y.double(), mz.abs(), y.double().abs()]
+    n, c, h, w = z.shape
+    sums = [torch.zeros(c, n, ph, pw, dtype=torch.float64) for _ in maps]
+    for i in range(ph):
+        r0, r1 = max(i * k - top, 0), min((i + 1) * k - top, h)
+        for j in range(pw):
+            c0, c1 = max(j * k - left, 0), min((j + 1) * k - left, w)
+            if r0 < r1 and c0 < c1:
+                for s, m in zip(sums, maps):
+                    s[:, :, i, j] = m[:, :, r0:r1, c0:c1].sum((2, 3)).t()
+    return (y, *sums)
+
+
+def _assert_sums(got, ref, abs_ref, tol, what):
+    got = got.double()
+    assert torch.equal(got.isnan(), ref.isnan()), what
+    inf = ref.isinf()
+    assert torch.equal(got[inf], ref[inf]), what
+    finite = ref.isfinite()
+    bad = (got - ref).abs()[finite] > tol * (abs_ref[finite] + 1e-30)
+    assert not bad.any(), f"{what}: {(got - ref).abs()[finite].max()}"
+
+
+def _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed, specials=True):
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, c, h, w, generator=gen, dtype=torch.float64) * 4 + 2).to(dtype)
+    scale = (torch.randn(c, generator=gen, dtype=torch.float64) * 1.5).to(dtype)
+    shift = torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)
+    scale[0], shift[0] = 1.0, 0.0  # v = z: exact 0 and 6 reach the mask's edges
+    if c > 1:
+        scale[1], shift[1] = 2.0, -6.0  # z = 3 → v = 0, z = 6 → v = 6 exactly
+    if specials:
+        flat = z.view(-1)
+        picks = torch.randperm(flat.numel(), generator=gen)
+        values = [0.0, 6.0, -0.0, 3.0, 6.0, 0.0, 3.0, math.nan, math.inf, -math.inf]
+        for i, val in zip(picks[: 3 * len(values)].tolist(), values * 3):
+            flat[i] = val
+        # the edge values where they meet channels 0 and 1
+        z[:, 0, 0, :] = torch.tensor([0.0, 6.0, -0.0, 5.5, 6.5], dtype=dtype).repeat(w)[:w]
+        if c > 1:
+            z[:, 1, -1, :] = torch.tensor([3.0, 6.0, 2.5, 5.0], dtype=dtype).repeat(w)[:w]
+    with native.use_native(True):
+        got = native.bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw)
+    y_ref, count, mz, ys, mz_abs, ys_abs = _stats_reference(z, scale, shift, upper, k, top, left,
+                                                            ph, pw)
+    y = got[0]
+    assert y.shape == z.shape and y.dtype == dtype
+    nan = y_ref.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan], y_ref[~nan])  # bit for bit (±0 compare equal)
+    for t in got[1:]:
+        assert t.shape == (c, n, ph, pw) and t.dtype == dtype
+    assert torch.equal(got[1].double(), count)  # small integers: exact
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    _assert_sums(got[2], mz, mz_abs, tol, "masked z sums")  # masked-out NaN/inf z: not in
+    _assert_sums(got[3], ys, ys_abs, tol, "y sums")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("upper", [6.0, math.inf, math.nan])
+@pytest.mark.parametrize("shape", [
+    (2, 12, 7, 7, 4, 1, 1, 2, 2),  # tiny, whole blocks of 8 planes (SIMD path)
+    (3, 5, 7, 7, 4, 1, 1, 2, 2),  # tiny, 15 planes: one block of 8 and 7 left over
+    (2, 8, 9, 11, 3, -1, 2, 3, 4),  # tiny, negative top
+    (1, 16, 7, 7, 2, 1, 1, 4, 4),  # tiny, 16 patches
+    (2, 3, 20, 23, 2, 0, 1, 10, 12),  # not tiny
+    (2, 9, 20, 23, 3, 2, -2, 8, 7),
+    (1, 5, 20, 23, 4, -3, 3, 6, 7),  # grid ends before the map
+    (2, 4, 20, 23, 4, 2, 3, 6, 7),
+])
+def test_native_bn_act_stats_matches_reference(shape, upper, dtype):
+    _stats_case(*shape, upper, dtype, seed=sum(shape))
+    _stats_case(*shape, upper, dtype, seed=sum(shape) + 1, specials=False)
+
+
+@needs_native
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 11), h=st.integers(1, 24), w=st.integers(1, 24),
+       k=st.integers(1, 5), upper=st.sampled_from([6.0, math.inf, math.nan]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_native_bn_act_stats_random_grids(n, c, h, w, k, upper, dtype, seed, data):
+    top, left = data.draw(st.integers(-k, k)), data.draw(st.integers(-k, k))
+    ph = data.draw(st.integers(1, _ceil_div(h + max(top, 0), k) + 1))
+    pw = data.draw(st.integers(1, _ceil_div(w + max(left, 0), k) + 1))
+    _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed,
+                specials=data.draw(st.booleans()))
+
+
+@needs_native
+def test_native_bn_act_stats_rejects_bad_arguments():
+    z = torch.randn(1, 3, 5, 5)
+    s = torch.ones(3)
+    with native.use_native(True):
+        with pytest.raises(RuntimeError, match="upper bound"):
+            native.bn_act_stats(z, s, s, 0.0, 2, 0, 0, 3, 3)
+        with pytest.raises(RuntimeError, match="scale and shift"):
+            native.bn_act_stats(z, torch.ones(2), s, 6.0, 2, 0, 0, 3, 3)
+        with pytest.raises(RuntimeError, match="4-D"):
+            native.bn_act_stats(z[0], s, s, 6.0, 2, 0, 0, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors, surgery, forward outputs, saved bytes
+
+
+def test_resnet_basic_block_named_exactly_is_refused_with_the_reason():
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    gradfilter.apply(model, radius=2, names="layer4.*")
+    with pytest.raises(ValueError, match=r"cannot fuse layer4\.0: BasicBlock is not a supported"):
+        fuse_blocks(model, ["layer4.0"])
+    with pytest.raises(ValueError, match=r"no block .* can be fused(.|\n)*layer4\.1: BasicBlock"):
+        fuse_blocks(model, ["layer4.0", "layer4.1"], on_unsupported="skip")
+    with pytest.raises(ValueError, match="no block .* can be fused"):
+        fuse_blocks(model, "layer4.?")  # glob matches only
+    # (a glob over everything fuses layer4.0.downsample, a strided conv + BatchNorm Sequential)
+    with pytest.raises(ValueError, match="on_unsupported"):
+        fuse_blocks(model, "layer4.0", on_unsupported="ignore")
+    assert not any(isinstance(m, FusedBlockMixin) for m in model.modules())
+
+
+def test_unfiltered_block_is_refused_mentioning_apply():
+    model = nn.Sequential(InvertedResidual(4, 4, 1, 6).eval())
+    with pytest.raises(ValueError, match=r"cannot fuse 0: .*gradfilter\.apply"):
+        fuse_blocks(model, ["0"])
+
+
+def _filtered(block, r=2, **kw):
+    model = nn.Sequential(block)
+    gradfilter.apply(model, radius=r, **kw)
+    gradfilter.freeze(model, trainable=lambda n, m: True)
+    return model
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: Conv2dNormActivation(4, 4, 3, stride=3), "stride"),
+    (lambda: Conv2dNormActivation(4, 4, 3, dilation=2), "dilation"),
+    (lambda: Conv2dNormActivation(4, 4, 3, activation_layer=nn.Hardswish), "Hardswish"),
+    (lambda: Conv2dNormActivation(4, 6, 3, groups=2), "groups"),
+    (lambda: Conv2dNormActivation(4, 4, 2), r"\(2, 2\)"),  # even kernel
+    (lambda: Conv2dNormActivation(4, 4, 3, padding=0), "padding"),
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)),
+     "running statistics"),
+    (lambda: timm_blocks.InvertedResidual(4, 4, exp_ratio=2.0, drop_path_rate=0.1),
+     "drop_path"),
+])
+def test_unsupported_blocks_are_refused_and_skip_mode_leaves_them(make, reason):
+    block = make()
+    model = _filtered(block)
+    model.append(Conv2dNormActivation(_convs(block)[-1].out_channels, 4, 1))  # a fusable neighbour
+    gradfilter.apply(model, radius=2, names="1.*")
+    assert fusable(model[0]) is not None and fusable(model[1]) is None
+    with pytest.raises(ValueError, match=f"cannot fuse 0: .*{reason}"):
+        fuse_blocks(model, ["0", "1"])
+    assert fuse_blocks(model, ["0", "1"], on_unsupported="skip") == ["1"]
+    assert type(model[0]) is type(block) and isinstance(model[1], FusedBlockMixin)
+
+
+def test_mixed_radii_and_exact_input_grad_are_refused():
+    model = _filtered(InvertedResidual(4, 4, 1, 6), r={"0.conv.0.*": 2, "0.conv.[12]*": 4})
+    assert "different radii" in fusable(model[0])
+    model = _filtered(InvertedResidual(4, 4, 1, 6), input_grad="exact")
+    assert "input_grad='exact'" in fusable(model[0])
+
+
+def test_remove_restores_the_block_and_outputs_match():
+    gen = torch.Generator().manual_seed(3)
+    plain = _randomise(InvertedResidual(8, 8, 1, 6), gen)
+    keys = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = _filtered(copy.deepcopy(plain), r=4)
+    assert fuse_blocks(model, ["0"]) == ["0"]
+    assert type(model[0]).__name__ == "FusedInvertedResidual"
+    x = torch.randn(2, 8, 14, 14, generator=gen)
+
+    with torch.no_grad():  # no grad: the block's own forward, bit for bit
+        assert torch.equal(model(x), plain(x))
+    xg = x.clone().requires_grad_()
+    y = model(xg)
+    assert type(y.grad_fn).__name__ == FUSED_NODE
+    torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), xg, create_graph=True)
+
+    model[0].train()  # freeze pinned BatchNorm to eval: still fused
+    assert type(model(xg).grad_fn).__name__ == FUSED_NODE
+    training = copy.deepcopy(model)
+    training[0].conv[0][1].training = True  # BatchNorm in training mode: the per-layer forward
+    assert type(training(xg).grad_fn).__name__ != FUSED_NODE
+    for p in model.parameters():  # nothing needs a gradient: the block's own forward
+        p.requires_grad_(False)
+    assert model(x).grad_fn is None
+
+    removed = gradfilter.remove(model)
+    assert "0" in removed
+    block = model[0]
+    assert type(block) is InvertedResidual
+    assert not hasattr(block, "_gradfilter_units")
+    assert not any(type(m).__name__.startswith("Filtered") for m in block.modules())
+    state = block.state_dict()
+    assert list(state) == list(keys)
+    assert all(torch.equal(state[k], keys[k]) for k in keys)
+    with torch.no_grad():
+        assert torch.equal(block(x), plain(x))
+
+
+def test_fused_block_saves_patch_resolution_tensors():
+    """r=4 on a 14×14 map: the per-layer filtered block still keeps BatchNorm's and ReLU6's
+    full-resolution maps; the fused one keeps patch-resolution sums only."""
+    r = 4
+    gen = torch.Generator().manual_seed(4)
+    plain = _randomise(InvertedResidual(32, 32, 1, 6), gen)
+    per_layer = _filtered(copy.deepcopy(plain), r=r)
+    fused = copy.deepcopy(per_layer)
+    fuse_blocks(fused, ["0"])
+    x = torch.randn(2, 32, 14, 14, generator=gen, requires_grad=True)
+    hidden_map = 2 * 192 * 14 * 14 * 4  # one float32 expanded map
+    for use in ([False, True] if native_buildable() else [False]):
+        with native.use_native(use):
+            saved = []
+            for model in (per_layer, fused):
+                with gradfilter.count_saved(model.parameters(), model=model) as s:
+                    y = model(x)
+                saved.append(s.bytes)
+                assert s.bytes_under(["0"]) == s.bytes
+            assert type(y.grad_fn).__name__ == FUSED_NODE
+            # currently ~1.31 MB vs ~125 kB (10.5×); one more full-resolution float map in
+            # the fused block would bring the ratio under r²/4 = 4
+            assert saved[0] >= r * r / 4 * saved[1], saved
+            assert saved[1] < hidden_map, saved
