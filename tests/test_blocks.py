@@ -604,3 +604,31 @@ def test_fused_block_saves_patch_resolution_tensors():
             # the fused block would bring the ratio under r²/4 = 4
             assert saved[0] >= r * r / 4 * saved[1], saved
             assert saved[1] < hidden_map, saved
+
+
+def test_globs_fuse_outermost_blocks_and_refitting_says_already_fused():
+    model = _filtered(InvertedResidual(4, 4, 1, 6))
+    model.append(InvertedResidual(4, 4, 1, 6).eval())
+    gradfilter.apply(model, radius=2, names="1.*")
+    # "*" matches every sub-module too: a unit inside a fused block must not be fused on its own
+    assert fuse_blocks(model, "*") == ["0", "1"]
+    assert not any(isinstance(m, FusedBlockMixin) for m in model[0].modules() if m is not model[0])
+    with pytest.raises(ValueError, match="cannot fuse 0: it is already fused"):
+        fuse_blocks(model, ["0"])
+    with pytest.raises(ValueError, match=r"cannot fuse 1\.conv\.0: it is inside a fused block"):
+        fuse_blocks(model, ["1.conv.0"])
+    with pytest.raises(ValueError, match="no block .* can be fused(.|\n)*0: already fused"):
+        fuse_blocks(model, ["0", "1"], on_unsupported="skip")
+
+
+def test_pure_torch_stats_ignore_infinite_inputs_outside_the_mask():
+    from gradfilter import functional as GF
+    from gradfilter.blocks import _unit_stats
+
+    z = torch.tensor([[[[1.0, -math.inf], [2.0, math.inf]]]])  # one 2×2 patch
+    gh = gw = GF.axis_geometry(2, 2, kernel=1, stride=1, dilation=1, radius=2)
+    one, zero = torch.ones(1), torch.zeros(1)
+    with native.use_native(False):
+        y, count, mz, ys = _unit_stats(z, one, zero, 6.0, gh, gw)
+    # ReLU6 passes 1 and 2 only; -inf (below) and +inf (above) are outside the mask
+    assert count.item() == 2 and mz.item() == 3.0 and ys.item() == 9.0

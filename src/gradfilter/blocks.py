@@ -17,12 +17,16 @@ the backward never touches a full-resolution map except to pool the gradient arr
 block and to write the one it passes down. The results are the per-layer filtered convolutions'
 with exact BatchNorm and ReLU gradients whenever the gradient arriving at the block is constant
 on its patches — as it is between such blocks and from a global-average-pooling head. Otherwise
-only the last BatchNorm's weight gradient differs: it takes that gradient's patch means (as
-``slim(bn="patch")`` does); the skip connection passes the gradient on exactly.
+the block works with that gradient's patch means from its last unit on: where the last unit has
+no activation (an inverted residual) only its BatchNorm's weight gradient differs (as with
+``slim(bn="patch")``); where it has one (``Conv2dNormActivation``) its mask meets the patch means
+instead of the pixels, so all the block's gradients differ. The skip passes the gradient on exactly.
 
 Supported blocks: torchvision ``InvertedResidual`` and ``Conv2dNormActivation``, timm
 ``InvertedResidual`` (no squeeze-excite, no drop-path), whose convs are all filtered with one
-radius, stride 1, dilation 1, dense or depthwise, size-preserving padding.
+radius, dilation 1, odd kernels, dense or depthwise, size-preserving padding, stride 1 except
+at most one stride-2 conv whose 2r×2r input patches are unions of 2×2 patches of the grid before
+it (checked per input size; elsewhere the block runs its per-layer path).
 """
 
 from __future__ import annotations
@@ -182,7 +186,9 @@ def _unit_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, gh: GF.Ax
     else:
         y = v.clamp(0.0, upper)
         mask = ((v > 0) & (v < upper)).to(z.dtype)
-    return (y, _patch_sums_cm(mask, gh, gw), _patch_sums_cm(z * mask, gh, gw),
+    # where, not z * mask: an infinite z outside the mask must not turn the sum into NaN
+    masked_z = torch.where(mask.bool(), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    return (y, _patch_sums_cm(mask, gh, gw), _patch_sums_cm(masked_z, gh, gw),
             _patch_sums_cm(y, gh, gw))
 
 
@@ -391,8 +397,22 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
         raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
     patterns = [names] if isinstance(names, str) else list(names)
     fused, refused = [], []
+    inside: list[str] = []  # fused blocks (earlier calls included): their sub-modules are parts
     for name, mod in model.named_modules():
-        if not name or not _match(name, patterns) or isinstance(mod, FusedBlockMixin):
+        if not name:
+            continue
+        if any(name.startswith(f"{b}.") for b in inside):
+            if name in patterns and on_unsupported == "error":
+                raise ValueError(f"cannot fuse {name}: it is inside a fused block")
+            continue
+        if isinstance(mod, FusedBlockMixin):
+            inside.append(name)
+            if name in patterns:
+                if on_unsupported == "error":
+                    raise ValueError(f"cannot fuse {name}: it is already fused")
+                refused.append(f"{name}: already fused")
+            continue
+        if not _match(name, patterns):
             continue
         found = _units(mod)
         if isinstance(found, str):
@@ -405,6 +425,7 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
         mod._gradfilter_original_class = type(mod)
         mod.__class__ = _fused_class(type(mod))
         fused.append(name)
+        inside.append(name)
     if not fused:
         why = "".join(f"\n  {r}" for r in refused)
         raise ValueError(f"fuse_blocks: no block matching {patterns} can be fused{why}")
