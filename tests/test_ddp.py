@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+import gradfilter
+from gradfilter.blocks import FusedBlockMixin
 from gradfilter.nn import FilteredConv2d
 
 WORLD = 2
@@ -23,8 +25,21 @@ LR = 0.1
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _model() -> nn.Module:
+def _model(fused: bool = False) -> nn.Module:
     torch.manual_seed(0)
+    if fused:  # an inverted residual run as one fused node (eval BatchNorm, fitted statistics)
+        from torchvision.models.mobilenetv2 import InvertedResidual
+
+        block = InvertedResidual(6, 6, 1, 4)
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), block.eval(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+        gradfilter.apply(model, radius=2, names="2.*")
+        gradfilter.fuse_blocks(model, ["2"])
+        return model
     return nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1),  # a plain conv upstream: filtered grad_input flows in
         nn.ReLU(),
@@ -52,11 +67,11 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch
     return {**grads, **{f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def _worker(rank: int, store: str, out: str, fused: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        ddp = nn.parallel.DistributedDataParallel(_model())
+        ddp = nn.parallel.DistributedDataParallel(_model(fused))
         x, y = _batch()
         part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         result = _step(ddp, x[part], y[part])
@@ -70,16 +85,22 @@ def _worker(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["per-layer", "fused-block"])
+def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path, fused):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = str(tmp_path / "ddp")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), out, fused), nprocs=WORLD, join=True)
 
     x, y = _batch()
-    reference = _step(_model(), x, y)  # one process, the whole batch
-    filtered = {n for n, m in _model().named_modules() if isinstance(m, FilteredConv2d)}
-    assert len(filtered) == 2
+    reference = _step(_model(fused), x, y)  # one process, the whole batch
+    model = _model(fused)
+    filtered = {n for n, m in model.named_modules() if isinstance(m, FilteredConv2d)}
+    assert len(filtered) == (3 if fused else 2)
+    if fused:  # the block really runs as the fused node, not its per-layer fallback
+        assert isinstance(model[2], FusedBlockMixin)
+        probe = model[2](torch.randn(2, 6, 12, 12, requires_grad=True))
+        assert type(probe.grad_fn).__name__ == "_FusedBlockBackward"
     for rank in range(WORLD):
         got = torch.load(f"{out}.{rank}", weights_only=True)
         assert set(got) == set(reference)
@@ -87,8 +108,9 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path):
             torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6,
                                        msg=f"rank {rank}: {key}")
     # The check has teeth: a rank's half-batch gradient alone differs from the full one.
-    half = _step(_model(), x[:PER_RANK], y[:PER_RANK])
-    assert not torch.allclose(half["grad.2.weight"], reference["grad.2.weight"], atol=1e-4)
+    half = _step(_model(fused), x[:PER_RANK], y[:PER_RANK])
+    key = "grad.2.conv.0.0.weight" if fused else "grad.2.weight"
+    assert not torch.allclose(half[key], reference[key], atol=1e-4)
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ it (checked per input size; elsewhere the block runs its per-layer path).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -277,8 +278,14 @@ def _conv_forward(conv: nn.Conv2d, t: Tensor) -> Tensor:
 
 
 def _per_pixel(grid: Grid, n: int, like: Tensor) -> Tensor:
-    """(1, N·P): the real pixels of each patch, repeated over the batch."""
-    counts = GF._inverse_counts(grid[0], grid[1], like.device, like.dtype).reciprocal()
+    """(1, N·P): the real pixels of each patch, repeated over the batch (cached, read-only)."""
+    return _per_pixel_cached(grid[0], grid[1], n, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _per_pixel_cached(gh: GF.AxisGeometry, gw: GF.AxisGeometry, n: int, device: torch.device,
+                      dtype: torch.dtype) -> Tensor:
+    counts = GF._inverse_counts(gh, gw, device, dtype).reciprocal()
     return counts.reshape(1, 1, -1).expand(1, n, -1).reshape(1, -1)
 
 
