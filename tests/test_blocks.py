@@ -634,22 +634,25 @@ def test_pure_torch_stats_ignore_infinite_inputs_outside_the_mask():
     assert count.item() == 2 and mz.item() == 3.0 and ys.item() == 9.0
 
 
-def test_channels_last_block_matches_the_plain_layout():
-    """``finetune --channels-last --fuse-blocks``: same values, and the layout is kept."""
+def test_channels_last_block_runs_the_per_layer_path():
+    """``--channels-last --fuse-blocks``: channels-last maps take the per-layer path (whose
+    native kernels cover NHWC) with its values, and keep their layout."""
     gen = torch.Generator().manual_seed(5)
-    model = _filtered(_randomise(InvertedResidual(16, 16, 1, 6), gen), r=4)
-    fuse_blocks(model, ["0"])
-    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    x = torch.randn(4, 16, 14, 14, generator=gen, dtype=torch.float64)
+    plain = _filtered(_randomise(InvertedResidual(16, 16, 1, 6), gen), r=4).double()
+    fused = copy.deepcopy(plain)
+    fuse_blocks(fused, ["0"])
+    cl = torch.channels_last
+    x = torch.randn(4, 16, 14, 14, generator=gen, dtype=torch.float64).to(memory_format=cl)
     g = torch.randn(4, 16, 14, 14, generator=gen, dtype=torch.float64)
     results = []
-    for net, fmt in [(model.double(), torch.contiguous_format),
-                     (model_cl.double(), torch.channels_last)]:
-        xg = x.clone().to(memory_format=fmt).requires_grad_()
+    for net in (plain.to(memory_format=cl), fused.to(memory_format=cl)):
+        xg = x.clone().requires_grad_()
         y = net(xg)
-        assert type(y.grad_fn).__name__ == FUSED_NODE
+        assert type(y.grad_fn).__name__ != FUSED_NODE
         (y * g).sum().backward()
-        assert y.is_contiguous(memory_format=fmt) and xg.grad.is_contiguous(memory_format=fmt)
+        assert y.is_contiguous(memory_format=cl) and xg.grad.is_contiguous(memory_format=cl)
         results.append([y, xg.grad, *(p.grad for p in net.parameters())])
-    for plain, cl in zip(*results):
-        torch.testing.assert_close(cl, plain, rtol=1e-12, atol=1e-12)
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the same block on a plain-layout map is fused
+    assert type(fused(x.contiguous().requires_grad_()).grad_fn).__name__ == FUSED_NODE

@@ -367,11 +367,14 @@ class _FusedBlock(torch.autograd.Function):
 class FusedBlockMixin:
     """Mixed in front of a supported block's class by :func:`fuse_blocks`: its training forward
     runs as one fused node (:mod:`gradfilter.blocks`); no-grad and unsupported calls run the
-    block's own forward."""
+    block's own forward, as do channels-last inputs."""
 
     def forward(self, x: Tensor) -> Tensor:
         units, skip = self._gradfilter_units
-        if (x.dim() != 4 or not torch.is_grad_enabled() or any(u.bn.training for u in units)
+        # channels-last maps take the per-layer path: its native kernels cover NHWC, the fused
+        # stats pass does not (its PyTorch form made channels-last steps slower than lean ones)
+        if (x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled()
+                or any(u.bn.training for u in units)
                 or not (x.requires_grad or any(p is not None and p.requires_grad
                                                for p in _params(units)))):
             return super().forward(x)

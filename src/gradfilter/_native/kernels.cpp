@@ -643,6 +643,23 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
 // y, m * z, m into a small buffer), then the patch sums of the buffer, as patch_sum_kernel does
 // (tiny planes: 8 planes' sums at once over each patch's pixel list).
 
+// One pixel of eval BatchNorm + activation: the output and the mask's (m * z, m), as the
+// vector paths compute them (the scalar tails of every path).
+template <typename acc_t>
+inline void bn_act_pixel(acc_t zv, acc_t s, acc_t t, bool act, acc_t hi, acc_t& out, acc_t& mz,
+                         acc_t& m1) {
+  const acc_t v = zv * s + t;
+  out = v;
+  bool m = true;
+  if (act) {
+    const acc_t lo = v < acc_t(0) ? acc_t(0) : v;
+    out = hi < lo ? hi : lo;
+    m = (v > acc_t(0)) & (v < hi);
+  }
+  mz = m ? zv : acc_t(0);
+  m1 = m ? acc_t(1) : acc_t(0);
+}
+
 // y, and the buffer's three planes (y, m * z, m), of one plane. Branch-free: the mask is random.
 template <typename scalar_t, typename acc_t>
 inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ y,
@@ -670,19 +687,12 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
   }
 #endif
   for (; e < n; ++e) {
-    const acc_t zv = acc_t(z[e]);
-    const acc_t v = zv * s + t;
-    acc_t out = v;
-    bool m = true;
-    if (act) {
-      const acc_t lo = v < acc_t(0) ? acc_t(0) : v;
-      out = hi < lo ? hi : lo;
-      m = (v > acc_t(0)) & (v < hi);
-    }
+    acc_t out, mz, m1;
+    bn_act_pixel<acc_t>(acc_t(z[e]), s, t, act, hi, out, mz, m1);
     y[e] = scalar_t(out);
     ty[e] = out;
-    tmz[e] = m ? zv : acc_t(0);
-    tm[e] = m ? acc_t(1) : acc_t(0);
+    tmz[e] = mz;
+    tm[e] = m1;
   }
 }
 
@@ -734,19 +744,10 @@ inline void bn_act_tiny_block_f32(const float* z, float* y, const float* s8, con
     }
     for (; e < HW; ++e)
       for (int j = 0; j < 4; ++j) {
-        const float zv = zg[j * HW + e];
-        const float v = zv * s8[g * 4 + j] + t8[g * 4 + j];
-        float out = v;
-        bool m = true;
-        if (act) {
-          const float lo = v < 0.0f ? 0.0f : v;
-          out = hi < lo ? hi : lo;
-          m = (v > 0.0f) & (v < hi);
-        }
-        yg[j * HW + e] = out;
-        pmy[e * 8 + g * 4 + j] = out;
-        pmz[e * 8 + g * 4 + j] = m ? zv : 0.0f;
-        pmm[e * 8 + g * 4 + j] = m ? 1.0f : 0.0f;
+        const int64_t o = e * 8 + g * 4 + j;
+        bn_act_pixel<float>(zg[j * HW + e], s8[g * 4 + j], t8[g * 4 + j], act, hi, pmy[o],
+                            pmz[o], pmm[o]);
+        yg[j * HW + e] = pmy[o];
       }
   }
   for (int64_t q = 0; q < P; ++q) {
@@ -828,19 +829,9 @@ __attribute__((target("avx2"))) void bn_act_tiny_block_avx2(
   }
   for (; e < HW; ++e)
     for (int j = 0; j < 8; ++j) {
-      const float zv = z[j * HW + e];
-      const float v = zv * s8[j] + t8[j];
-      float out = v;
-      bool m = true;
-      if (act) {
-        const float lo = v < 0.0f ? 0.0f : v;
-        out = hi < lo ? hi : lo;
-        m = (v > 0.0f) & (v < hi);
-      }
-      y[j * HW + e] = out;
-      pmy[e * 8 + j] = out;
-      pmz[e * 8 + j] = m ? zv : 0.0f;
-      pmm[e * 8 + j] = m ? 1.0f : 0.0f;
+      const int64_t o = e * 8 + j;
+      bn_act_pixel<float>(z[j * HW + e], s8[j], t8[j], act, hi, pmy[o], pmz[o], pmm[o]);
+      y[j * HW + e] = pmy[o];
     }
   for (int64_t q = 0; q < P; ++q) {
     __m256 ay = zero, az = zero, am = zero, by = zero, bz = zero, bm = zero;
