@@ -619,6 +619,8 @@ def test_globs_fuse_outermost_blocks_and_refitting_says_already_fused():
         fuse_blocks(model, ["1.conv.0"])
     with pytest.raises(ValueError, match="no block .* can be fused(.|\n)*0: already fused"):
         fuse_blocks(model, ["0", "1"], on_unsupported="skip")
+    with pytest.raises(ValueError, match=r"1\.conv\.0: inside a fused block"):
+        fuse_blocks(model, ["1.conv.0"], on_unsupported="skip")
 
 
 def test_pure_torch_stats_ignore_infinite_inputs_outside_the_mask():

@@ -412,8 +412,10 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
         if not name:
             continue
         if any(name.startswith(f"{b}.") for b in inside):
-            if name in patterns and on_unsupported == "error":
-                raise ValueError(f"cannot fuse {name}: it is inside a fused block")
+            if name in patterns:
+                if on_unsupported == "error":
+                    raise ValueError(f"cannot fuse {name}: it is inside a fused block")
+                refused.append(f"{name}: inside a fused block")
             continue
         if isinstance(mod, FusedBlockMixin):
             inside.append(name)
