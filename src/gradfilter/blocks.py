@@ -183,12 +183,13 @@ def _unit_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, gh: GF.Ax
         return y, count.view(c, -1), mz.view(c, -1), ys.view(c, -1)
     v = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     if math.isnan(upper):
-        y, mask = v, torch.ones_like(v)
+        y, mask, masked_z = v, torch.ones_like(v), z
     else:
         y = v.clamp(0.0, upper)
-        mask = ((v > 0) & (v < upper)).to(z.dtype)
-    # where, not z * mask: an infinite z outside the mask must not turn the sum into NaN
-    masked_z = torch.where(mask.bool(), z, torch.zeros((), dtype=z.dtype, device=z.device))
+        passed = (v > 0) & (v < upper)
+        mask = passed.to(z.dtype)
+        # where, not z * mask: an infinite z outside the mask must not turn the sum into NaN
+        masked_z = torch.where(passed, z, 0.0)
     return (y, _patch_sums_cm(mask, gh, gw), _patch_sums_cm(masked_z, gh, gw),
             _patch_sums_cm(y, gh, gw))
 
