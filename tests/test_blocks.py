@@ -34,7 +34,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 import gradfilter
 from gradfilter import native
-from gradfilter.blocks import FusedBlockMixin, fusable, fuse_blocks
+from gradfilter.blocks import FusedBlockMixin, FusedHeadMixin, fusable, fuse_blocks
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
 timm_layers = pytest.importorskip("timm.layers")
@@ -343,6 +343,13 @@ def test_fused_network_matches_per_layer_filtered_network(model_name, last, size
     fused_net = copy.deepcopy(net)
     fused = fuse_blocks(fused_net, info.blocks, on_unsupported="skip")
     assert len(fused) >= 5 and strided in fused and set(fused) <= set(info.blocks)
+    head_fused = isinstance(fused_net, FusedHeadMixin)  # Lite0: conv_head → bn2 as one unit
+    assert head_fused == ("conv_head" in fused)
+    if head_fused:  # conv_head itself no longer runs: what reaches the pooling is the fused node
+        fused.remove("conv_head")
+        seen_head = {}
+        fused_net.global_pool.register_forward_pre_hook(
+            lambda m, a: seen_head.__setitem__("fn", type(a[0].grad_fn).__name__))
     seen = _record_outputs(fused_net, fused)
     labels = torch.tensor([3, 7])
     with native.use_native(use_native):
@@ -351,6 +358,8 @@ def test_fused_network_matches_per_layer_filtered_network(model_name, last, size
     assert min(min(size) for size, _ in seen.values()) >= 3
     ran_fused = {b for b, (_, fn) in seen.items() if type(fn).__name__ == FUSED_NODE}
     assert ran_fused == set(fused) - ({strided} if not strided_fused else set())
+    if head_fused:
+        assert seen_head["fn"] == FUSED_NODE
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     assert set(got) == set(ref)
     for name in ref:
@@ -658,3 +667,60 @@ def test_channels_last_block_runs_the_per_layer_path():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # the same block on a plain-layout map is fused
     assert type(fused(x.contiguous().requires_grad_()).grad_fn).__name__ == FUSED_NODE
+
+
+def _lite0_tail(dtype=torch.float64, act=None):
+    """EfficientNet-Lite0 (random weights) prepared to train its last 2 blocks: blocks.6.0 and
+    conv_head, whose bn2 carries ``act`` if given."""
+    from gradfilter.models import create_model
+    from gradfilter.train import prepare_model
+
+    torch.manual_seed(0)
+    net = create_model("tf_efficientnet_lite0", 10).to(dtype)
+    if act is not None:
+        net.bn2.act = act
+    for m in net.modules():  # fitted-looking statistics, so masks and scales are not trivial
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 96, 96, dtype=dtype)
+    net, info = prepare_model(net, "gradfilter", 2, 2, x)
+    assert info.blocks == ["blocks.6.0", "conv_head"]
+    return net, x
+
+
+def test_efficientnet_head_fuses_exactly_and_remove_restores_it():
+    """conv_head → bn2 (ReLU6) fused: the pooled head's gradient is constant over the map, so
+    every gradient equals the per-layer filtered network's."""
+    net, x = _lite0_tail()
+    fused_net = copy.deepcopy(net)
+    assert fuse_blocks(fused_net, ["conv_head"]) == ["conv_head"]
+    assert isinstance(fused_net, FusedHeadMixin)
+    assert type(fused_net).__name__ == "FusedEfficientNet"
+    labels = torch.tensor([3, 7])
+    ref = _model_grads(net, x, labels, seed=1)
+    calls = []
+    fused_net.bn2.register_forward_hook(lambda *a: calls.append(1))  # bn2 runs inside the node
+    got = _model_grads(fused_net, x, labels, seed=1)
+    assert not calls
+    assert set(got) == set(ref) and "conv_head.weight" in got
+    for name in ref:
+        assert _rel_err(got[name], ref[name]) < 1e-12, name
+    with torch.no_grad():  # no grad: timm's own forward, bit for bit
+        assert torch.equal(fused_net(x), net(x))
+        assert calls
+    with pytest.raises(ValueError, match="cannot fuse conv_head: already fused"):
+        fuse_blocks(fused_net, ["conv_head"])
+    gradfilter.remove(fused_net)
+    from timm.models.efficientnet import EfficientNet
+
+    assert type(fused_net) is EfficientNet and "_gradfilter_units" not in fused_net.__dict__
+
+
+def test_efficientnet_head_with_unsupported_activation_is_refused_with_the_reason():
+    net, _ = _lite0_tail(act=nn.SiLU())
+    with pytest.raises(ValueError, match=r"cannot fuse conv_head: head conv_head → bn2: "
+                                         r"activation SiLU"):
+        fuse_blocks(net, ["conv_head"])
+    assert fuse_blocks(net, ["blocks.6.0", "conv_head"], on_unsupported="skip") == ["blocks.6.0"]
+    assert not isinstance(net, FusedHeadMixin)

@@ -44,7 +44,7 @@ from . import functional as GF
 from . import native
 from .nn import FilteredConv2d
 
-__all__ = ["fuse_blocks", "fusable", "FusedBlockMixin"]
+__all__ = ["fuse_blocks", "fusable", "FusedBlockMixin", "FusedHeadMixin"]
 
 _NO_ACT = math.nan  # the stats kernel's "no activation"
 
@@ -365,39 +365,80 @@ class _FusedBlock(torch.autograd.Function):
         return (gx, None, None, None, *grads)
 
 
+def _run_fused(x: Tensor, units: list[_Unit], skip: bool) -> Tensor | None:
+    """The fused node's output for ``x``, or None where the unit chain must run per layer:
+    no-grad or nothing to differentiate, BatchNorm in training mode, a non-4-D or channels-last
+    map (the per-layer native kernels cover NHWC, the fused stats pass does not; its PyTorch
+    form made channels-last steps slower than lean ones), or stride-2 grids that do not line up
+    for this input size."""
+    if (x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled()
+            or any(u.bn.training for u in units)
+            or not (x.requires_grad or any(p is not None and p.requires_grad
+                                           for p in _params(units)))):
+        return None
+    geo = _geometry(units, x.shape[-2], x.shape[-1])
+    if geo is None:
+        return None
+    return _FusedBlock.apply(x, units, skip, geo, *_params(units))
+
+
 class FusedBlockMixin:
     """Mixed in front of a supported block's class by :func:`fuse_blocks`: its training forward
     runs as one fused node (:mod:`gradfilter.blocks`); no-grad and unsupported calls run the
     block's own forward, as do channels-last inputs."""
 
     def forward(self, x: Tensor) -> Tensor:
-        units, skip = self._gradfilter_units
-        # channels-last maps take the per-layer path: its native kernels cover NHWC, the fused
-        # stats pass does not (its PyTorch form made channels-last steps slower than lean ones)
-        if (x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled()
-                or any(u.bn.training for u in units)
-                or not (x.requires_grad or any(p is not None and p.requires_grad
-                                               for p in _params(units)))):
-            return super().forward(x)
-        geo = _geometry(units, x.shape[-2], x.shape[-1])
-        if geo is None:  # a stride-2 grid that does not line up: the per-layer path
-            return super().forward(x)
-        return _FusedBlock.apply(x, units, skip, geo, *_params(units))
+        out = _run_fused(x, *self._gradfilter_units)
+        return super().forward(x) if out is None else out
 
 
-_FUSED_CLASSES: dict[type, type] = {}
+class FusedHeadMixin:
+    """Mixed in front of a timm ``EfficientNet`` by :func:`fuse_blocks` (block ``conv_head``):
+    ``conv_head`` → ``bn2`` (BatchNorm + activation) run as one fused unit. The gradient from
+    the pooled head is constant over the map, so this is exact; it spares BatchNorm's and the
+    activation's full-resolution backward. Same fallbacks as a fused block."""
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        x = self.blocks(self.bn1(self.conv_stem(x)))
+        out = _run_fused(x, *self._gradfilter_units)
+        return self.bn2(self.conv_head(x)) if out is None else out
 
 
-def _fused_class(cls: type) -> type:
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedBlockMixin, cls), {})
-    return _FUSED_CLASSES[cls]
+def _head_units(model: nn.Module, name: str,
+                conv: nn.Module) -> tuple[nn.Module, _Unit] | str | None:
+    """(the EfficientNet, its head unit) when ``name`` is the ``conv_head`` of a timm
+    EfficientNet whose ``forward_features`` is timm's own (so the swap keeps its meaning); the
+    reason when it is such a head that cannot be fused; None when it is none."""
+    try:
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:
+        return None
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if (leaf != "conv_head" or not isinstance(owner, EfficientNet) or owner.conv_head is not conv
+            or getattr(type(owner), "forward_features", None) is not EfficientNet.forward_features
+            and not isinstance(owner, FusedHeadMixin)):
+        return None
+    unit = _bn_unit(conv, owner.bn2, getattr(owner.bn2, "act", None))
+    return f"head conv_head → bn2: {unit}" if isinstance(unit, str) else (owner, unit)
+
+
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _fused_class(cls: type, mixin: type = FusedBlockMixin) -> type:
+    if (cls, mixin) not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls, mixin] = type(f"Fused{cls.__name__}", (mixin, cls), {})
+    return _FUSED_CLASSES[cls, mixin]
 
 
 def fuse_blocks(model: nn.Module, names: str | Iterable[str],
                 on_unsupported: str = "error") -> list[str]:
     """Fuse the named blocks of ``model`` in place (see the module docstring); return the names
-    fused. ``names``: block names or glob patterns. A block named exactly that cannot be fused
+    fused. ``names``: block names or glob patterns; a timm EfficientNet's ``conv_head`` fuses
+    with the ``bn2`` after it (:class:`FusedHeadMixin`). A block named exactly that cannot be fused
     raises with the reason (``on_unsupported="error"``) or stays as it is (``"skip"``); blocks
     matched by a glob only are fused where they can be. :func:`gradfilter.remove` undoes it.
     Call after :func:`gradfilter.apply` (the blocks' convs must be filtered); BatchNorm must be
@@ -428,6 +469,19 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
         if not _match(name, patterns):
             continue
         found = _units(mod)
+        head = _head_units(model, name, mod) if isinstance(found, str) else None
+        if isinstance(head, str):
+            found = head
+        elif head is not None:  # EfficientNet's conv_head: its owner runs conv_head → bn2 fused
+            owner, unit = head
+            if isinstance(owner, FusedHeadMixin):
+                found = "already fused"
+            else:
+                owner._gradfilter_units = ([unit], False)
+                owner._gradfilter_original_class = type(owner)
+                owner.__class__ = _fused_class(type(owner), FusedHeadMixin)
+                fused.append(name)
+                continue
         if isinstance(found, str):
             if name in patterns:
                 if on_unsupported == "error":
