@@ -26,7 +26,9 @@ Supported blocks: torchvision ``InvertedResidual`` and ``Conv2dNormActivation``,
 ``InvertedResidual`` (no squeeze-excite, no drop-path), whose convs are all filtered with one
 radius, dilation 1, odd kernels, dense or depthwise, size-preserving padding, stride 1 except
 at most one stride-2 conv whose 2r×2r input patches are unions of 2×2 patches of the grid before
-it (checked per input size; elsewhere the block runs its per-layer path).
+it (checked per input size; elsewhere the block runs its per-layer path). A timm EfficientNet's
+``conv_head`` fuses with the ``bn2`` (BatchNorm + activation) after it: the model's
+``forward_features`` runs them as one unit (:class:`FusedHeadMixin`).
 """
 
 from __future__ import annotations
