@@ -93,6 +93,30 @@ def test_config_rejects_unknown_keys_and_bad_values():
         resolve_config({"fault": "explode:1@1"})
     assert resolve_config({"fault": "raise:1@2,kill:0@1"})["faults"] == {
         1: ("raise", 2), 0: ("kill", 1)}
+    with pytest.raises(ValueError, match="lean must be one of"):
+        resolve_config({"lean": "bits"})
+    with pytest.raises(ValueError, match="fuse-blocks needs method 'gradfilter'"):
+        resolve_config({"method": "vanilla", "fuse-blocks": True})
+
+
+def test_lean_and_fused_clients_train_the_same_parameters():
+    """``lean``/``fuse-blocks`` change how a client backpropagates, not what travels."""
+    from gradfilter.blocks import FusedBlockMixin, FusedHeadMixin
+    from gradfilter.federated.task import build_model, trainable_state
+
+    base = {**TINY, "model": "tf_efficientnet_lite0", "image-size": 32, "train-last": 2}
+    plain, _ = build_model(resolve_config(base))
+    model, info = build_model(resolve_config({**base, "lean": "patch", "fuse-blocks": True}))
+    assert info.fused == ["blocks.6.0", "conv_head"] and info.slimmed
+    assert isinstance(model, FusedHeadMixin) and isinstance(model.blocks[6][0], FusedBlockMixin)
+    assert set(trainable_state(model)) == set(trainable_state(plain))
+    x = torch.randn(4, 3, 32, 32)
+    seen = {}
+    model.global_pool.register_forward_pre_hook(
+        lambda m, a: seen.__setitem__("fn", type(a[0].grad_fn).__name__))
+    model(x).sum().backward()
+    assert seen["fn"] == "_FusedBlockBackward"
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_deployment_app_config_matches_the_defaults():

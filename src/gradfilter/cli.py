@@ -224,6 +224,10 @@ def _federated(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radius", type=int, default=4, help="patch radius for gradfilter")
     p.add_argument("--train-last", type=int, required=True,
                    help="number of last blocks to train (plus the classifier)")
+    p.add_argument("--lean", choices=["exact", "patch", "frozen"], default=None,
+                   help="lean ReLU/BatchNorm in the trained blocks (as finetune --lean)")
+    p.add_argument("--fuse-blocks", action="store_true",
+                   help="gradfilter: fused block backward (as finetune --fuse-blocks)")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -249,7 +253,8 @@ def _federated(sub: argparse._SubParsersAction) -> None:
             "model": args.model, "pretrained": args.pretrained, "data": args.data,
             "image-size": args.image_size, "num-clients": args.clients, "rounds": args.rounds,
             "partition": args.partition, "method": args.method, "radius": args.radius,
-            "train-last": args.train_last, "local-epochs": args.local_epochs,
+            "train-last": args.train_last, "lean": args.lean or "",
+            "fuse-blocks": args.fuse_blocks, "local-epochs": args.local_epochs,
             "batch-size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
             "strategy": args.strategy, "proximal-mu": args.proximal_mu,
             "fraction-train": args.fraction_train, "round-timeout": args.round_timeout,

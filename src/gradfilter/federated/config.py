@@ -13,6 +13,7 @@ from .partition import parse_partition
 __all__ = ["DEFAULTS", "STRATEGIES", "resolve_config"]
 
 STRATEGIES = ("fedavg", "fedprox")
+LEAN_MODES = ("", "exact", "patch", "frozen")
 
 DEFAULTS: dict[str, bool | int | float | str] = {
     "model": "tf_efficientnet_lite0",
@@ -25,6 +26,8 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "method": "gradfilter",
     "radius": 4,
     "train-last": 2,
+    "lean": "",  # "" (off), "exact", "patch" or "frozen": prepare_model's lean
+    "fuse-blocks": False,
     "local-epochs": 1,
     "batch-size": 32,
     "lr": 1e-3,
@@ -80,6 +83,10 @@ def resolve_config(run_config: Mapping[str, Any] | None = None) -> dict[str, Any
                 "client-threads", "train-last"):
         if cfg[key] < 1:
             raise ValueError(f"'{key}' must be >= 1, got {cfg[key]}")
+    if cfg["lean"] not in LEAN_MODES:
+        raise ValueError(f"lean must be one of {LEAN_MODES} ('' is off), got {cfg['lean']!r}")
+    if cfg["fuse-blocks"] and cfg["method"] != "gradfilter":
+        raise ValueError("fuse-blocks needs method 'gradfilter' (fused blocks are filtered)")
     if cfg["method"] == "gradfilter" and cfg["radius"] < 1:
         raise ValueError(f"radius must be >= 1 for gradfilter, got {cfg['radius']}")
     if not cfg["lr"] > 0:

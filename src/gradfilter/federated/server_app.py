@@ -104,6 +104,8 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
         "flower_strategy": type(strategy).__mro__[2].__name__,
         "blocks": info.blocks,
         "filtered_layers": info.report.names if info.report is not None else [],
+        "lean_layers": info.slimmed,
+        "fused_blocks": info.fused,
         "trainable_params": info.trainable_params,
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_bytes": int(initial.count_bytes()),
