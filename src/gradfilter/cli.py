@@ -118,6 +118,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt and metrics.json")
 
     def run(args: argparse.Namespace) -> int:
+        from .train.distributed import shutdown
         from .train.runner import finetune
 
         radius, method, train_last = args.radius, args.method, args.train_last
@@ -150,6 +151,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 input_grad=args.input_grad, channels_last=args.channels_last,
                 fuse=args.fuse_blocks,
             )
+            shutdown()  # under torchrun: leave the process group cleanly
         except KeyboardInterrupt:
             print(f"gradfilter finetune: interrupted; continue with --resume --out {args.out}",
                   file=sys.stderr)

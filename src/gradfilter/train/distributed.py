@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["DistInfo", "EpochSampler", "init_from_env", "wrap"]
+__all__ = ["DistInfo", "EpochSampler", "init_from_env", "shutdown", "wrap"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ def init_from_env(device: str | torch.device = "cpu") -> DistInfo | None:
         dist.init_process_group(backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(),
                     int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown() -> None:
+    """Leave the process group (the CLI, at the end of a torchrun run): every rank waits for
+    the others first, since tearing the group down while a peer still uses it aborts that peer."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, info: DistInfo, device: str | torch.device) -> nn.Module:
