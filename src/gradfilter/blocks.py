@@ -419,9 +419,10 @@ def _head_units(model: nn.Module, name: str,
         return None
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    if (leaf != "conv_head" or not isinstance(owner, EfficientNet) or owner.conv_head is not conv
-            or getattr(type(owner), "forward_features", None) is not EfficientNet.forward_features
-            and not isinstance(owner, FusedHeadMixin)):
+    if leaf != "conv_head" or not isinstance(owner, EfficientNet) or owner.conv_head is not conv:
+        return None
+    own_features = type(owner).forward_features is EfficientNet.forward_features
+    if not (own_features or isinstance(owner, FusedHeadMixin)):  # a subclass with its own
         return None
     unit = _bn_unit(conv, owner.bn2, getattr(owner.bn2, "act", None))
     return f"head conv_head → bn2: {unit}" if isinstance(unit, str) else (owner, unit)

@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..surgery import BN_MODES
 from ..train.trainer import METHODS
 from .partition import parse_partition
 
 __all__ = ["DEFAULTS", "STRATEGIES", "resolve_config"]
 
 STRATEGIES = ("fedavg", "fedprox")
-LEAN_MODES = ("", "exact", "patch", "frozen")
+LEAN_MODES = ("", *BN_MODES)  # "" is off
 
 DEFAULTS: dict[str, bool | int | float | str] = {
     "model": "tf_efficientnet_lite0",
