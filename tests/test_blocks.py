@@ -446,6 +446,12 @@ def _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed, specials=T
     (3, 5, 7, 7, 4, 1, 1, 2, 2),  # tiny, 15 planes: one block of 8 and 7 left over
     (2, 8, 9, 11, 3, -1, 2, 3, 4),  # tiny, negative top
     (1, 16, 7, 7, 2, 1, 1, 4, 4),  # tiny, 16 patches
+    # narrow tiny planes, 8 channels at a time, row by row (AVX2): widths 16, 8 and 3 (the
+    # plane's last rows through masked loads/stores), patch rows with no map rows
+    (2, 8, 16, 16, 4, 0, 0, 4, 4),
+    (1, 16, 8, 8, 4, 0, 0, 2, 2),
+    (3, 8, 5, 3, 2, 1, 0, 4, 2),
+    (2, 8, 6, 13, 4, 6, 0, 3, 4),
     (2, 3, 20, 23, 2, 0, 1, 10, 12),  # not tiny
     (2, 9, 20, 23, 3, 2, -2, 8, 7),
     (1, 5, 20, 23, 4, -3, 3, 6, 7),  # grid ends before the map

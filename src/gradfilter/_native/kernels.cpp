@@ -639,9 +639,10 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
 //   v = z * scale[c] + shift[c];  y = clamp(v, 0, upper) (upper NaN: no activation, y = v);
 //   m = 0 < v < upper (all ones without activation);
 //   per patch, channel-major (C, N, Ph, Pw): count of m, sum of m * z, sum of y.
-// Planes go 8 at a time: first the elementwise part over each whole plane (vectorised; y, and
-// y, m * z, m into a small buffer), then the patch sums of the buffer, as patch_sum_kernel does
-// (tiny planes: 8 planes' sums at once over each patch's pixel list).
+// Planes go 8 channels of one sample at a time: first the elementwise part over each whole
+// plane (vectorised; y, and y, m * z, m into a small buffer), then the patch sums of the buffer,
+// as patch_sum_kernel does (tiny planes: 8 planes' sums at once over each patch's pixel list;
+// narrow tiny planes with AVX2: row by row, bn_act_rows_avx2).
 
 // One pixel of eval BatchNorm + activation: the output and the mask's (m * z, m), as the
 // vector paths compute them (the scalar tails of every path).
@@ -700,7 +701,8 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
 // Tiny float planes, a full block of 8: first 4 planes × 4 pixels at a time (y stored, and y,
 // m * z, m transposed 4×4 into pixel-major buffers pm[quantity][pixel][8 planes]), then each
 // patch's pixel list summed with the 8 planes in two vectors per quantity. sums: [P][3][8].
-inline void bn_act_tiny_block_f32(const float* z, float* y, const float* s8, const float* t8,
+inline void bn_act_tiny_block_f32(const float* const* zp, float* const* yp, const float* s8,
+                                  const float* t8,
                                   int64_t HW, bool act, float hi, float* pm,
                                   const int64_t* pixels, const int64_t* first, int64_t P,
                                   float* sums) {
@@ -710,8 +712,8 @@ inline void bn_act_tiny_block_f32(const float* z, float* y, const float* s8, con
   const __m128 zero = _mm_setzero_ps(), vhi = _mm_set1_ps(hi), one = _mm_set1_ps(1.0f);
   const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
   for (int64_t g = 0; g < 2; ++g) {
-    const float* zg = z + g * 4 * HW;
-    float* yg = y + g * 4 * HW;
+    const float* const* zg = zp + g * 4;
+    float* const* yg = yp + g * 4;
     __m128 S[4], T[4];
     for (int j = 0; j < 4; ++j) {
       S[j] = _mm_set1_ps(s8[g * 4 + j]);
@@ -721,14 +723,14 @@ inline void bn_act_tiny_block_f32(const float* z, float* y, const float* s8, con
     for (; e + 4 <= HW; e += 4) {
       __m128 o[4], mz[4], mm[4];
       for (int j = 0; j < 4; ++j) {
-        const __m128 zv = _mm_loadu_ps(zg + j * HW + e);
+        const __m128 zv = _mm_loadu_ps(zg[j] + e);
         const __m128 v = _mm_add_ps(_mm_mul_ps(zv, S[j]), T[j]);
         __m128 out = v, m = all;
         if (act) {  // maxps/minps return the second operand on NaN: NaN stays NaN, as clamp
           out = _mm_min_ps(vhi, _mm_max_ps(zero, v));
           m = _mm_and_ps(_mm_cmpgt_ps(v, zero), _mm_cmplt_ps(v, vhi));
         }
-        _mm_storeu_ps(yg + j * HW + e, out);
+        _mm_storeu_ps(yg[j] + e, out);
         o[j] = out;
         mz[j] = _mm_and_ps(m, zv);
         mm[j] = _mm_and_ps(m, one);
@@ -745,9 +747,9 @@ inline void bn_act_tiny_block_f32(const float* z, float* y, const float* s8, con
     for (; e < HW; ++e)
       for (int j = 0; j < 4; ++j) {
         const int64_t o = e * 8 + g * 4 + j;
-        bn_act_pixel<float>(zg[j * HW + e], s8[g * 4 + j], t8[g * 4 + j], act, hi, pmy[o],
-                            pmz[o], pmm[o]);
-        yg[j * HW + e] = pmy[o];
+        bn_act_pixel<float>(zg[j][e], s8[g * 4 + j], t8[g * 4 + j], act, hi, pmy[o], pmz[o],
+                            pmm[o]);
+        yg[j][e] = pmy[o];
       }
   }
   for (int64_t q = 0; q < P; ++q) {
@@ -795,7 +797,7 @@ __attribute__((target("avx2"))) inline void transpose8(__m256* r) {
 }
 
 __attribute__((target("avx2"))) void bn_act_tiny_block_avx2(
-    const float* z, float* y, const float* s8, const float* t8, int64_t HW, bool act, float hi,
+    const float* const* zp, float* const* yp, const float* s8, const float* t8, int64_t HW, bool act, float hi,
     float* pm, const int64_t* pixels, const int64_t* first, int64_t P, float* sums) {
   float* pmy = pm;
   float* pmz = pm + HW * 8;
@@ -806,14 +808,14 @@ __attribute__((target("avx2"))) void bn_act_tiny_block_avx2(
   for (; e + 8 <= HW; e += 8) {
     __m256 o[8], mz[8], mm[8];
     for (int j = 0; j < 8; ++j) {
-      const __m256 zv = _mm256_loadu_ps(z + j * HW + e);
+      const __m256 zv = _mm256_loadu_ps(zp[j] + e);
       const __m256 v = _mm256_add_ps(_mm256_mul_ps(zv, _mm256_set1_ps(s8[j])), _mm256_set1_ps(t8[j]));
       __m256 out = v, m = all;
       if (act) {  // vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp
         out = _mm256_min_ps(vhi, _mm256_max_ps(zero, v));
         m = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), _mm256_cmp_ps(v, vhi, _CMP_LT_OQ));
       }
-      _mm256_storeu_ps(y + j * HW + e, out);
+      _mm256_storeu_ps(yp[j] + e, out);
       o[j] = out;
       mz[j] = _mm256_and_ps(m, zv);
       mm[j] = _mm256_and_ps(m, one);
@@ -830,8 +832,8 @@ __attribute__((target("avx2"))) void bn_act_tiny_block_avx2(
   for (; e < HW; ++e)
     for (int j = 0; j < 8; ++j) {
       const int64_t o = e * 8 + j;
-      bn_act_pixel<float>(z[j * HW + e], s8[j], t8[j], act, hi, pmy[o], pmz[o], pmm[o]);
-      y[j * HW + e] = pmy[o];
+      bn_act_pixel<float>(zp[j][e], s8[j], t8[j], act, hi, pmy[o], pmz[o], pmm[o]);
+      yp[j][e] = pmy[o];
     }
   for (int64_t q = 0; q < P; ++q) {
     __m256 ay = zero, az = zero, am = zero, by = zero, bz = zero, bm = zero;
@@ -858,6 +860,96 @@ __attribute__((target("avx2"))) void bn_act_tiny_block_avx2(
   }
 }
 
+// Narrow tiny float planes (width ≤ 8·NV), a full block of 8, AVX2: no per-pixel transposes.
+// Each row is NV vectors read straight from the plane: lanes past the row's end read the next
+// row (never summed; their y is overwritten when that row is stored), and where whole vectors
+// would leave the plane (its last rows) loads and stores are masked. Each row's y is stored and
+// its (m, m * z, y) added to the running sums of its patch row, kept in rb when the patch row
+// ends. After the 8 planes, 8×8 transposes of rb put the planes in the lanes, so each patch's
+// column segment adds up 8 planes at once. row_patch: the patch row of each map row (-1 off
+// the grid); rb: [Ph][3][NV][8][8] floats; sums: [P][3][8].
+template <int NV>
+__attribute__((target("avx2"))) void bn_act_rows_avx2(
+    const float* const* zp, float* const* yp, const float* s8, const float* t8, int64_t H,
+    int64_t W, bool act, float hi, const int64_t* row_patch,
+    const std::pair<int64_t, int64_t>* cols, int64_t Ph, int64_t Pw, float* rb, float* sums) {
+  constexpr int64_t Q = 3 * NV * 64;  // rb floats per patch row
+  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < Ph; ++i) {  // patch rows without map rows sum to zero
+    bool seen = false;
+    for (int64_t h = 0; h < H; ++h) seen |= row_patch[h] == i;
+    if (!seen) std::fill(rb + i * Q, rb + (i + 1) * Q, 0.0f);
+  }
+  for (int64_t j = 0; j < 8; ++j) {
+    const float* zj = zp[j];
+    float* yj = yp[j];
+    const __m256 S = _mm256_set1_ps(s8[j]), T = _mm256_set1_ps(t8[j]);
+    __m256 am[NV], az[NV], ay[NV];
+    int64_t cur = -1;
+    for (int64_t h = 0; h <= H; ++h) {
+      const int64_t i = h < H ? row_patch[h] : -1;
+      if (i != cur) {
+        if (cur >= 0)  // the patch row ends: keep its sums
+          for (int v = 0; v < NV; ++v) {
+            float* d = rb + cur * Q + v * 64 + j * 8;
+            _mm256_storeu_ps(d, am[v]);
+            _mm256_storeu_ps(d + NV * 64, az[v]);
+            _mm256_storeu_ps(d + 2 * NV * 64, ay[v]);
+          }
+        for (int v = 0; v < NV; ++v) am[v] = az[v] = ay[v] = zero;
+        cur = i;
+      }
+      if (h == H) break;
+      const float* zr = zj + h * W;
+      float* yr = yj + h * W;
+      const int64_t room = (H - h) * W;  // elements from this row to the plane's end
+      for (int v = 0; v < NV; ++v) {
+        const bool whole = room >= 8 * (v + 1);
+        const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(room - 8 * v)),
+                                              lane);
+        const __m256 zv = whole ? _mm256_loadu_ps(zr + 8 * v) : _mm256_maskload_ps(zr + 8 * v, mk);
+        const __m256 x = _mm256_add_ps(_mm256_mul_ps(zv, S), T);
+        __m256 out = x, m = all;
+        if (act) {  // vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp
+          out = _mm256_min_ps(vhi, _mm256_max_ps(zero, x));
+          m = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vhi, _CMP_LT_OQ));
+        }
+        if (whole)
+          _mm256_storeu_ps(yr + 8 * v, out);
+        else
+          _mm256_maskstore_ps(yr + 8 * v, mk, out);
+        if (i >= 0) {
+          am[v] = _mm256_add_ps(am[v], _mm256_and_ps(m, one));
+          az[v] = _mm256_add_ps(az[v], _mm256_and_ps(m, zv));
+          ay[v] = _mm256_add_ps(ay[v], out);
+        }
+      }
+    }
+  }
+  alignas(32) float cb[3][8 * NV][8];  // per quantity and column: the 8 planes' patch-row sums
+  for (int64_t i = 0; i < Ph; ++i) {
+    for (int q = 0; q < 3; ++q)
+      for (int v = 0; v < NV; ++v) {
+        __m256 r[8];
+        const float* src = rb + i * Q + (q * NV + v) * 64;
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + j * 8);
+        transpose8(r);
+        for (int k = 0; k < 8; ++k) _mm256_store_ps(cb[q][8 * v + k], r[k]);
+      }
+    for (int64_t c = 0; c < Pw; ++c) {
+      float* d = sums + (i * Pw + c) * 24;
+      for (int q = 0; q < 3; ++q) {
+        __m256 s = zero;
+        for (int64_t w = cols[c].first; w < cols[c].second; ++w)
+          s = _mm256_add_ps(s, _mm256_load_ps(cb[q][w]));
+        _mm256_storeu_ps(d + 8 * q, s);
+      }
+    }
+  }
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -872,9 +964,10 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   using acc_t = at::opmath_type<scalar_t>;
   const bool act = !std::isnan(upper);
   const acc_t hi = act ? static_cast<acc_t>(upper) : std::numeric_limits<acc_t>::infinity();
-  const int64_t HW = H * W, P = Ph * Pw, planes = N * C;
+  const int64_t HW = H * W, P = Ph * Pw;
   const auto rows = segments(H, k, top, Ph), cols = segments(W, k, left, Pw);
   const bool tiny = tiny_planes(H, W, Ph, Pw);
+  const auto row_patch = position_patch(H, k, top, Ph);
   std::vector<int64_t> pixels, first(P + 1, 0);  // tiny planes: each patch's pixel list
   if (tiny)
     for (int64_t i = 0; i < Ph; ++i)
@@ -883,53 +976,68 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
           for (int64_t w = cols[j].first; w < cols[j].second; ++w) pixels.push_back(h * W + w);
         first[i * Pw + j + 1] = static_cast<int64_t>(pixels.size());
       }
+  // Work items: 8 consecutive channels of one sample. Over n, each channel's sums are written
+  // in one sequential run (sample-major blocks wrote each plane's sums to its own cache line, a
+  // write-allocate miss apiece; that cost more than the rest of the pass on 14×14 maps).
   constexpr int64_t B = kTinyPlanes;
-  const int64_t blocks = (planes + B - 1) / B;
+  const int64_t groups = (C + B - 1) / B, blocks = groups * N;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / (B * HW)), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(3 * B * HW + 3 * W + 3 * B * P);
+    // the narrow-plane path keeps its patch-row sums (Ph × 384 floats) where the planes' go
+    const int64_t planes_buf = std::max<int64_t>(3 * B * HW, Ph * 384);
+    std::vector<acc_t> buf(planes_buf + 3 * W + 3 * B * P);
     acc_t* ty = buf.data();        // [B][HW]
     acc_t* tmz = ty + B * HW;      // [B][HW]
     acc_t* tm = tmz + B * HW;      // [B][HW]
-    acc_t* row = tm + B * HW;      // 3 rows of W: y, m*z, m summed over a patch row
+    acc_t* row = ty + planes_buf;  // 3 rows of W: y, m*z, m summed over a patch row
+    const scalar_t* zp[B];
+    scalar_t* yp[B];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t p0 = b * B, cnt = std::min(B, planes - p0);
+      const int64_t n = b % N, c0 = (b / N) * B, cnt = std::min(B, C - c0);
+      for (int64_t j = 0; j < cnt; ++j) {
+        zp[j] = z + (n * C + c0 + j) * HW;
+        yp[j] = y + (n * C + c0 + j) * HW;
+      }
+      const int64_t o0 = (c0 * N + n) * P, step = N * P;  // plane j's sums: o0 + j * step
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (tiny && cnt == B) {
           float s8[B], t8[B];
           for (int64_t j = 0; j < B; ++j) {
-            s8[j] = scale[(p0 + j) % C];
-            t8[j] = shift[(p0 + j) % C];
+            s8[j] = scale[c0 + j];
+            t8[j] = shift[c0 + j];
           }
           float* sums = row + 3 * W;  // [P][3][B]
 #if defined(GF_HAVE_AVX2_TARGET)
-          if (cpu_has_avx2())
-            bn_act_tiny_block_avx2(z + p0 * HW, y + p0 * HW, s8, t8, HW, act, hi, ty,
-                                   pixels.data(), first.data(), P, sums);
+          if (cpu_has_avx2() && W <= 8)
+            bn_act_rows_avx2<1>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
+                                Ph, Pw, ty, sums);
+          else if (cpu_has_avx2() && W <= 16)
+            bn_act_rows_avx2<2>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
+                                Ph, Pw, ty, sums);
+          else if (cpu_has_avx2())
+            bn_act_tiny_block_avx2(zp, yp, s8, t8, HW, act, hi, ty, pixels.data(),
+                                   first.data(), P, sums);
           else
 #endif
-            bn_act_tiny_block_f32(z + p0 * HW, y + p0 * HW, s8, t8, HW, act, hi, ty,
-                                  pixels.data(), first.data(), P, sums);
-          for (int64_t j = 0; j < B; ++j) {
-            const int64_t plane = p0 + j, o = ((plane % C) * N + plane / C) * P;
+            bn_act_tiny_block_f32(zp, yp, s8, t8, HW, act, hi, ty, pixels.data(), first.data(),
+                                  P, sums);
+          for (int64_t j = 0; j < B; ++j)
             for (int64_t q = 0; q < P; ++q) {
-              count[o + q] = sums[q * 24 + j];
-              mz_sum[o + q] = sums[q * 24 + 8 + j];
-              y_sum[o + q] = sums[q * 24 + 16 + j];
+              const int64_t o = o0 + j * step + q;
+              count[o] = sums[q * 24 + j];
+              mz_sum[o] = sums[q * 24 + 8 + j];
+              y_sum[o] = sums[q * 24 + 16 + j];
             }
-          }
           continue;
         }
       }
 #endif
       for (int64_t j = 0; j < cnt; ++j) {
-        const int64_t c = (p0 + j) % C;
-        bn_act_plane<scalar_t, acc_t>(z + (p0 + j) * HW, y + (p0 + j) * HW, ty + j * HW,
-                                      tmz + j * HW, tm + j * HW, HW, acc_t(scale[c]),
-                                      acc_t(shift[c]), act, hi);
+        bn_act_plane<scalar_t, acc_t>(zp[j], yp[j], ty + j * HW, tmz + j * HW, tm + j * HW, HW,
+                                      acc_t(scale[c0 + j]), acc_t(shift[c0 + j]), act, hi);
       }
       auto store = [&](int64_t j, int64_t q, acc_t sc, acc_t smz, acc_t sy) {
-        const int64_t plane = p0 + j, n = plane / C, c = plane % C, o = (c * N + n) * P + q;
+        const int64_t o = o0 + j * step + q;
         count[o] = scalar_t(sc);
         mz_sum[o] = scalar_t(smz);
         y_sum[o] = scalar_t(sy);
