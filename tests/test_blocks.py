@@ -423,6 +423,7 @@ def _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed, specials=T
             z[:, 1, -1, :] = torch.tensor([3.0, 6.0, 2.5, 5.0], dtype=dtype).repeat(w)[:w]
     with native.use_native(True):
         got = native.bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw)
+        got_u8 = native.bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw, count_u8=True)
     y_ref, count, mz, ys, mz_abs, ys_abs = _stats_reference(z, scale, shift, upper, k, top, left,
                                                             ph, pw)
     y = got[0]
@@ -433,6 +434,9 @@ def _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed, specials=T
     for t in got[1:]:
         assert t.shape == (c, n, ph, pw) and t.dtype == dtype
     assert torch.equal(got[1].double(), count)  # small integers: exact
+    assert got_u8[1].dtype == torch.uint8 and torch.equal(got_u8[1].double(), count)
+    for a, b in zip((got_u8[0], *got_u8[2:]), (got[0], *got[2:])):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())  # the same pass otherwise
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     _assert_sums(got[2], mz, mz_abs, tol, "masked z sums")  # masked-out NaN/inf z: not in
     _assert_sums(got[3], ys, ys_abs, tol, "y sums")
@@ -487,6 +491,8 @@ def test_native_bn_act_stats_rejects_bad_arguments():
             native.bn_act_stats(z, torch.ones(2), s, 6.0, 2, 0, 0, 3, 3)
         with pytest.raises(RuntimeError, match="4-D"):
             native.bn_act_stats(z[0], s, s, 6.0, 2, 0, 0, 3, 3)
+        with pytest.raises(RuntimeError, match=r"byte counts need k\*k <= 255"):
+            native.bn_act_stats(z, s, s, 6.0, 16, 0, 0, 1, 1, count_u8=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -177,11 +177,13 @@ def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor, 
 
 def _unit_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, gh: GF.AxisGeometry,
                 gw: GF.AxisGeometry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, mask count, masked sum of z, sum of y); the sums channel-major (C, N·P)."""
+    """(y, mask count, masked sum of z, sum of y); the sums channel-major (C, N·P), the count
+    in one byte each where a patch has at most 255 pixels."""
     c = z.shape[1]
+    small = gh.radius * gw.radius <= 255
     if native.applies(z) and z.is_contiguous():
         y, count, mz, ys = native.bn_act_stats(z, scale, shift, upper, gh.radius, gh.out_pad,
-                                               gw.out_pad, gh.patches, gw.patches)
+                                               gw.out_pad, gh.patches, gw.patches, small)
         return y, count.view(c, -1), mz.view(c, -1), ys.view(c, -1)
     v = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     if math.isnan(upper):
@@ -192,7 +194,8 @@ def _unit_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, gh: GF.Ax
         mask = passed.to(z.dtype)
         # where, not z * mask: an infinite z outside the mask must not turn the sum into NaN
         masked_z = torch.where(passed, z, 0.0)
-    return (y, _patch_sums_cm(mask, gh, gw), _patch_sums_cm(masked_z, gh, gw),
+    count = _patch_sums_cm(mask, gh, gw)
+    return (y, count.to(torch.uint8) if small else count, _patch_sums_cm(masked_z, gh, gw),
             _patch_sums_cm(y, gh, gw))
 
 
@@ -297,7 +300,6 @@ class _FusedBlock(torch.autograd.Function):
     def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry,
                 *params: Tensor | None):
         n = x.shape[0]
-        radius = units[0].conv.radius
         ys = _patch_sums_cm(x, *geo.grid_in)  # the first conv's x̃ (before any coarsening)
         prev = geo.grid_in
         saved: list[Tensor | None] = []
@@ -308,8 +310,6 @@ class _FusedBlock(torch.autograd.Function):
             scale, shift, inv_std = _bn_affine(u.bn, z.dtype)
             t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, *geo.grids[i])
             prev = geo.grids[i]
-            if radius * radius <= 255:  # a count of at most r·r pixels: one byte each
-                count = count.to(torch.uint8)
             if not ctx.needs_input_grad[6 + 4 * i]:  # BatchNorm weight frozen: Σ m·z unused
                 mz = None
             saved += [xt, count, mz, scale, inv_std, u.bn.running_mean, u.conv.weight]
@@ -367,21 +367,31 @@ class _FusedBlock(torch.autograd.Function):
         return (gx, None, None, None, *grads)
 
 
-def _run_fused(x: Tensor, units: list[_Unit], skip: bool) -> Tensor | None:
+def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
+               grids: dict[tuple[int, int, int], _Geometry | None]) -> Tensor | None:
     """The fused node's output for ``x``, or None where the unit chain must run per layer:
     no-grad or nothing to differentiate, BatchNorm in training mode, a non-4-D or channels-last
     map (the per-layer native kernels cover NHWC, the fused stats pass does not; its PyTorch
     form made channels-last steps slower than lean ones), or stride-2 grids that do not line up
-    for this input size."""
-    if (x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled()
-            or any(u.bn.training for u in units)
-            or not (x.requires_grad or any(p is not None and p.requires_grad
-                                           for p in _params(units)))):
+    for this input size. ``grids``: the block's geometries by (radius, h, w), filled here."""
+    if x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled():
         return None
-    geo = _geometry(units, x.shape[-2], x.shape[-1])
+    params = _params(units)
+    if any(u.bn.training for u in units) or not (
+            x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return None
+    key = (units[0].conv.radius, x.shape[-2], x.shape[-1])
+    if key not in grids:
+        grids[key] = _geometry(units, key[1], key[2])
+    geo = grids[key]
     if geo is None:
         return None
-    return _FusedBlock.apply(x, units, skip, geo, *_params(units))
+    return _FusedBlock.apply(x, units, skip, geo, *params)
+
+
+def _grids(module: nn.Module) -> dict[tuple[int, int, int], _Geometry | None]:
+    """The fused module's geometry cache (an input size's grids are worked out once)."""
+    return module.__dict__.setdefault("_gradfilter_grids", {})
 
 
 class FusedBlockMixin:
@@ -390,7 +400,7 @@ class FusedBlockMixin:
     block's own forward, as do channels-last inputs."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _run_fused(x, *self._gradfilter_units)
+        out = _run_fused(x, *self._gradfilter_units, _grids(self))
         return super().forward(x) if out is None else out
 
 
@@ -404,7 +414,7 @@ class FusedHeadMixin:
         if self.grad_checkpointing:
             return super().forward_features(x)
         x = self.blocks(self.bn1(self.conv_stem(x)))
-        out = _run_fused(x, *self._gradfilter_units)
+        out = _run_fused(x, *self._gradfilter_units, _grids(self))
         return self.bn2(self.conv_head(x)) if out is None else out
 
 

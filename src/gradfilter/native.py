@@ -173,11 +173,13 @@ def mask_apply(g: Tensor, bits: Tensor) -> Tensor:
 
 
 def bn_act_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, k: int, top: int,
-                 left: int, ph: int, pw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 left: int, ph: int, pw: int,
+                 count_u8: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eval BatchNorm + activation of a fused block in one pass (src/gradfilter/blocks.py):
     y = clamp(z·scale + shift, 0, upper) (``upper`` NaN: no activation) and, per k×k patch,
-    channel-major (C, N, ph, pw): the count of 0 < v < upper, the sum of z there, the sum of y."""
-    return _ops().bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw)
+    channel-major (C, N, ph, pw): the count of 0 < v < upper (uint8 with ``count_u8``, which
+    needs k·k ≤ 255), the sum of z there, the sum of y."""
+    return _ops().bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw, count_u8)
 
 
 def filtered_backward(gy: Tensor, xt: Tensor, weight: Tensor, kernel: tuple[int, int],

@@ -958,7 +958,8 @@ bool cpu_has_avx2() {
 
 template <typename scalar_t>
 void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_t* shift,
-                         scalar_t* y, scalar_t* count, scalar_t* mz_sum, scalar_t* y_sum,
+                         scalar_t* y, void* count_out, bool count_u8, scalar_t* mz_sum,
+                         scalar_t* y_sum,
                          int64_t N, int64_t C, int64_t H, int64_t W, int64_t k, int64_t top,
                          int64_t left, int64_t Ph, int64_t Pw, double upper) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -966,6 +967,13 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   const acc_t hi = act ? static_cast<acc_t>(upper) : std::numeric_limits<acc_t>::infinity();
   const int64_t HW = H * W, P = Ph * Pw;
   const auto rows = segments(H, k, top, Ph), cols = segments(W, k, left, Pw);
+  // counts are small integers (at most k·k): one byte each when the caller asks
+  auto put_count = [count_out, count_u8](int64_t o, acc_t v) {
+    if (count_u8)
+      static_cast<uint8_t*>(count_out)[o] = static_cast<uint8_t>(v);
+    else
+      static_cast<scalar_t*>(count_out)[o] = scalar_t(v);
+  };
   const bool tiny = tiny_planes(H, W, Ph, Pw);
   const auto row_patch = position_patch(H, k, top, Ph);
   std::vector<int64_t> pixels, first(P + 1, 0);  // tiny planes: each patch's pixel list
@@ -1024,7 +1032,7 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
           for (int64_t j = 0; j < B; ++j)
             for (int64_t q = 0; q < P; ++q) {
               const int64_t o = o0 + j * step + q;
-              count[o] = sums[q * 24 + j];
+              put_count(o, sums[q * 24 + j]);
               mz_sum[o] = sums[q * 24 + 8 + j];
               y_sum[o] = sums[q * 24 + 16 + j];
             }
@@ -1038,7 +1046,7 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
       }
       auto store = [&](int64_t j, int64_t q, acc_t sc, acc_t smz, acc_t sy) {
         const int64_t o = o0 + j * step + q;
-        count[o] = scalar_t(sc);
+        put_count(o, sc);
         mz_sum[o] = scalar_t(smz);
         y_sum[o] = scalar_t(sy);
       };
@@ -1089,8 +1097,10 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_stats(
     const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift, double upper,
-    int64_t k, int64_t top, int64_t left, int64_t ph, int64_t pw) {
+    int64_t k, int64_t top, int64_t left, int64_t ph, int64_t pw, bool count_u8) {
   TORCH_CHECK(z.dim() == 4, "gradfilter native bn_act_stats: expected a 4-D map, got ", z.dim(), "-D");
+  TORCH_CHECK(!count_u8 || k * k <= 255,
+              "gradfilter native bn_act_stats: byte counts need k*k <= 255, got k=", k);
   check_geometry(k, ph, "height");
   check_geometry(k, pw, "width");
   TORCH_CHECK(std::isnan(upper) || upper > 0,
@@ -1101,12 +1111,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_stats(
   const at::Tensor src = z.contiguous();
   const at::Tensor sc = scale.to(z.scalar_type()).contiguous(), sh = shift.to(z.scalar_type()).contiguous();
   at::Tensor y = at::empty_like(src);
-  at::Tensor count = at::empty({C, N, ph, pw}, src.options());
-  at::Tensor mz = at::empty_like(count), ys = at::empty_like(count);
+  at::Tensor mz = at::empty({C, N, ph, pw}, src.options()), ys = at::empty_like(mz);
+  at::Tensor count = count_u8 ? at::empty_like(mz, mz.options().dtype(at::kByte)) : at::empty_like(mz);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "gf_bn_act_stats", [&] {
     bn_act_stats_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
                                   sh.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                                  count.mutable_data_ptr<scalar_t>(), mz.mutable_data_ptr<scalar_t>(),
+                                  count.data_ptr(), count_u8, mz.mutable_data_ptr<scalar_t>(),
                                   ys.mutable_data_ptr<scalar_t>(), N, C, H, W, k, top, left, ph, pw,
                                   upper);
   });
@@ -1121,7 +1131,7 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
   m.def("mask_apply(Tensor g, Tensor bits) -> Tensor");
   m.def("bn_act_stats(Tensor z, Tensor scale, Tensor shift, float upper, int k, int top, int left, "
-        "int ph, int pw) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int ph, int pw, bool count_u8=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
         "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
         "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_in) -> "
