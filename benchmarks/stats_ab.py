@@ -1,5 +1,6 @@
 """The fused blocks' stats pass against PyTorch's eval BatchNorm + ReLU6, and against the pass of
-an earlier commit, on the units of MobileNetV2's and EfficientNet-Lite0's last 8 blocks.
+an earlier commit, on the units of MobileNetV2's and EfficientNet-Lite0's last 8 blocks (and two
+wider maps of earlier blocks).
 
 Every candidate runs in one process, alternating (order flipped each round), median of repeats:
 
@@ -38,6 +39,8 @@ SHAPES = [
     (16, 576, 14, 6.0), (16, 96, 14, math.nan), (16, 960, 7, 6.0), (16, 160, 7, math.nan),
     (16, 672, 14, 6.0), (16, 112, 14, math.nan), (16, 1152, 7, 6.0), (16, 192, 7, math.nan),
     (16, 1280, 7, 6.0),
+    # wider maps (earlier blocks, larger images): Lite0's 28×28 stage, MobileNetV2's 56×56 one
+    (16, 240, 28, 6.0), (16, 144, 56, 6.0),
 ]
 RADIUS = 4
 

@@ -642,7 +642,8 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
 // Planes go 8 channels of one sample at a time: first the elementwise part over each whole
 // plane (vectorised; y, and y, m * z, m into a small buffer), then the patch sums of the buffer,
 // as patch_sum_kernel does (tiny planes: 8 planes' sums at once over each patch's pixel list;
-// narrow tiny planes with AVX2: row by row, bn_act_rows_avx2).
+// narrow tiny planes with AVX2: row by row, bn_act_rows_avx2; other planes with AVX2: row by row
+// into row accumulators, bn_act_plane_rows_avx2).
 
 // One pixel of eval BatchNorm + activation: the output and the mask's (m * z, m), as the
 // vector paths compute them (the scalar tails of every path).
@@ -950,6 +951,67 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
   }
 }
 
+// One float plane of any width, AVX2, row by row (planes that are not tiny): each row's y is
+// stored and its (m, m * z, y) added into three row accumulators of its patch row (acc: 3 × W
+// rounded up to 8 floats, in L1; a row's last partial vector is loaded and stored masked, its
+// spare lanes land in the accumulators' padding); when the patch row ends, the accumulators'
+// column segments give its patches' sums. sums: [P][3] (count, m * z, y); patches without map
+// pixels: 0.
+__attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
+    const float* z, float* y, float s, float t, int64_t H, int64_t W, bool act, float hi,
+    const int64_t* row_patch, const std::pair<int64_t, int64_t>* cols, int64_t Ph, int64_t Pw,
+    float* acc, float* sums) {
+  std::fill(sums, sums + 3 * Ph * Pw, 0.0f);
+  const int64_t W8 = (W + 7) / 8 * 8;
+  float* am = acc;
+  float* az = acc + W8;
+  float* ay = acc + 2 * W8;
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W % 8)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  const __m256 S = _mm256_set1_ps(s), T = _mm256_set1_ps(t);
+  int64_t cur = -1;
+  for (int64_t h = 0; h <= H; ++h) {
+    const int64_t i = h < H ? row_patch[h] : -1;
+    if (i != cur) {
+      if (cur >= 0)  // the patch row ends: its patches' sums
+        for (int64_t q = 0; q < Pw; ++q) {
+          float* d = sums + 3 * (cur * Pw + q);
+          for (int64_t w = cols[q].first; w < cols[q].second; ++w) {
+            d[0] += am[w];
+            d[1] += az[w];
+            d[2] += ay[w];
+          }
+        }
+      if (i >= 0) std::fill(acc, acc + 3 * W8, 0.0f);
+      cur = i;
+    }
+    if (h == H) break;
+    const float* zr = z + h * W;
+    float* yr = y + h * W;
+    for (int64_t w = 0; w < W; w += 8) {
+      const bool whole = w + 8 <= W;
+      const __m256 zv = whole ? _mm256_loadu_ps(zr + w) : _mm256_maskload_ps(zr + w, tail);
+      const __m256 x = _mm256_add_ps(_mm256_mul_ps(zv, S), T);
+      __m256 out = x, m = all;
+      if (act) {  // vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp
+        out = _mm256_min_ps(vhi, _mm256_max_ps(zero, x));
+        m = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vhi, _CMP_LT_OQ));
+      }
+      if (whole)
+        _mm256_storeu_ps(yr + w, out);
+      else
+        _mm256_maskstore_ps(yr + w, tail, out);
+      if (i >= 0) {
+        _mm256_storeu_ps(am + w, _mm256_add_ps(_mm256_loadu_ps(am + w), _mm256_and_ps(m, one)));
+        _mm256_storeu_ps(az + w, _mm256_add_ps(_mm256_loadu_ps(az + w), _mm256_and_ps(m, zv)));
+        _mm256_storeu_ps(ay + w, _mm256_add_ps(_mm256_loadu_ps(ay + w), out));
+      }
+    }
+  }
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -987,12 +1049,17 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   // Work items: 8 consecutive channels of one sample. Over n, each channel's sums are written
   // in one sequential run (sample-major blocks wrote each plane's sums to its own cache line, a
   // write-allocate miss apiece; that cost more than the rest of the pass on 14×14 maps).
+  // float planes that are not tiny, with AVX2: bn_act_plane_rows_avx2 (no plane buffers)
+  bool wide_rows = false;
+#if defined(GF_HAVE_AVX2_TARGET)
+  wide_rows = std::is_same_v<scalar_t, float> && !tiny && cpu_has_avx2();
+#endif
   constexpr int64_t B = kTinyPlanes;
   const int64_t groups = (C + B - 1) / B, blocks = groups * N;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / (B * HW)), [&](int64_t b0, int64_t b1) {
     // the narrow-plane path keeps its patch-row sums (Ph × 384 floats) where the planes' go
-    const int64_t planes_buf = std::max<int64_t>(3 * B * HW, Ph * 384);
-    std::vector<acc_t> buf(planes_buf + 3 * W + 3 * B * P);
+    const int64_t planes_buf = wide_rows ? 0 : std::max<int64_t>(3 * B * HW, Ph * 384);
+    std::vector<acc_t> buf(planes_buf + 3 * W + 24 + 3 * B * P);
     acc_t* ty = buf.data();        // [B][HW]
     acc_t* tmz = ty + B * HW;      // [B][HW]
     acc_t* tm = tmz + B * HW;      // [B][HW]
@@ -1038,6 +1105,22 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
             }
           continue;
         }
+#if defined(GF_HAVE_AVX2_TARGET)
+        if (wide_rows) {
+          float* psums = row + 3 * W + 24;  // [P][3]
+          for (int64_t j = 0; j < cnt; ++j) {
+            bn_act_plane_rows_avx2(zp[j], yp[j], scale[c0 + j], shift[c0 + j], H, W, act, hi,
+                                   row_patch.data(), cols.data(), Ph, Pw, row, psums);
+            for (int64_t q = 0; q < P; ++q) {
+              const int64_t o = o0 + j * step + q;
+              put_count(o, psums[3 * q]);
+              mz_sum[o] = psums[3 * q + 1];
+              y_sum[o] = psums[3 * q + 2];
+            }
+          }
+          continue;
+        }
+#endif
       }
 #endif
       for (int64_t j = 0; j < cnt; ++j) {
