@@ -481,6 +481,37 @@ def test_native_bn_act_stats_random_grids(n, c, h, w, k, upper, dtype, seed, dat
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count_u8", [True, False])
+@pytest.mark.parametrize("with_mz", [True, False])
+@pytest.mark.parametrize("gscale", [1.0, 0.25])
+def test_native_unit_backward_matches_the_formulas(dtype, count_u8, with_mz, gscale):
+    """One fused unit's backward before its products, against its formulas written out in
+    float64: ḡ = g·|m|·s/n·gscale, γ: Σ g·(Σm·z − μ|m|)/σ, β: Σ g·|m|, bias: Σ g·|m|·s."""
+    gen = torch.Generator().manual_seed(int(count_u8) + 2 * int(with_mz) + 4 * int(gscale == 1))
+    c, m = 13, 37  # not multiples of the vector width
+    g = torch.randn(c, m, generator=gen, dtype=torch.float64)
+    count = torch.randint(0, 17, (c, m), generator=gen)
+    mz = torch.randn(c, m, generator=gen, dtype=torch.float64) * 3
+    scale, inv_std = torch.randn(c, generator=gen, dtype=torch.float64), torch.rand(
+        c, generator=gen, dtype=torch.float64) + 0.1
+    mean = torch.randn(c, generator=gen, dtype=torch.float64)
+    per_pixel = torch.randint(1, 17, (1, m), generator=gen).double()
+    cnt = count.double()
+    ref = (g * cnt * scale[:, None] / per_pixel * gscale,
+           (g * (mz - mean[:, None] * cnt)).sum(1) * inv_std if with_mz else torch.zeros(c),
+           (g * cnt).sum(1), (g * cnt * scale[:, None]).sum(1))
+    with native.use_native(True):
+        got = native.unit_backward(g.to(dtype), count.to(torch.uint8 if count_u8 else dtype),
+                                   mz.to(dtype) if with_mz else None, scale.to(dtype),
+                                   inv_std.to(dtype), mean.to(dtype), per_pixel.to(dtype), gscale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, b in zip(got, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * 10)
+
+
+@needs_native
 def test_native_bn_act_stats_rejects_bad_arguments():
     z = torch.randn(1, 3, 5, 5)
     s = torch.ones(3)

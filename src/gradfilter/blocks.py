@@ -295,6 +295,25 @@ def _per_pixel_cached(gh: GF.AxisGeometry, gw: GF.AxisGeometry, n: int, device: 
     return counts.reshape(1, 1, -1).expand(1, n, -1).reshape(1, -1)
 
 
+def _unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,
+                   mean: Tensor, per_pixel: Tensor,
+                   gscale: float) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """A unit's backward before its conv's products (PyTorch ops; :func:`native.unit_backward`
+    is the one-pass form): (the conv's filtered output gradient ḡ, γ's grad Σ g·m·(z − μ)/σ
+    (None without ``mz``), β's grad Σ g·m, the conv bias's grad), g one value per patch."""
+    count = count.to(g.dtype)
+    g_gamma = None
+    if mz is not None:
+        g_gamma = (g * (mz - mean.to(g.dtype)[:, None] * count)).sum(1) * inv_std
+    g_count = g * count
+    g_beta = g_count.sum(1)
+    g_count = g_count * scale[:, None]  # Σ over each patch of the conv's output grad
+    gbar = g_count / per_pixel
+    if gscale != 1.0:
+        gbar = gbar * gscale
+    return gbar, g_gamma, g_beta, g_count.sum(1)
+
+
 class _FusedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry,
@@ -334,26 +353,26 @@ class _FusedBlock(torch.autograd.Function):
             u, grid = units[i], geo.grids[i]
             per_pixel = _per_pixel(grid, n, g)
             xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
-            count = count.to(g.dtype)
             need_w, need_b, need_gamma, need_beta = needs[4 + 4 * i: 8 + 4 * i]
-            if need_gamma:  # Σ g · m · (z − μ) / σ
-                grads[4 * i + 2] = (g * (mz - mean.to(g.dtype)[:, None] * count)).sum(1) * inv_std
-            g_count = g * count
-            if need_beta:
-                grads[4 * i + 3] = g_count.sum(1)
-            g_count = g_count * scale[:, None]  # Σ over each patch of the conv's output grad
-            if need_b:
-                grads[4 * i + 1] = g_count.sum(1)
-            gbar = g_count / per_pixel  # the conv's filtered output gradient ḡ
-            if geo.strided[i]:
-                gbar = gbar * 0.25  # DESIGN §1: the 1/(sh·sw) stride scale
+            gscale = 0.25 if geo.strided[i] else 1.0  # DESIGN §1: the 1/(sh·sw) stride scale
+            if native.applies(g):
+                gbar, g_gamma, g_beta, g_bias = native.unit_backward(
+                    g, count, mz if need_gamma else None, scale, inv_std, mean, per_pixel, gscale)
+            else:
+                gbar, g_gamma, g_beta, g_bias = _unit_backward(g, count, mz if need_gamma else None,
+                                                               scale, inv_std, mean, per_pixel,
+                                                               gscale)
+            grads[4 * i + 1: 4 * i + 4] = (g_bias if need_b else None,
+                                           g_gamma if need_gamma else None,
+                                           g_beta if need_beta else None)
             depthwise = u.conv.groups > 1
             if need_w:
                 gw_ = (gbar * xt).sum(1)[:, None] if depthwise else gbar @ xt.t()
                 grads[4 * i] = gw_[:, :, None, None].expand(weight.shape).contiguous()
             if i == 0 and not needs[0]:
                 break
-            w_sum = weight.sum((2, 3))  # W̃
+            # W̃ (a 1×1 kernel's is the weight itself)
+            w_sum = weight.flatten(1) if weight.shape[2:] == (1, 1) else weight.sum((2, 3))
             g = w_sum * gbar if depthwise else w_sum.t() @ gbar  # g̃x, one value per patch
             if geo.strided[i]:
                 g = _refine(g, grid, geo.grids[i - 1] if i else geo.grid_in)

@@ -29,10 +29,12 @@ from torch import Tensor
 __all__ = [
     "NativeBuildWarning",
     "available",
+    "bn_act_stats",
     "filtered_backward",
     "mask_apply",
     "masked_clamp",
     "patch_sum",
+    "unit_backward",
     "unpool",
     "use_native",
 ]
@@ -180,6 +182,15 @@ def bn_act_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, k: int, 
     channel-major (C, N, ph, pw): the count of 0 < v < upper (uint8 with ``count_u8``, which
     needs k·k ≤ 255), the sum of z there, the sum of y."""
     return _ops().bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw, count_u8)
+
+
+def unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,
+                  mean: Tensor, per_pixel: Tensor,
+                  gscale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A fused unit's patch-resolution backward before its conv's products, in one pass over
+    (C, N·P): (ḡ = g·count·scale/per_pixel·gscale, γ's grad Σ g·(mz − mean·count)·inv_std
+    (zeros without ``mz``), β's grad Σ g·count, the conv bias's grad scale·Σ g·count)."""
+    return _ops().unit_backward(g, count, mz, scale, inv_std, mean, per_pixel, gscale)
 
 
 def filtered_backward(gy: Tensor, xt: Tensor, weight: Tensor, kernel: tuple[int, int],
