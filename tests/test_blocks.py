@@ -456,6 +456,7 @@ def _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed, specials=T
     (1, 16, 8, 8, 4, 0, 0, 2, 2),
     (3, 8, 5, 3, 2, 1, 0, 4, 2),
     (2, 8, 6, 13, 4, 6, 0, 3, 4),
+    (2, 8, 5, 20, 4, 1, 2, 2, 6),  # tiny but wider than 16: one plane at a time, row by row
     (2, 3, 20, 23, 2, 0, 1, 10, 12),  # not tiny
     (2, 9, 20, 23, 3, 2, -2, 8, 7),
     (1, 5, 20, 23, 4, -3, 3, 6, 7),  # grid ends before the map

@@ -641,9 +641,9 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
 //   per patch, channel-major (C, N, Ph, Pw): count of m, sum of m * z, sum of y.
 // Planes go 8 channels of one sample at a time: first the elementwise part over each whole
 // plane (vectorised; y, and y, m * z, m into a small buffer), then the patch sums of the buffer,
-// as patch_sum_kernel does (tiny planes: 8 planes' sums at once over each patch's pixel list;
-// narrow tiny planes with AVX2: row by row, bn_act_rows_avx2; other planes with AVX2: row by row
-// into row accumulators, bn_act_plane_rows_avx2).
+// as patch_sum_kernel does (tiny planes: 8 planes' sums at once over each patch's pixel list).
+// With AVX2 no plane buffers: tiny planes up to 16 wide row by row, 8 planes at once
+// (bn_act_rows_avx2); other planes row by row into row accumulators (bn_act_plane_rows_avx2).
 
 // One pixel of eval BatchNorm + activation: the output and the mask's (m * z, m), as the
 // vector paths compute them (the scalar tails of every path).
@@ -776,8 +776,7 @@ inline void bn_act_tiny_block_f32(const float* const* zp, float* const* yp, cons
 #endif
 
 #if defined(GF_HAVE_AVX2_TARGET)
-// bn_act_tiny_block_f32 with 256-bit vectors (8 planes × 8 pixels, 8×8 transposes), for CPUs
-// with AVX2 (checked at run time; the build itself targets baseline x86-64).
+// AVX2 paths, checked at run time (the build itself targets baseline x86-64). An 8×8 transpose:
 __attribute__((target("avx2"))) inline void transpose8(__m256* r) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
@@ -795,70 +794,6 @@ __attribute__((target("avx2"))) inline void transpose8(__m256* r) {
   r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
   r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
-__attribute__((target("avx2"))) void bn_act_tiny_block_avx2(
-    const float* const* zp, float* const* yp, const float* s8, const float* t8, int64_t HW, bool act, float hi,
-    float* pm, const int64_t* pixels, const int64_t* first, int64_t P, float* sums) {
-  float* pmy = pm;
-  float* pmz = pm + HW * 8;
-  float* pmm = pm + 2 * HW * 8;
-  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
-  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-  int64_t e = 0;
-  for (; e + 8 <= HW; e += 8) {
-    __m256 o[8], mz[8], mm[8];
-    for (int j = 0; j < 8; ++j) {
-      const __m256 zv = _mm256_loadu_ps(zp[j] + e);
-      const __m256 v = _mm256_add_ps(_mm256_mul_ps(zv, _mm256_set1_ps(s8[j])), _mm256_set1_ps(t8[j]));
-      __m256 out = v, m = all;
-      if (act) {  // vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp
-        out = _mm256_min_ps(vhi, _mm256_max_ps(zero, v));
-        m = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), _mm256_cmp_ps(v, vhi, _CMP_LT_OQ));
-      }
-      _mm256_storeu_ps(yp[j] + e, out);
-      o[j] = out;
-      mz[j] = _mm256_and_ps(m, zv);
-      mm[j] = _mm256_and_ps(m, one);
-    }
-    transpose8(o);
-    transpose8(mz);
-    transpose8(mm);
-    for (int k = 0; k < 8; ++k) {
-      _mm256_storeu_ps(pmy + (e + k) * 8, o[k]);
-      _mm256_storeu_ps(pmz + (e + k) * 8, mz[k]);
-      _mm256_storeu_ps(pmm + (e + k) * 8, mm[k]);
-    }
-  }
-  for (; e < HW; ++e)
-    for (int j = 0; j < 8; ++j) {
-      const int64_t o = e * 8 + j;
-      bn_act_pixel<float>(zp[j][e], s8[j], t8[j], act, hi, pmy[o], pmz[o], pmm[o]);
-      yp[j][e] = pmy[o];
-    }
-  for (int64_t q = 0; q < P; ++q) {
-    __m256 ay = zero, az = zero, am = zero, by = zero, bz = zero, bm = zero;
-    int64_t i = first[q];
-    for (; i + 2 <= first[q + 1]; i += 2) {  // two sets of sums: half the dependency chains
-      const int64_t o0 = pixels[i] * 8, o1 = pixels[i + 1] * 8;
-      ay = _mm256_add_ps(ay, _mm256_loadu_ps(pmy + o0));
-      az = _mm256_add_ps(az, _mm256_loadu_ps(pmz + o0));
-      am = _mm256_add_ps(am, _mm256_loadu_ps(pmm + o0));
-      by = _mm256_add_ps(by, _mm256_loadu_ps(pmy + o1));
-      bz = _mm256_add_ps(bz, _mm256_loadu_ps(pmz + o1));
-      bm = _mm256_add_ps(bm, _mm256_loadu_ps(pmm + o1));
-    }
-    if (i < first[q + 1]) {
-      const int64_t o0 = pixels[i] * 8;
-      ay = _mm256_add_ps(ay, _mm256_loadu_ps(pmy + o0));
-      az = _mm256_add_ps(az, _mm256_loadu_ps(pmz + o0));
-      am = _mm256_add_ps(am, _mm256_loadu_ps(pmm + o0));
-    }
-    float* d = sums + q * 24;
-    _mm256_storeu_ps(d, _mm256_add_ps(am, bm));
-    _mm256_storeu_ps(d + 8, _mm256_add_ps(az, bz));
-    _mm256_storeu_ps(d + 16, _mm256_add_ps(ay, by));
-  }
 }
 
 // Narrow tiny float planes (width ≤ 8·NV), a full block of 8, AVX2: no per-pixel transposes.
@@ -1049,10 +984,11 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   // Work items: 8 consecutive channels of one sample. Over n, each channel's sums are written
   // in one sequential run (sample-major blocks wrote each plane's sums to its own cache line, a
   // write-allocate miss apiece; that cost more than the rest of the pass on 14×14 maps).
-  // float planes that are not tiny, with AVX2: bn_act_plane_rows_avx2 (no plane buffers)
+  // float planes, AVX2: up to 16 pixels wide and tiny, bn_act_rows_avx2 (8 planes at once);
+  // otherwise bn_act_plane_rows_avx2 (one plane at a time, no plane buffers)
   bool wide_rows = false;
 #if defined(GF_HAVE_AVX2_TARGET)
-  wide_rows = std::is_same_v<scalar_t, float> && !tiny && cpu_has_avx2();
+  wide_rows = std::is_same_v<scalar_t, float> && (!tiny || W > 16) && cpu_has_avx2();
 #endif
   constexpr int64_t B = kTinyPlanes;
   const int64_t groups = (C + B - 1) / B, blocks = groups * N;
@@ -1075,7 +1011,7 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
       const int64_t o0 = (c0 * N + n) * P, step = N * P;  // plane j's sums: o0 + j * step
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (tiny && cnt == B) {
+        if (tiny && cnt == B && !wide_rows) {
           float s8[B], t8[B];
           for (int64_t j = 0; j < B; ++j) {
             s8[j] = scale[c0 + j];
@@ -1086,12 +1022,9 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
           if (cpu_has_avx2() && W <= 8)
             bn_act_rows_avx2<1>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
                                 Ph, Pw, ty, sums);
-          else if (cpu_has_avx2() && W <= 16)
+          else if (cpu_has_avx2())
             bn_act_rows_avx2<2>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
                                 Ph, Pw, ty, sums);
-          else if (cpu_has_avx2())
-            bn_act_tiny_block_avx2(zp, yp, s8, t8, HW, act, hi, ty, pixels.data(),
-                                   first.data(), P, sums);
           else
 #endif
             bn_act_tiny_block_f32(zp, yp, s8, t8, HW, act, hi, ty, pixels.data(), first.data(),
