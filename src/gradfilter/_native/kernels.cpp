@@ -796,6 +796,30 @@ __attribute__((target("avx2"))) inline void transpose8(__m256* r) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
+// One vector of eval BatchNorm + activation: the output, and the pass mask in m (all ones
+// without activation). vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp.
+__attribute__((target("avx2"))) inline __m256 bn_act_vec(__m256 zv, __m256 S, __m256 T, bool act,
+                                                         __m256 vhi, __m256& m) {
+  const __m256 zero = _mm256_setzero_ps(), x = _mm256_add_ps(_mm256_mul_ps(zv, S), T);
+  m = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  if (!act) return x;
+  m = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vhi, _CMP_LT_OQ));
+  return _mm256_min_ps(vhi, _mm256_max_ps(zero, x));
+}
+
+// A whole vector, or its lanes in mk where the row ends inside it.
+__attribute__((target("avx2"))) inline __m256 load_part(const float* p, bool whole, __m256i mk) {
+  return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mk);
+}
+
+__attribute__((target("avx2"))) inline void store_part(float* p, bool whole, __m256i mk,
+                                                       __m256 v) {
+  if (whole)
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, mk, v);
+}
+
 // Narrow tiny float planes (width ≤ 8·NV), a full block of 8, AVX2: no per-pixel transposes.
 // Each row is NV vectors read straight from the plane: lanes past the row's end read the next
 // row (never summed; their y is overwritten when that row is stored), and where whole vectors
@@ -811,7 +835,6 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
     const std::pair<int64_t, int64_t>* cols, int64_t Ph, int64_t Pw, float* rb, float* sums) {
   constexpr int64_t Q = 3 * NV * 64;  // rb floats per patch row
   const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
-  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t i = 0; i < Ph; ++i) {  // patch rows without map rows sum to zero
     bool seen = false;
@@ -845,17 +868,10 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
         const bool whole = room >= 8 * (v + 1);
         const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(room - 8 * v)),
                                               lane);
-        const __m256 zv = whole ? _mm256_loadu_ps(zr + 8 * v) : _mm256_maskload_ps(zr + 8 * v, mk);
-        const __m256 x = _mm256_add_ps(_mm256_mul_ps(zv, S), T);
-        __m256 out = x, m = all;
-        if (act) {  // vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp
-          out = _mm256_min_ps(vhi, _mm256_max_ps(zero, x));
-          m = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vhi, _CMP_LT_OQ));
-        }
-        if (whole)
-          _mm256_storeu_ps(yr + 8 * v, out);
-        else
-          _mm256_maskstore_ps(yr + 8 * v, mk, out);
+        const __m256 zv = load_part(zr + 8 * v, whole, mk);
+        __m256 m;
+        const __m256 out = bn_act_vec(zv, S, T, act, vhi, m);
+        store_part(yr + 8 * v, whole, mk, out);
         if (i >= 0) {
           am[v] = _mm256_add_ps(am[v], _mm256_and_ps(m, one));
           az[v] = _mm256_add_ps(az[v], _mm256_and_ps(m, zv));
@@ -903,8 +919,7 @@ __attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
   float* ay = acc + 2 * W8;
   const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W % 8)),
                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
-  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  const __m256 vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
   const __m256 S = _mm256_set1_ps(s), T = _mm256_set1_ps(t);
   int64_t cur = -1;
   for (int64_t h = 0; h <= H; ++h) {
@@ -927,17 +942,10 @@ __attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
     float* yr = y + h * W;
     for (int64_t w = 0; w < W; w += 8) {
       const bool whole = w + 8 <= W;
-      const __m256 zv = whole ? _mm256_loadu_ps(zr + w) : _mm256_maskload_ps(zr + w, tail);
-      const __m256 x = _mm256_add_ps(_mm256_mul_ps(zv, S), T);
-      __m256 out = x, m = all;
-      if (act) {  // vmaxps/vminps return the second operand on NaN: NaN stays NaN, as clamp
-        out = _mm256_min_ps(vhi, _mm256_max_ps(zero, x));
-        m = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, vhi, _CMP_LT_OQ));
-      }
-      if (whole)
-        _mm256_storeu_ps(yr + w, out);
-      else
-        _mm256_maskstore_ps(yr + w, tail, out);
+      const __m256 zv = load_part(zr + w, whole, tail);
+      __m256 m;
+      const __m256 out = bn_act_vec(zv, S, T, act, vhi, m);
+      store_part(yr + w, whole, tail, out);
       if (i >= 0) {
         _mm256_storeu_ps(am + w, _mm256_add_ps(_mm256_loadu_ps(am + w), _mm256_and_ps(m, one)));
         _mm256_storeu_ps(az + w, _mm256_add_ps(_mm256_loadu_ps(az + w), _mm256_and_ps(m, zv)));
