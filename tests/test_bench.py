@@ -26,10 +26,30 @@ def test_step_bench_case_reports_ratios_and_saved_bytes():
     assert row["efficiency_bound"] == pytest.approx(expect)
     for m in METHODS[1:]:
         assert row[f"speedup_{m}"] == pytest.approx(row["step_ms_vanilla"] / row[f"step_ms_{m}"])
+        paired = row[f"efficiency_paired_{m}"]
+        if paired is not None:
+            lo, hi = row[f"efficiency_iqr_{m}"]
+            assert lo <= paired <= hi
     # what the blocks save: filtering alone shrinks the convs' inputs only; lean much more
     assert row["saved_bytes_blocks_vanilla"] > row["saved_bytes_blocks_filtered"] \
         > row["saved_bytes_blocks_lean"] > 0
     assert row["saved_bytes_vanilla"] >= row["saved_bytes_blocks_vanilla"]
+
+
+def test_paired_efficiency_cancels_load_that_changes_between_rounds():
+    from gradfilter.bench.step import paired_efficiency
+
+    # every round: vanilla 100, method 90, forward-only 80 (E = 50%), all scaled by that
+    # round's machine speed (a machine twice as slow from the third round on)
+    speed = [1.0, 1.0, 2.0, 2.0, 2.0]
+    v, m, f = ([t * k for k in speed] for t in (100, 90, 80))
+    assert paired_efficiency(v, m, f) == pytest.approx((0.5, 0.5, 0.5))
+    # bursts within rounds 2 and 4 hit vanilla alone: E there reads 67% and 71%
+    noisy = [100.0, 110.0, 200.0, 230.0, 200.0]
+    median, lo, hi = paired_efficiency(noisy, m, f)
+    assert median == pytest.approx(0.5) and lo == pytest.approx(0.5)
+    assert hi == pytest.approx(2 / 3)  # the spread shows the noise
+    assert paired_efficiency([1.0], [0.5], [2.0]) is None  # no positive window: no E
 
 
 def test_step_bench_case_channels_last_saves_the_same_bytes():

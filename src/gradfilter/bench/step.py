@@ -17,7 +17,10 @@ eval mode):
 One step is forward + cross-entropy + backward + SGD step. The methods' steps alternate in one
 process; each figure is the median of ``repeats`` steps. The forward-only time (no grad) bounds
 what any backward trick can reach; the efficiency ``E = (T_vanilla - T_method) / (T_vanilla -
-T_forward_only)`` is the share of that bound reached. ``efficiency_bound`` is the E of a method
+T_forward_only)`` is the share of that bound reached, from the medians; ``efficiency_paired``
+is the median of the same ratio taken round by round (each round times every method back to
+back, so load that changes between rounds cancels), with its interquartile range
+(``efficiency_iqr``) as the run's spread. ``efficiency_bound`` is the E of a method
 with vanilla's forward and optimizer step and a backward of zero time: the most any backward
 trick can reach. Saved bytes are what autograd keeps for
 backward (``saved_tensors_hooks``, parameters excluded), in total and within the trainable
@@ -66,6 +69,19 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
             fuse_blocks(net, info.blocks, on_unsupported="skip")
     params = [p for p in net.parameters() if p.requires_grad]
     return net, torch.optim.SGD(params, lr=1e-3, momentum=0.9), info.blocks
+
+
+def paired_efficiency(vanilla: list[float], method: list[float],
+                      forward_only: list[float]) -> tuple[float, float, float] | None:
+    """Per-round E = (v − m) / (v − f) over the rounds whose window v − f is positive: (median,
+    lower quartile, upper quartile), or None when there is none. A machine that slows down
+    between rounds moves all three times of a round alike, which cancels here and not in a ratio
+    of per-method medians."""
+    es = [(v - m) / (v - f) for v, m, f in zip(vanilla, method, forward_only) if v - f > 0]
+    if not es:
+        return None
+    q = statistics.quantiles(es, n=4, method="inclusive") if len(es) > 1 else [es[0]] * 3
+    return statistics.median(es), q[0], q[2]
 
 
 def _step(net, opt, x, y) -> None:
@@ -146,6 +162,9 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
         if m != "vanilla":
             row[f"speedup_{m}"] = med["vanilla"] / med[m]
             row[f"efficiency_{m}"] = (med["vanilla"] - med[m]) / bound if bound > 0 else None
+            paired = paired_efficiency(times["vanilla"], times[m], times["forward_only"])
+            row[f"efficiency_paired_{m}"] = None if paired is None else paired[0]
+            row[f"efficiency_iqr_{m}"] = None if paired is None else [paired[1], paired[2]]
             row[f"saved_ratio_blocks_{m}"] = (row["saved_bytes_blocks_vanilla"]
                                               / max(row[f"saved_bytes_blocks_{m}"], 1))
     if device.type == "cuda":
@@ -259,10 +278,13 @@ def _line(row: dict[str, Any]) -> str:
              f" | vanilla {row['step_ms_vanilla']:7.1f} ms"
              f" (E bound {'-' if bound is None else f'{100 * bound:.0f}%'})"]
     for m in METHODS[1:]:
-        eff = row[f"efficiency_{m}"]
-        parts.append(f"{m} {row[f'step_ms_{m}']:7.1f} ms ({row[f'speedup_{m}']:.2f}x, "
-                     f"E {'-' if eff is None else f'{100 * eff:.0f}%'}, saved in blocks "
-                     f"{row[f'saved_ratio_blocks_{m}']:.1f}x less)")
+        eff, paired = row[f"efficiency_{m}"], row.get(f"efficiency_paired_{m}")
+        e = "E -" if eff is None else f"E {100 * eff:.0f}%"
+        if paired is not None:
+            lo, hi = row[f"efficiency_iqr_{m}"]
+            e += f" [paired {100 * paired:.0f}%, IQR {100 * lo:.0f}-{100 * hi:.0f}%]"
+        parts.append(f"{m} {row[f'step_ms_{m}']:7.1f} ms ({row[f'speedup_{m}']:.2f}x, {e}, "
+                     f"saved in blocks {row[f'saved_ratio_blocks_{m}']:.1f}x less)")
     return " | ".join(parts)
 
 
