@@ -355,13 +355,9 @@ class _FusedBlock(torch.autograd.Function):
             xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
             need_w, need_b, need_gamma, need_beta = needs[4 + 4 * i: 8 + 4 * i]
             gscale = 0.25 if geo.strided[i] else 1.0  # DESIGN §1: the 1/(sh·sw) stride scale
-            if native.applies(g):
-                gbar, g_gamma, g_beta, g_bias = native.unit_backward(
-                    g, count, mz if need_gamma else None, scale, inv_std, mean, per_pixel, gscale)
-            else:
-                gbar, g_gamma, g_beta, g_bias = _unit_backward(g, count, mz if need_gamma else None,
-                                                               scale, inv_std, mean, per_pixel,
-                                                               gscale)
+            unit_backward = native.unit_backward if native.applies(g) else _unit_backward
+            gbar, g_gamma, g_beta, g_bias = unit_backward(
+                g, count, mz if need_gamma else None, scale, inv_std, mean, per_pixel, gscale)
             grads[4 * i + 1: 4 * i + 4] = (g_bias if need_b else None,
                                            g_gamma if need_gamma else None,
                                            g_beta if need_beta else None)
