@@ -1137,7 +1137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_stats(
   at::Tensor y = at::empty_like(src);
   at::Tensor mz = at::empty({C, N, ph, pw}, src.options()), ys = at::empty_like(mz);
   at::Tensor count = count_u8 ? at::empty_like(mz, mz.options().dtype(at::kByte)) : at::empty_like(mz);
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "gf_bn_act_stats", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_bn_act_stats", [&] {
     bn_act_stats_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
                                   sh.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                   count.data_ptr(), count_u8, mz.mutable_data_ptr<scalar_t>(),
@@ -1278,7 +1278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_backward(
   const at::Tensor mu = mean.to(dt).contiguous(), pp = per_pixel.to(dt).contiguous();
   at::Tensor gbar = at::empty_like(gg), ggamma = at::empty({C}, gg.options());
   at::Tensor gbeta = at::empty_like(ggamma), gbias = at::empty_like(ggamma);
-  AT_DISPATCH_FLOATING_TYPES(dt, "gf_unit_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "gf_unit_backward", [&] {
     const scalar_t* zp = z.defined() ? z.const_data_ptr<scalar_t>() : nullptr;
     auto run = [&](auto* counts) {
       unit_backward_kernel<scalar_t>(gg.const_data_ptr<scalar_t>(), counts, zp,
