@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from gradfilter.allocator import tune_cpu_allocator
-from gradfilter.bench.step import METHODS, build
+from gradfilter.bench.step import METHODS, _timed_step, build
 
 
 def main() -> None:
@@ -40,16 +39,9 @@ def main() -> None:
     for i in range(args.repeats + 2):
         for m, (net, opt) in nets.items():  # alternate the methods
             net.train()
-            opt.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(net(x), y)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            opt.step()
-            t3 = time.perf_counter()
+            parts = _timed_step(net, opt, x, y, torch.device("cpu"))
             if i >= 2:
-                times[m].append((t1 - t0, t2 - t1, t3 - t2))
+                times[m].append(parts)
     for m, rows in times.items():
         fwd, bwd, step = (statistics.median(r[k] for r in rows) * 1e3 for k in range(3))
         print(f"{m:9s} forward {fwd:7.1f} ms  backward {bwd:6.1f} ms  optimizer {step:5.1f} ms")
