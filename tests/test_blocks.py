@@ -468,6 +468,24 @@ def test_native_bn_act_stats_matches_reference(shape, upper, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 3, 4])
+@pytest.mark.parametrize("shape", [
+    (5, 17, 7, 7, 4, 1, 1, 2, 2),  # tiny: batch split into per-thread runs of samples
+    (7, 9, 20, 23, 3, 2, -2, 8, 7),  # not tiny
+    (2, 8, 14, 14, 4, 1, 1, 4, 4),  # fewer samples than threads
+])
+def test_native_bn_act_stats_any_thread_count(shape, threads):
+    """The pass splits the batch into one run of samples per thread (uneven where the batch
+    does not divide): every sample and channel still reaches the sums exactly once."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _stats_case(*shape, 6.0, torch.float32, seed=threads + sum(shape), specials=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 11), h=st.integers(1, 24), w=st.integers(1, 24),
        k=st.integers(1, 5), upper=st.sampled_from([6.0, math.inf, math.nan]),

@@ -989,9 +989,12 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
           for (int64_t w = cols[j].first; w < cols[j].second; ++w) pixels.push_back(h * W + w);
         first[i * Pw + j + 1] = static_cast<int64_t>(pixels.size());
       }
-  // Work items: 8 consecutive channels of one sample. Over n, each channel's sums are written
-  // in one sequential run (sample-major blocks wrote each plane's sums to its own cache line, a
-  // write-allocate miss apiece; that cost more than the rest of the pass on 14×14 maps).
+  // Work items: 8 consecutive channels of one sample. The batch is cut into one run of samples
+  // per thread, as oneDNN's conv splits the map it writes: a thread reads the z its own core
+  // just wrote (channel-major items read half of z from the other core's cache, 2-3x slower in
+  // a block right after the conv). Within a run, items go channel group by channel group, so
+  // each channel's sums are written in one sequential run (sample-major items wrote each
+  // plane's sums to its own cache line, a write-allocate miss apiece).
   // float planes, AVX2: up to 16 pixels wide and tiny, bn_act_rows_avx2 (8 planes at once);
   // otherwise bn_act_plane_rows_avx2 (one plane at a time, no plane buffers)
   bool wide_rows = false;
@@ -999,7 +1002,9 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   wide_rows = std::is_same_v<scalar_t, float> && (!tiny || W > 16) && cpu_has_avx2();
 #endif
   constexpr int64_t B = kTinyPlanes;
-  const int64_t groups = (C + B - 1) / B, blocks = groups * N;
+  const int64_t groups = (C + B - 1) / B;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+  const int64_t nchunk = (N + threads - 1) / threads, blocks = groups * nchunk * ((N + nchunk - 1) / nchunk);
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / (B * HW)), [&](int64_t b0, int64_t b1) {
     // the narrow-plane path keeps its patch-row sums (Ph × 384 floats) where the planes' go
     const int64_t planes_buf = wide_rows ? 0 : std::max<int64_t>(3 * B * HW, Ph * 384);
@@ -1011,7 +1016,10 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
     const scalar_t* zp[B];
     scalar_t* yp[B];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b % N, c0 = (b / N) * B, cnt = std::min(B, C - c0);
+      const int64_t chunk = b / (groups * nchunk), rem = b % (groups * nchunk);
+      const int64_t n0 = chunk * nchunk, nlen = std::min(nchunk, N - n0);
+      if (rem / nlen >= groups) continue;  // last chunk is short: its tail items are empty
+      const int64_t n = n0 + rem % nlen, c0 = (rem / nlen) * B, cnt = std::min(B, C - c0);
       for (int64_t j = 0; j < cnt; ++j) {
         zp[j] = z + (n * C + c0 + j) * HW;
         yp[j] = y + (n * C + c0 + j) * HW;

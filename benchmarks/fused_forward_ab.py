@@ -1,0 +1,88 @@
+"""A fused model's training forward with this tree's stats pass against an earlier commit's, in
+one process, alternating (order flipped each round): the whole forward (autograd recording
+included) of MobileNetV2's and EfficientNet-Lite0's last 4 / last 8 fused blocks, batch 16, 224²,
+r=4, and the no-grad forward for scale.
+
+It measures what a per-op micro-benchmark cannot: the pass's effect on the ops around it (the
+next conv reads the y the pass wrote, from whichever core's cache holds it).
+
+    .venv/bin/python benchmarks/fused_forward_ab.py --baseline 0ff0a22 \\
+        --out benchmarks/results/fused_forward_ab_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gradfilter import native
+from gradfilter.allocator import tune_cpu_allocator
+from gradfilter.bench.machine import describe, machine_info
+from gradfilter.bench.step import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats_ab import _baseline_ops  # noqa: E402
+
+CASES = [("mobilenet_v2", 4), ("mobilenet_v2", 8), ("tf_efficientnet_lite0", 4),
+         ("tf_efficientnet_lite0", 8)]
+
+
+def _case(model: str, last: int, repeats: int, base) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 224, 224, generator=gen)
+    y = torch.randint(0, 1000, (16,), generator=gen)
+    net = build(model, "fused", last, 4, x[:2])[0].train()
+    ops = {"stats": native.bn_act_stats, "base": base}
+    times: dict[str, list[float]] = {"stats": [], "base": [], "no_grad": []}
+    try:
+        for i in range(repeats + 2):  # two warm-up rounds are dropped
+            for k in (("stats", "base") if i % 2 == 0 else ("base", "stats")):
+                native.bn_act_stats = ops[k]  # what blocks._unit_stats calls
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(net(x), y)
+                times[k].append(time.perf_counter() - t0)
+                del loss
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                net(x)
+            times["no_grad"].append(time.perf_counter() - t0)
+    finally:
+        native.bn_act_stats = ops["stats"]
+    times = {k: v[2:] for k, v in times.items()}
+    ms = {f"{k}_ms": round(statistics.median(v) * 1e3, 2) for k, v in times.items()}
+    paired = [b - s for b, s in zip(times["base"], times["stats"])]
+    return {"model": model, "last": last, **ms,
+            "base_minus_stats_paired_ms": round(statistics.median(paired) * 1e3, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", required=True, help="git revision whose stats pass to compare")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    tune_cpu_allocator()
+    with native.use_native(True):
+        base = _baseline_ops(args.baseline)
+        rows = [_case(m, last, args.repeats, base) for m, last in CASES]
+    print(describe(machine_info()))
+    for r in rows:
+        print(f"{r['model']:22s} last {r['last']}: no-grad {r['no_grad_ms']:.1f} ms | forward "
+              f"with {args.baseline}'s pass {r['base_ms']:.1f} ms, with this tree's "
+              f"{r['stats_ms']:.1f} ms (paired: {r['base_minus_stats_paired_ms']:+.2f} ms)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine_info(), "baseline": args.baseline,
+                                        "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
