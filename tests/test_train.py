@@ -268,3 +268,40 @@ def test_run_demo_end_to_end(tmp_path, lite0_pretrained):
     assert rows[1]["saved_activation_bytes"] < rows[0]["saved_activation_bytes"]
     assert rows[3]["saved_activation_bytes"] < rows[2]["saved_activation_bytes"]
     assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+def test_fused_optimizer_kwargs_only_where_the_fused_step_applies():
+    """The trainer asks for PyTorch's fused SGD/AdamW step on CPU (or CUDA) float parameters,
+    and for the default step anywhere else (other devices, mixed devices, integer tensors)."""
+    from gradfilter.optim import fused_kwargs
+
+    cpu = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, dtype=torch.float64)]
+    assert fused_kwargs(cpu) == {"fused": True}
+    assert fused_kwargs([torch.zeros(3, device="meta")]) == {}
+    assert fused_kwargs([cpu[0], torch.zeros(3, device="meta")]) == {}
+    assert fused_kwargs([torch.zeros(3, dtype=torch.int64)]) == {}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_steps_match_the_default_ones(name):
+    """Switching the trainer to the fused step leaves the updates as they were (to rounding)."""
+    from gradfilter.optim import fused_kwargs
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(17, 5, generator=gen), torch.randn(9, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        kw = fused_kwargs(params) if fused else {"foreach": True}
+        assert kw.get("fused", False) == fused
+        opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, **kw)
+               if name == "sgd" else torch.optim.AdamW(params, lr=0.1, weight_decay=1e-2, **kw))
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    for a, b, start in zip(*results, init):
+        assert not torch.equal(a, start)  # the steps moved the parameters
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

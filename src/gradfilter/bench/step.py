@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..optim import fused_kwargs
 from .layers import _sync
 from .machine import describe, machine_info
 
@@ -68,7 +69,8 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
         if any(fusable(net.get_submodule(b)) is None for b in info.blocks):
             fuse_blocks(net, info.blocks, on_unsupported="skip")
     params = [p for p in net.parameters() if p.requires_grad]
-    return net, torch.optim.SGD(params, lr=1e-3, momentum=0.9), info.blocks
+    return (net, torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params)),
+            info.blocks)
 
 
 def paired_efficiency(vanilla: list[float], method: list[float],

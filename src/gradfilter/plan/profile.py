@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..diagnostics import conv_costs
 from ..models.registry import block_names, classifier_name
+from ..optim import fused_kwargs
 from ..surgery import _trace, apply, conv_layers, freeze
 
 __all__ = ["BlockCost", "CostProfile", "VANILLA", "profile_model"]
@@ -197,7 +198,7 @@ def _step_ms(m: nn.Module, x: Tensor, repeats: int) -> float:
     zero_grad, backward, AdamW step. One untimed warm-up step first. With nothing trainable (a
     model whose head is its last block) the step is the forward and the loss."""
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-6, **fused_kwargs(params)) if params else None
     m.train()
     with torch.no_grad():
         y = synthetic_targets(m(x[:1]), batch=x.shape[0])

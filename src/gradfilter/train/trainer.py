@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..memory import count_saved
 from ..models.registry import block_names, classifier_name
+from ..optim import fused_kwargs
 from ..surgery import ConversionReport, apply, freeze, slim
 
 __all__ = [
@@ -343,10 +344,10 @@ def train(
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused_kwargs(params)
         )
     elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused_kwargs(params))
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     steps_per_epoch = _len(train_loader) or 0
