@@ -565,6 +565,35 @@ def test_fused_block_in_half_precision_is_near_the_float32_per_layer_block(dtype
 
 
 @needs_native
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_native_bn_affine_matches_the_formulas(stats_dtype, out_dtype, affine):
+    """scale γ/σ, shift β − μγ/σ, 1/σ with σ = sqrt(var + eps), against float64 formulas
+    (γ = 1, β = 0 without affine parameters)."""
+    gen = torch.Generator().manual_seed(int(affine) + 2 * (stats_dtype == torch.float64))
+    c = 37
+    mean = torch.randn(c, generator=gen, dtype=torch.float64) * 3
+    var = torch.rand(c, generator=gen, dtype=torch.float64) * 4
+    var[0] = 0.0  # eps alone keeps σ finite
+    weight = torch.randn(c, generator=gen, dtype=torch.float64) if affine else None
+    bias = torch.randn(c, generator=gen, dtype=torch.float64) if affine else None
+    eps = 1e-3
+    inv = (var + eps).rsqrt()
+    scale = inv * (weight if affine else 1.0)
+    shift = (bias if affine else 0.0) - mean * scale
+    with native.use_native(True), torch.no_grad():  # as in a fused block's forward
+        got = native.bn_affine(mean.to(stats_dtype), var.to(stats_dtype),
+                               None if weight is None else nn.Parameter(weight.to(stats_dtype)),
+                               None if bias is None else bias.to(stats_dtype), eps, out_dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}
+    rtol = max(tol[stats_dtype], tol[out_dtype])
+    for a, b in zip(got, (scale, shift, inv)):
+        assert a.dtype == out_dtype
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * 10)
+
+
+@needs_native
 def test_native_bn_act_stats_rejects_bad_arguments():
     z = torch.randn(1, 3, 5, 5)
     s = torch.ones(3)

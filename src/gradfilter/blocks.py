@@ -166,8 +166,13 @@ def _patch_sums_cm(t: Tensor, gh: GF.AxisGeometry, gw: GF.AxisGeometry) -> Tenso
     return sums.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(scale γ/σ, shift β − μγ/σ, 1/σ) of an eval-mode BatchNorm."""
+def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype,
+               use_native: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale γ/σ, shift β − μγ/σ, 1/σ) of an eval-mode BatchNorm (one native call, or six
+    PyTorch ops)."""
+    if use_native:
+        return native.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
+                                dtype)
     inv_std = torch.rsqrt(bn.running_var + bn.eps).to(dtype)
     mean = bn.running_mean.to(dtype)
     scale = inv_std if bn.weight is None else bn.weight * inv_std
@@ -176,12 +181,16 @@ def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor, 
 
 
 def _unit_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, gh: GF.AxisGeometry,
-                gw: GF.AxisGeometry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                gw: GF.AxisGeometry,
+                use_native: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mask count, masked sum of z, sum of y); the sums channel-major (C, N·P), the count
-    in one byte each where a patch has at most 255 pixels."""
+    in one byte each where a patch has at most 255 pixels. ``use_native``: the caller's
+    ``native.applies`` (None: ask here)."""
     c = z.shape[1]
     small = gh.radius * gw.radius <= 255
-    if native.applies(z) and z.is_contiguous():
+    if use_native is None:
+        use_native = native.applies(z)
+    if use_native and z.is_contiguous():
         y, count, mz, ys = native.bn_act_stats(z, scale, shift, upper, gh.radius, gh.out_pad,
                                                gw.out_pad, gh.patches, gw.patches, small)
         return y, count.view(c, -1), mz.view(c, -1), ys.view(c, -1)
@@ -319,6 +328,7 @@ class _FusedBlock(torch.autograd.Function):
     def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry,
                 *params: Tensor | None):
         n = x.shape[0]
+        use_native = native.applies(x)
         ys = _patch_sums_cm(x, *geo.grid_in)  # the first conv's x̃ (before any coarsening)
         prev = geo.grid_in
         saved: list[Tensor | None] = []
@@ -326,8 +336,8 @@ class _FusedBlock(torch.autograd.Function):
         for i, u in enumerate(units):
             xt = _coarsen(ys, prev, geo.grids[i]) if geo.strided[i] else ys
             z = _conv_forward(u.conv, t)
-            scale, shift, inv_std = _bn_affine(u.bn, z.dtype)
-            t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, *geo.grids[i])
+            scale, shift, inv_std = _bn_affine(u.bn, z.dtype, use_native)
+            t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, *geo.grids[i], use_native)
             prev = geo.grids[i]
             if not ctx.needs_input_grad[6 + 4 * i]:  # BatchNorm weight frozen: Σ m·z unused
                 mz = None
@@ -349,13 +359,13 @@ class _FusedBlock(torch.autograd.Function):
         grid = geo.grids[-1]
         g = _patch_sums_cm(g_out, *grid) / _per_pixel(grid, n, g_out)  # patch means
         grads: list[Tensor | None] = [None] * (4 * len(units))
+        unit_backward = native.unit_backward if native.applies(g) else _unit_backward
         for i in reversed(range(len(units))):
             u, grid = units[i], geo.grids[i]
             per_pixel = _per_pixel(grid, n, g)
             xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
             need_w, need_b, need_gamma, need_beta = needs[4 + 4 * i: 8 + 4 * i]
             gscale = 0.25 if geo.strided[i] else 1.0  # DESIGN §1: the 1/(sh·sw) stride scale
-            unit_backward = native.unit_backward if native.applies(g) else _unit_backward
             gbar, g_gamma, g_beta, g_bias = unit_backward(
                 g, count, mz if need_gamma else None, scale, inv_std, mean, per_pixel, gscale)
             grads[4 * i + 1: 4 * i + 4] = (g_bias if need_b else None,

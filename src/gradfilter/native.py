@@ -30,6 +30,7 @@ __all__ = [
     "NativeBuildWarning",
     "available",
     "bn_act_stats",
+    "bn_affine",
     "filtered_backward",
     "mask_apply",
     "masked_clamp",
@@ -182,6 +183,13 @@ def bn_act_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, k: int, 
     channel-major (C, N, ph, pw): the count of 0 < v < upper (uint8 with ``count_u8``, which
     needs k·k ≤ 255), the sum of z there, the sum of y."""
     return _ops().bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw, count_u8)
+
+
+def bn_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """An eval BatchNorm's (scale γ/σ, shift β − μγ/σ, 1/σ) in ``dtype``, σ = sqrt(var + eps),
+    in one call. No gradient flows through it: call it under no-grad (a fused block's forward)."""
+    return _ops().bn_affine(mean, var, weight, bias, eps, dtype)
 
 
 def unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,

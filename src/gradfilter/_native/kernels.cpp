@@ -1305,6 +1305,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_backward(
   return {gbar, ggamma, gbeta, gbias};
 }
 
+// An eval BatchNorm's per-channel affine in one call (a fused unit's forward asked PyTorch for
+// six small ops per unit): scale = γ/σ, shift = β − μ·γ/σ, inv_std = 1/σ with σ = sqrt(var + eps),
+// computed in the statistics' dtype (float64 for float64 statistics, else float32) and
+// returned in ``dtype`` (the map's). No γ: scale = 1/σ; no β: shift = −μ·scale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine(
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, at::ScalarType dtype) {
+  const int64_t C = mean.numel();
+  TORCH_CHECK(mean.dim() == 1 && var.dim() == 1 && var.numel() == C,
+              "gradfilter native bn_affine: mean and var must be 1-D of one length");
+  TORCH_CHECK(!weight.has_value() || weight->numel() == C,
+              "gradfilter native bn_affine: weight needs ", C, " values");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == C,
+              "gradfilter native bn_affine: bias needs ", C, " values");
+  const auto work = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor mu = mean.to(work).contiguous(), v = var.to(work).contiguous();
+  const at::Tensor w = weight.has_value() ? weight->detach().to(work).contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->detach().to(work).contiguous() : at::Tensor();
+  at::Tensor scale = at::empty({C}, mu.options()), shift = at::empty_like(scale);
+  at::Tensor inv_std = at::empty_like(scale);
+  AT_DISPATCH_FLOATING_TYPES(work, "gf_bn_affine", [&] {
+    const scalar_t *pm = mu.const_data_ptr<scalar_t>(), *pv = v.const_data_ptr<scalar_t>();
+    const scalar_t* pw = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t *ps = scale.mutable_data_ptr<scalar_t>(), *pt = shift.mutable_data_ptr<scalar_t>();
+    scalar_t* pi = inv_std.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t is = scalar_t(1) / std::sqrt(pv[c] + static_cast<scalar_t>(eps));
+      const scalar_t sc = pw ? pw[c] * is : is;
+      pi[c] = is;
+      ps[c] = sc;
+      pt[c] = pb ? pb[c] - pm[c] * sc : -pm[c] * sc;
+    }
+  });
+  return {scale.to(dtype), shift.to(dtype), inv_std.to(dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gradfilter, m) {
@@ -1316,6 +1353,7 @@ TORCH_LIBRARY(gradfilter, m) {
         "int ph, int pw, bool count_u8=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("unit_backward(Tensor g, Tensor count, Tensor? mz, Tensor scale, Tensor inv_std, "
         "Tensor mean, Tensor per_pixel, float gscale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_affine(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, ScalarType dtype) -> (Tensor, Tensor, Tensor)");
   m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
         "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
         "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_in) -> "
@@ -1329,5 +1367,6 @@ TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
   m.impl("mask_apply", TORCH_FN(mask_apply));
   m.impl("bn_act_stats", TORCH_FN(bn_act_stats));
   m.impl("unit_backward", TORCH_FN(unit_backward));
+  m.impl("bn_affine", TORCH_FN(bn_affine));
   m.impl("filtered_backward", TORCH_FN(filtered_backward));
 }
