@@ -160,10 +160,17 @@ def _grid(h: int, w: int, radius: int) -> tuple[GF.AxisGeometry, GF.AxisGeometry
     return (GF.axis_geometry(h, h, 1, 1, 1, radius), GF.axis_geometry(w, w, 1, 1, 1, radius))
 
 
-def _patch_sums_cm(t: Tensor, gh: GF.AxisGeometry, gw: GF.AxisGeometry) -> Tensor:
-    """Sums of t over the grid's patches, channel-major: (C, N·Ph·Pw)."""
-    sums = GF.patch_mean_output(t, gh, gw)[0]
-    return sums.transpose(0, 1).reshape(t.shape[1], -1)
+def _patch_sums_cm(t: Tensor, gh: GF.AxisGeometry, gw: GF.AxisGeometry,
+                   use_native: bool = False, means: bool = False) -> Tensor:
+    """Sums of t over the grid's patches (with ``means``: averages over each patch's real
+    pixels), channel-major: (C, N·Ph·Pw). One native call, or four PyTorch ops."""
+    c = t.shape[1]
+    if use_native:
+        inv = GF._inverse_counts(gh, gw, t.device, t.dtype) if means else None
+        return native.patch_sum_cm(t, gh.radius, gw.radius, gh.out_pad, gw.out_pad, gh.patches,
+                                   gw.patches, 1.0, inv)[0].view(c, -1)
+    sums = GF.patch_mean_output(t, gh, gw)[0].transpose(0, 1).reshape(c, -1)
+    return sums / _per_pixel((gh, gw), t.shape[0], t) if means else sums
 
 
 def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype,
@@ -329,7 +336,7 @@ class _FusedBlock(torch.autograd.Function):
                 *params: Tensor | None):
         n = x.shape[0]
         use_native = native.applies(x)
-        ys = _patch_sums_cm(x, *geo.grid_in)  # the first conv's x̃ (before any coarsening)
+        ys = _patch_sums_cm(x, *geo.grid_in, use_native)  # the first conv's x̃ (not coarsened)
         prev = geo.grid_in
         saved: list[Tensor | None] = []
         t = x
@@ -356,10 +363,10 @@ class _FusedBlock(torch.autograd.Function):
         units, skip, geo, n = ctx.meta
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grid = geo.grids[-1]
-        g = _patch_sums_cm(g_out, *grid) / _per_pixel(grid, n, g_out)  # patch means
+        use_native = native.applies(g_out)
+        g = _patch_sums_cm(g_out, *geo.grids[-1], use_native, means=True)
         grads: list[Tensor | None] = [None] * (4 * len(units))
-        unit_backward = native.unit_backward if native.applies(g) else _unit_backward
+        unit_backward = native.unit_backward if use_native else _unit_backward
         for i in reversed(range(len(units))):
             u, grid = units[i], geo.grids[i]
             per_pixel = _per_pixel(grid, n, g)
@@ -374,7 +381,8 @@ class _FusedBlock(torch.autograd.Function):
             depthwise = u.conv.groups > 1
             if need_w:
                 gw_ = (gbar * xt).sum(1)[:, None] if depthwise else gbar @ xt.t()
-                grads[4 * i] = gw_[:, :, None, None].expand(weight.shape).contiguous()
+                grads[4 * i] = (gw_.view(weight.shape) if weight.shape[2:] == (1, 1) else
+                                gw_[:, :, None, None].expand(weight.shape).contiguous())
             if i == 0 and not needs[0]:
                 break
             # W̃ (a 1×1 kernel's is the weight itself)

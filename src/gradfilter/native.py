@@ -35,6 +35,7 @@ __all__ = [
     "mask_apply",
     "masked_clamp",
     "patch_sum",
+    "patch_sum_cm",
     "unit_backward",
     "unpool",
     "use_native",
@@ -158,6 +159,13 @@ def _ops():
 def patch_sum(x: Tensor, kh: int, kw: int, top: int, left: int, ph: int, pw: int) -> Tensor:
     """Sum of a 4-D map over a ph×pw grid of kh×kw patches starting ``top``/``left`` before it."""
     return _ops().patch_sum(x, kh, kw, top, left, ph, pw)
+
+
+def patch_sum_cm(x: Tensor, kh: int, kw: int, top: int, left: int, ph: int, pw: int,
+                 scale: float = 1.0, scale_map: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Patch sums as :func:`patch_sum`, channel-major (C, N, ph, pw) and times ``scale`` (and
+    ``scale_map``, one value per patch, where given), with each channel's plain total (C,)."""
+    return _ops().patch_sum_cm(x, kh, kw, top, left, ph, pw, scale, scale_map)
 
 
 def unpool(g: Tensor, h: int, w: int, kh: int, kw: int, top: int, left: int) -> Tensor:

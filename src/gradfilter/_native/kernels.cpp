@@ -1354,6 +1354,7 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("unit_backward(Tensor g, Tensor count, Tensor? mz, Tensor scale, Tensor inv_std, "
         "Tensor mean, Tensor per_pixel, float gscale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_affine(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, ScalarType dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("patch_sum_cm(Tensor x, int kh, int kw, int top, int left, int ph, int pw, float scale, Tensor? map) -> (Tensor, Tensor)");
   m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
         "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
         "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_in) -> "
@@ -1368,5 +1369,6 @@ TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
   m.impl("bn_act_stats", TORCH_FN(bn_act_stats));
   m.impl("unit_backward", TORCH_FN(unit_backward));
   m.impl("bn_affine", TORCH_FN(bn_affine));
+  m.impl("patch_sum_cm", TORCH_FN(patch_sum_cm));
   m.impl("filtered_backward", TORCH_FN(filtered_backward));
 }
