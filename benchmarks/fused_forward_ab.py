@@ -65,7 +65,7 @@ def _case(model: str, last: int, repeats: int, base) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", required=True, help="git revision whose stats pass to compare")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tune_cpu_allocator()
