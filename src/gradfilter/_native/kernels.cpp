@@ -834,7 +834,7 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
     int64_t W, bool act, float hi, const int64_t* row_patch,
     const std::pair<int64_t, int64_t>* cols, int64_t Ph, int64_t Pw, float* rb, float* sums) {
   constexpr int64_t Q = 3 * NV * 64;  // rb floats per patch row
-  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t i = 0; i < Ph; ++i) {  // patch rows without map rows sum to zero
     bool seen = false;
@@ -845,7 +845,8 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
     const float* zj = zp[j];
     float* yj = yp[j];
     const __m256 S = _mm256_set1_ps(s8[j]), T = _mm256_set1_ps(t8[j]);
-    __m256 am[NV], az[NV], ay[NV];
+    __m256i am[NV];  // mask counts: the all-ones mask is -1 as an integer, subtracted
+    __m256 az[NV], ay[NV];
     int64_t cur = -1;
     for (int64_t h = 0; h <= H; ++h) {
       const int64_t i = h < H ? row_patch[h] : -1;
@@ -853,11 +854,14 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
         if (cur >= 0)  // the patch row ends: keep its sums
           for (int v = 0; v < NV; ++v) {
             float* d = rb + cur * Q + v * 64 + j * 8;
-            _mm256_storeu_ps(d, am[v]);
+            _mm256_storeu_ps(d, _mm256_cvtepi32_ps(am[v]));
             _mm256_storeu_ps(d + NV * 64, az[v]);
             _mm256_storeu_ps(d + 2 * NV * 64, ay[v]);
           }
-        for (int v = 0; v < NV; ++v) am[v] = az[v] = ay[v] = zero;
+        for (int v = 0; v < NV; ++v) {
+          am[v] = _mm256_setzero_si256();
+          az[v] = ay[v] = zero;
+        }
         cur = i;
       }
       if (h == H) break;
@@ -866,14 +870,15 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
       const int64_t room = (H - h) * W;  // elements from this row to the plane's end
       for (int v = 0; v < NV; ++v) {
         const bool whole = room >= 8 * (v + 1);
-        const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(room - 8 * v)),
-                                              lane);
+        __m256i mk = _mm256_setzero_si256();
+        if (!whole)
+          mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(room - 8 * v)), lane);
         const __m256 zv = load_part(zr + 8 * v, whole, mk);
         __m256 m;
         const __m256 out = bn_act_vec(zv, S, T, act, vhi, m);
         store_part(yr + 8 * v, whole, mk, out);
         if (i >= 0) {
-          am[v] = _mm256_add_ps(am[v], _mm256_and_ps(m, one));
+          am[v] = _mm256_sub_epi32(am[v], _mm256_castps_si256(m));
           az[v] = _mm256_add_ps(az[v], _mm256_and_ps(m, zv));
           ay[v] = _mm256_add_ps(ay[v], out);
         }
@@ -897,6 +902,52 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
         for (int64_t w = cols[c].first; w < cols[c].second; ++w)
           s = _mm256_add_ps(s, _mm256_load_ps(cb[q][w]));
         _mm256_storeu_ps(d + 8 * q, s);
+      }
+    }
+  }
+}
+
+// The 8 planes' patch sums (sums: [P][3][8], patch, quantity, plane) to the channel-major
+// outputs (plane j's patch q at o0 + j * step + q): 8×8 transposes turn 8 patches × 8 planes
+// into one run of patches per plane, stored as vectors (the counts packed to bytes with
+// count_u8; they are small exact integers).
+__attribute__((target("avx2"))) void store_sums_avx2(const float* sums, int64_t P, int64_t o0,
+                                                     int64_t step, void* count_out, bool count_u8,
+                                                     float* mz_sum, float* y_sum) {
+  for (int64_t q0 = 0; q0 < P; q0 += 8) {
+    const int64_t len = std::min<int64_t>(8, P - q0);
+    for (int k = 0; k < 3; ++k) {
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t)
+        r[t] = t < len ? _mm256_loadu_ps(sums + (q0 + t) * 24 + 8 * k) : _mm256_setzero_ps();
+      transpose8(r);  // r[j]: patches q0 .. q0 + len of plane j
+      for (int j = 0; j < 8; ++j) {
+        const int64_t o = o0 + j * step + q0;
+        if (k == 0 && count_u8) {
+          const __m256i iv = _mm256_cvtps_epi32(r[j]);
+          const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(iv),
+                                              _mm256_extracti128_si256(iv, 1));
+          const __m128i b8 = _mm_packus_epi16(w16, w16);
+          uint8_t* dst = static_cast<uint8_t*>(count_out) + o;
+          if (len == 8) {
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), b8);
+          } else {
+            alignas(16) uint8_t tmp[16];
+            _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+            std::memcpy(dst, tmp, static_cast<size_t>(len));
+          }
+          continue;
+        }
+        float* dst = (k == 0 ? static_cast<float*>(count_out) : k == 1 ? mz_sum : y_sum) + o;
+        if (len == 8) {
+          _mm256_storeu_ps(dst, r[j]);
+        } else if (len == 4) {
+          _mm_storeu_ps(dst, _mm256_castps256_ps128(r[j]));
+        } else {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, r[j]);
+          std::memcpy(dst, tmp, static_cast<size_t>(len) * sizeof(float));
+        }
       }
     }
   }
@@ -1051,13 +1102,16 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
           }
           float* sums = row + 3 * W;  // [P][3][B]
 #if defined(GF_HAVE_AVX2_TARGET)
-          if (cpu_has_avx2() && W <= 8)
-            bn_act_rows_avx2<1>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
-                                Ph, Pw, ty, sums);
-          else if (cpu_has_avx2())
-            bn_act_rows_avx2<2>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
-                                Ph, Pw, ty, sums);
-          else
+          if (cpu_has_avx2()) {
+            if (W <= 8)
+              bn_act_rows_avx2<1>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
+                                  Ph, Pw, ty, sums);
+            else
+              bn_act_rows_avx2<2>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
+                                  Ph, Pw, ty, sums);
+            store_sums_avx2(sums, P, o0, step, count_out, count_u8, mz_sum, y_sum);
+            continue;
+          }
 #endif
             bn_act_tiny_block_f32(zp, yp, s8, t8, HW, act, hi, ty, pixels.data(), first.data(),
                                   P, sums);
