@@ -212,7 +212,8 @@ def _fused_copy(block, r):
     return model
 
 
-def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused=True):
+def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused=True,
+                             use_native=False):
     gen = torch.Generator().manual_seed(seed)
     block = _randomise(block, gen).double()
     x = torch.randn(2, _convs(block)[0].in_channels, h, w, generator=gen, dtype=torch.float64) * 2
@@ -224,7 +225,7 @@ def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused
     for name, p in model.named_parameters():
         p.requires_grad_(not any(name.endswith(f) for f in frozen))
     xg = x.clone().requires_grad_(x_grad)
-    with native.use_native(False):
+    with native.use_native(use_native):  # native: the one-call backward, in float64
         y = model(xg)
         assert (type(y.grad_fn).__name__ == FUSED_NODE) == fused
         y.backward(g_out)
@@ -250,20 +251,27 @@ def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused
         assert xg.grad is None
 
 
+NATIVE = [False, pytest.param(True, marks=needs_native, id="native")]
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
 @pytest.mark.parametrize("h,w,r", SIZES)
 @pytest.mark.parametrize("kind", list(BLOCKS))
-def test_fused_block_matches_spec_oracle(kind, h, w, r):
-    _check_against_reference(BLOCKS[kind](), h, w, r, seed=10 * list(BLOCKS).index(kind) + r)
+def test_fused_block_matches_spec_oracle(kind, h, w, r, use_native):
+    _check_against_reference(BLOCKS[kind](), h, w, r, seed=10 * list(BLOCKS).index(kind) + r,
+                             use_native=use_native)
 
 
+@pytest.mark.parametrize("use_native", NATIVE)
 @pytest.mark.parametrize("frozen", [("1.weight", "2.weight"), ("0.weight",)])
-def test_fused_block_with_frozen_parameters_and_no_input_grad_matches_spec_oracle(frozen):
+def test_fused_block_with_frozen_parameters_and_no_input_grad_matches_spec_oracle(frozen,
+                                                                                  use_native):
     """BatchNorm weights frozen (the masked sums are not kept) / the first conv frozen; the
     block input needs no gradient (the first trained block of a fine-tuned net)."""
     _check_against_reference(BLOCKS["ir_skip"](), 9, 11, 2, seed=5, x_grad=False,
-                             frozen=frozen)
+                             frozen=frozen, use_native=use_native)
     _check_against_reference(BLOCKS["ir_no_skip"](), 7, 7, 4, seed=6, x_grad=True,
-                             frozen=frozen)
+                             frozen=frozen, use_native=use_native)
 
 
 STRIDE2 = [  # (block, h, w, r): fused where the grids line up, per layer where they do not
@@ -278,8 +286,9 @@ def _stride2_case_aligned(kind, h, w, r):
     return _stride2_aligned(h, k, r, tf_same) and _stride2_aligned(w, k, r, tf_same)
 
 
+@pytest.mark.parametrize("use_native", NATIVE)
 @pytest.mark.parametrize("kind,h,w,r", STRIDE2)
-def test_stride2_block_matches_spec_oracle(kind, h, w, r):
+def test_stride2_block_matches_spec_oracle(kind, h, w, r, use_native):
     if kind == "tv":
         block = InvertedResidual(3, 5, stride=2, expand_ratio=4)
     else:
@@ -287,7 +296,7 @@ def test_stride2_block_matches_spec_oracle(kind, h, w, r):
                                              act_layer=nn.ReLU6, pad_type="same")
         assert isinstance(block.conv_dw, timm_layers.Conv2dSame)
     _check_against_reference(block, h, w, r, seed=h * w + r,
-                             fused=_stride2_case_aligned(kind, h, w, r))
+                             fused=_stride2_case_aligned(kind, h, w, r), use_native=use_native)
 
 
 def test_stride2_cases_cover_both_paths():

@@ -364,6 +364,8 @@ class _FusedBlock(torch.autograd.Function):
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
         use_native = native.applies(g_out)
+        if use_native:
+            return _native_backward(g_out, units, skip, geo, n, saved, needs)
         g = _patch_sums_cm(g_out, *geo.grids[-1], use_native, means=True)
         grads: list[Tensor | None] = [None] * (4 * len(units))
         unit_backward = native.unit_backward if use_native else _unit_backward
@@ -398,6 +400,49 @@ class _FusedBlock(torch.autograd.Function):
             if skip:
                 gx = gx.add_(g_out)
         return (gx, None, None, None, *grads)
+
+
+def _native_static(units: list[_Unit], skip: bool, geo: _Geometry, n: int,
+                   like: Tensor) -> tuple:
+    """The fixed arguments of :func:`native.fused_block_backward` for one block, batch size and
+    dtype (cached on the geometry)."""
+    key = (n, like.dtype, like.device)
+    cache = geo.__dict__.setdefault("_native_static", {})  # frozen dataclass: no attribute set
+    if key not in cache:
+        gh, gw = geo.grids[-1]
+        out_grid = [gh.radius, gh.out_pad, gw.out_pad, gh.patches, gw.patches]
+        inv_counts = GF._inverse_counts(gh, gw, like.device, like.dtype)
+        per_pixel = [_per_pixel(grid, n, like) for grid in geo.grids]
+        grids, flags = [], []
+        for i, u in enumerate(units):
+            fine = geo.grids[i - 1] if i else geo.grid_in
+            grids += [geo.grids[i][0].patches, geo.grids[i][1].patches, fine[0].patches,
+                      fine[1].patches]
+            flags.append(int(geo.strided[i]) | (32 if u.conv.groups > 1 else 0))
+        ih, iw = geo.grid_in
+        in_grid = [0, int(skip), ih.size, iw.size, ih.in_patch, iw.in_patch, ih.in_pad,
+                   iw.in_pad]
+        pool_in = GF._tiny_matrix(ih.size, iw.size, ih, iw, like.dtype)
+        cache[key] = (out_grid, inv_counts, per_pixel, grids, flags, in_grid, pool_in)
+    return cache[key]
+
+
+def _native_backward(g_out: Tensor, units: list[_Unit], skip: bool, geo: _Geometry, n: int,
+                     saved: tuple[Tensor, ...], needs: tuple[bool, ...]) -> tuple:
+    """_FusedBlock.backward in one native call (the same steps)."""
+    out_grid, inv_counts, per_pixel, grids, fixed, in_grid, pool_in = _native_static(
+        units, skip, geo, n, g_out)
+    flags = [f | sum(b for b, need in zip((2, 4, 8, 16), needs[4 + 4 * i: 8 + 4 * i]) if need)
+             for i, f in enumerate(fixed)]
+    mz = [t if t is not None else _EMPTY for t in saved[2::7]]
+    gx, grads = native.fused_block_backward(
+        g_out, out_grid, inv_counts, list(saved[0::7]), list(saved[1::7]), mz,
+        list(saved[3::7]), list(saved[4::7]), list(saved[5::7]), list(saved[6::7]), per_pixel,
+        flags, grids, [int(needs[0])] + in_grid[1:], pool_in)
+    return (gx, None, None, None, *grads)
+
+
+_EMPTY = torch.empty(0)
 
 
 def _run_fused(x: Tensor, units: list[_Unit], skip: bool,

@@ -32,6 +32,7 @@ __all__ = [
     "bn_act_stats",
     "bn_affine",
     "filtered_backward",
+    "fused_block_backward",
     "mask_apply",
     "masked_clamp",
     "patch_sum",
@@ -198,6 +199,20 @@ def bn_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | N
     """An eval BatchNorm's (scale γ/σ, shift β − μγ/σ, 1/σ) in ``dtype``, σ = sqrt(var + eps),
     in one call. No gradient flows through it: call it under no-grad (a fused block's forward)."""
     return _ops().bn_affine(mean, var, weight, bias, eps, dtype)
+
+
+def fused_block_backward(g_out: Tensor, out_grid: list[int], inv_counts: Tensor,
+                         xt: list[Tensor], count: list[Tensor], mz: list[Tensor],
+                         scale: list[Tensor], inv_std: list[Tensor], mean: list[Tensor],
+                         weight: list[Tensor], per_pixel: list[Tensor], flags: list[int],
+                         grids: list[int], in_grid: list[int],
+                         pool_in: Tensor | None) -> tuple[Tensor | None, list[Tensor | None]]:
+    """A fused block's whole backward in one call (``blocks._FusedBlock.backward``'s steps):
+    gx (None unless asked for) and per unit its (weight, conv bias, γ, β) grads (None where not
+    asked for). The argument layout is documented at the kernel (kernels.cpp)."""
+    return _ops().fused_block_backward(g_out, out_grid, inv_counts, xt, count, mz, scale,
+                                       inv_std, mean, weight, per_pixel, flags, grids, in_grid,
+                                       pool_in)
 
 
 def unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,
