@@ -336,6 +336,9 @@ class _FusedBlock(torch.autograd.Function):
                 *params: Tensor | None):
         n = x.shape[0]
         use_native = native.applies(x)
+        ctx.meta = (units, skip, geo, n)
+        if use_native:
+            return _native_forward(ctx, x, units, skip, geo, params)
         ys = _patch_sums_cm(x, *geo.grid_in, use_native)  # the first conv's x̃ (not coarsened)
         prev = geo.grid_in
         saved: list[Tensor | None] = []
@@ -352,7 +355,6 @@ class _FusedBlock(torch.autograd.Function):
         if skip:
             t = t + x
         ctx.save_for_backward(*saved)
-        ctx.meta = (units, skip, geo, n)
         return t
 
     @staticmethod
@@ -400,6 +402,62 @@ class _FusedBlock(torch.autograd.Function):
             if skip:
                 gx = gx.add_(g_out)
         return (gx, None, None, None, *grads)
+
+
+def _native_forward_static(units: list[_Unit], geo: _Geometry) -> tuple:
+    """The fixed arguments of :func:`native.fused_block_forward` for one block and input size
+    (cached on the geometry): the input grid, per unit its conv and grid geometry (see the
+    kernel), activation bound, BatchNorm eps and the flags that do not depend on what trains."""
+    cache = geo.__dict__
+    if "_native_forward" not in cache:
+        from .nn import tf_same_total
+
+        g0h, g0w = geo.grid_in
+        in_grid = [g0h.radius, g0h.out_pad, g0w.out_pad, g0h.patches, g0w.patches]
+        geometry, flags = [], []
+        prev = geo.grid_in
+        for i, u in enumerate(units):
+            conv, (gh, gw) = u.conv, geo.grids[i]
+            k, s = conv.kernel_size, conv.stride[0]
+            pads = [0, 0, 0, 0]  # left, right, top, bottom
+            if s == 1:
+                conv_pad = [k[0] // 2, k[1] // 2]
+            elif conv.tf_same:
+                conv_pad = [0, 0]
+                tw = tf_same_total(prev[1].size, k[1], 2, 1)
+                th = tf_same_total(prev[0].size, k[0], 2, 1)
+                pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+            else:
+                conv_pad = list(conv.padding)
+            geometry += [s, *conv_pad, *pads, conv.groups, gh.radius, gh.out_pad, gw.out_pad,
+                         gh.patches, gw.patches, int(geo.strided[i]), prev[0].patches,
+                         prev[1].patches]
+            flags.append((2 if gh.radius * gw.radius <= 255 else 0)
+                         | (4 if conv.bias is not None else 0)
+                         | (8 if u.bn.weight is not None else 0)
+                         | (16 if u.bn.bias is not None else 0))
+            prev = (gh, gw)
+        cache["_native_forward"] = (in_grid, geometry, flags, [u.bn.eps for u in units],
+                                    [u.upper for u in units])
+    return cache["_native_forward"]
+
+
+def _native_forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry,
+                    params: tuple[Tensor | None, ...]) -> Tensor:
+    """_FusedBlock.forward in one native call (the same steps)."""
+    in_grid, geometry, fixed, eps, upper = _native_forward_static(units, geo)
+    needs = ctx.needs_input_grad
+    flags = [f | int(needs[6 + 4 * i]) for i, f in enumerate(fixed)]  # γ trains: keep Σ m·z
+    given = [_EMPTY if p is None else p for p in params]
+    out, flat = native.fused_block_forward(
+        x, in_grid, given[0::4], given[1::4], [u.bn.running_mean for u in units],
+        [u.bn.running_var for u in units], given[2::4], given[3::4], eps, upper, geometry,
+        flags, skip)
+    saved: list[Tensor | None] = []
+    for i, u in enumerate(units):
+        saved += [*flat[5 * i: 5 * i + 5], u.bn.running_mean, u.conv.weight]
+    ctx.save_for_backward(*saved)
+    return out
 
 
 def _native_static(units: list[_Unit], skip: bool, geo: _Geometry, n: int,

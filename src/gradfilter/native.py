@@ -33,6 +33,7 @@ __all__ = [
     "bn_affine",
     "filtered_backward",
     "fused_block_backward",
+    "fused_block_forward",
     "mask_apply",
     "masked_clamp",
     "patch_sum",
@@ -213,6 +214,18 @@ def fused_block_backward(g_out: Tensor, out_grid: list[int], inv_counts: Tensor,
     return _ops().fused_block_backward(g_out, out_grid, inv_counts, xt, count, mz, scale,
                                        inv_std, mean, weight, per_pixel, flags, grids, in_grid,
                                        pool_in)
+
+
+def fused_block_forward(x: Tensor, in_grid: list[int], conv_weight: list[Tensor],
+                        conv_bias: list[Tensor], bn_mean: list[Tensor], bn_var: list[Tensor],
+                        bn_weight: list[Tensor], bn_bias: list[Tensor], eps: list[float],
+                        upper: list[float], geometry: list[int], flags: list[int],
+                        skip: bool) -> tuple[Tensor, list[Tensor | None]]:
+    """A fused block's forward in one call (``blocks._FusedBlock.forward``'s steps): the block
+    output and per unit (x̃, mask count, Σ m·z or None, scale, 1/σ). Call it under no-grad.
+    The argument layout is documented at the kernel (kernels.cpp)."""
+    return _ops().fused_block_forward(x, in_grid, conv_weight, conv_bias, bn_mean, bn_var,
+                                      bn_weight, bn_bias, eps, upper, geometry, flags, skip)
 
 
 def unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,
