@@ -3,6 +3,8 @@
 One fused model per case (as ``gradfilter bench step`` builds it: last N blocks trained, r=4,
 batch 16, 224²); its training steps alternate between ``native.unit_backward`` and the PyTorch
 form (``blocks._unit_backward``, swapped in for it), median backward time of repeated steps.
+The blocks run their Python unit loop (``blocks.ONE_CALL_NATIVE = False``), where the unit
+backward is a separate call (the one-call native backward has it inside).
 
     .venv/bin/python benchmarks/unit_backward_ab.py \
         --out benchmarks/results/unit_backward_ab_cpu.json
@@ -36,6 +38,7 @@ def _case(model: str, last: int, repeats: int) -> dict:
     net.train()
     forms = {"native": native.unit_backward, "pytorch": blocks._unit_backward}
     times: dict[str, list[float]] = {k: [] for k in forms}
+    blocks.ONE_CALL_NATIVE = False
     try:
         for i in range(repeats + 3):  # three warm-up rounds are dropped
             for k in (list(forms) if i % 2 == 0 else list(reversed(forms))):
@@ -49,6 +52,7 @@ def _case(model: str, last: int, repeats: int) -> dict:
                 opt.step()
     finally:
         blocks.native.unit_backward = forms["native"]
+        blocks.ONE_CALL_NATIVE = True
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"model": model, "last": last, "backward_ms_native": ms["native"],
             "backward_ms_pytorch": ms["pytorch"]}

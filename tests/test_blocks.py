@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -212,6 +213,18 @@ def _fused_copy(block, r):
     return model
 
 
+@contextlib.contextmanager
+def _one_call(enabled: bool):
+    from gradfilter import blocks
+
+    before = blocks.ONE_CALL_NATIVE
+    blocks.ONE_CALL_NATIVE = enabled
+    try:
+        yield
+    finally:
+        blocks.ONE_CALL_NATIVE = before
+
+
 def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused=True,
                              use_native=False):
     gen = torch.Generator().manual_seed(seed)
@@ -225,7 +238,8 @@ def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused
     for name, p in model.named_parameters():
         p.requires_grad_(not any(name.endswith(f) for f in frozen))
     xg = x.clone().requires_grad_(x_grad)
-    with native.use_native(use_native):  # native: the one-call backward, in float64
+    # native: one C++ call each way, in float64; "loop": the units in Python, native kernels
+    with native.use_native(bool(use_native)), _one_call(use_native != "loop"):
         y = model(xg)
         assert (type(y.grad_fn).__name__ == FUSED_NODE) == fused
         y.backward(g_out)
@@ -251,7 +265,8 @@ def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused
         assert xg.grad is None
 
 
-NATIVE = [False, pytest.param(True, marks=needs_native, id="native")]
+NATIVE = [False, pytest.param(True, marks=needs_native, id="native"),
+          pytest.param("loop", marks=needs_native, id="native-loop")]
 
 
 @pytest.mark.parametrize("use_native", NATIVE)

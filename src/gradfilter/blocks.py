@@ -224,6 +224,12 @@ def _params(units: list[_Unit]) -> list[Tensor | None]:
 
 Grid = tuple[GF.AxisGeometry, GF.AxisGeometry]
 
+# With the native kernels, a fused block's forward and backward are one C++ call each
+# (fused_block_forward / fused_block_backward). False runs the same steps as a Python loop over
+# the units calling the native kernels one by one: the form before those calls, kept for
+# in-process A/B benchmarks (benchmarks/fused_native_ab.py) and tested like the others.
+ONE_CALL_NATIVE = True
+
 
 @dataclass(frozen=True)
 class _Geometry:
@@ -337,7 +343,7 @@ class _FusedBlock(torch.autograd.Function):
         n = x.shape[0]
         use_native = native.applies(x)
         ctx.meta = (units, skip, geo, n)
-        if use_native:
+        if use_native and ONE_CALL_NATIVE:
             return _native_forward(ctx, x, units, skip, geo, params)
         ys = _patch_sums_cm(x, *geo.grid_in, use_native)  # the first conv's x̃ (not coarsened)
         prev = geo.grid_in
@@ -366,7 +372,7 @@ class _FusedBlock(torch.autograd.Function):
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
         use_native = native.applies(g_out)
-        if use_native:
+        if use_native and ONE_CALL_NATIVE:
             return _native_backward(g_out, units, skip, geo, n, saved, needs)
         g = _patch_sums_cm(g_out, *geo.grids[-1], use_native, means=True)
         grads: list[Tensor | None] = [None] * (4 * len(units))
