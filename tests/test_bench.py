@@ -84,6 +84,28 @@ def test_machine_info_records_allocator_and_kernels(monkeypatch):
     assert machine_info("cpu")["allocator"] == "default"
 
 
+def test_machine_info_records_the_cpu_generation(tmp_path, monkeypatch):
+    """Family/model numbers and AVX-512 come from /proc/cpuinfo's first processor entry."""
+    import builtins
+
+    from gradfilter.bench import machine
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+                    "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n\nprocessor\t: 1\n"
+                    "cpu family\t: 99\nmodel\t\t: 1\nflags\t\t: fpu\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+        fake if path == "/proc/cpuinfo" else path, *a, **k))
+    info = machine.machine_info("cpu")
+    assert info["cpu_id"] == "family 25 model 17" and info["avx512"] is True
+    assert "[family 25 model 17, AVX-512]" in machine.describe(info)
+    fake.write_text("cpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu avx2\n")
+    info = machine.machine_info("cpu")
+    assert info["cpu_id"] == "family 26 model 2" and info["avx512"] is False
+    assert "AVX-512" not in machine.describe(info)
+
+
 def test_cli_allocator_flag_is_parsed_and_validated(capsys):
     import pytest
 
