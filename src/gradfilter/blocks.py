@@ -29,6 +29,11 @@ at most one stride-2 conv whose 2r×2r input patches are unions of 2×2 patches 
 it (checked per input size; elsewhere the block runs its per-layer path). A timm EfficientNet's
 ``conv_head`` fuses with the ``bn2`` (BatchNorm + activation) after it: the model's
 ``forward_features`` runs them as one unit (:class:`FusedHeadMixin`).
+
+On the CPU with the native kernels each direction is one C++ call per block
+(``native.fused_block_forward`` / ``fused_block_backward``); elsewhere the same steps run as a
+Python loop over the units (PyTorch ops, or the native kernels one by one with
+``ONE_CALL_NATIVE = False``).
 """
 
 from __future__ import annotations
