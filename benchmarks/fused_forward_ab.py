@@ -13,7 +13,6 @@ next conv reads the y the pass wrote, from whichever core's cache holds it).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,16 +27,12 @@ from gradfilter.bench.machine import describe, machine_info
 from gradfilter.bench.step import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ab import FUSED_CASES, save, step_batch  # noqa: E402
 from stats_ab import _baseline_ops  # noqa: E402
-
-CASES = [("mobilenet_v2", 4), ("mobilenet_v2", 8), ("tf_efficientnet_lite0", 4),
-         ("tf_efficientnet_lite0", 8)]
 
 
 def _case(model: str, last: int, repeats: int, base) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, 224, 224, generator=gen)
-    y = torch.randint(0, 1000, (16,), generator=gen)
+    x, y = step_batch()
     net = build(model, "fused", last, 4, x[:2])[0].train()
     ops = {"stats": native.bn_act_stats, "base": base}
     times: dict[str, list[float]] = {"stats": [], "base": [], "no_grad": []}
@@ -71,16 +66,13 @@ def main() -> int:
     tune_cpu_allocator()
     with native.use_native(True):
         base = _baseline_ops(args.baseline)
-        rows = [_case(m, last, args.repeats, base) for m, last in CASES]
+        rows = [_case(m, last, args.repeats, base) for m, last in FUSED_CASES]
     print(describe(machine_info()))
     for r in rows:
         print(f"{r['model']:22s} last {r['last']}: no-grad {r['no_grad_ms']:.1f} ms | forward "
               f"with {args.baseline}'s pass {r['base_ms']:.1f} ms, with this tree's "
               f"{r['stats_ms']:.1f} ms (paired: {r['base_minus_stats_paired_ms']:+.2f} ms)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine_info(), "baseline": args.baseline,
-                                        "rows": rows}, indent=1))
+    save(args.out, rows, baseline=args.baseline)
     return 0
 
 

@@ -12,12 +12,11 @@ medians of the forward (autograd recording included) and the backward.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from gradfilter import blocks
@@ -25,14 +24,12 @@ from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.machine import describe, machine_info
 from gradfilter.bench.step import build
 
-CASES = [("mobilenet_v2", 4), ("mobilenet_v2", 8), ("tf_efficientnet_lite0", 4),
-         ("tf_efficientnet_lite0", 8)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ab import FUSED_CASES, save, step_batch  # noqa: E402
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, 224, 224, generator=gen)
-    y = torch.randint(0, 1000, (16,), generator=gen)
+    x, y = step_batch()
     net, opt, _ = build(model, "fused", last, 4, x[:2])
     net.train()
     times: dict[str, list[tuple[float, float]]] = {"one_call": [], "loop": []}
@@ -64,15 +61,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tune_cpu_allocator()
-    rows = [_case(m, last, args.repeats) for m, last in CASES]
+    rows = [_case(m, last, args.repeats) for m, last in FUSED_CASES]
     print(describe(machine_info()))
     for r in rows:
         print(f"{r['model']:22s} last {r['last']}: forward {r['forward_ms_loop']:.1f} -> "
               f"{r['forward_ms_one_call']:.1f} ms, backward {r['backward_ms_loop']:.2f} -> "
               f"{r['backward_ms_one_call']:.2f} ms (Python unit loop -> one native call)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+    save(args.out, rows)
     return 0
 
 

@@ -8,8 +8,8 @@ benchmark and the trainer's default take it, and AdamW. One process, alternating
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +18,9 @@ import torch
 from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.machine import describe, machine_info
 from gradfilter.bench.step import LAST, MODELS, build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ab import save  # noqa: E402
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
@@ -54,9 +57,7 @@ def main() -> int:
         print(f"{r['model']:22s} last {r['last']} ({r['params'] / 1e6:.1f}M params): SGD "
               f"{r['sgd_foreach_ms']:.2f} -> {r['sgd_fused_ms']:.2f} ms, AdamW "
               f"{r['adamw_foreach_ms']:.2f} -> {r['adamw_fused_ms']:.2f} ms (for-each -> fused)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+    save(args.out, rows)
     return 0
 
 

@@ -13,12 +13,11 @@ backward is a separate call (the one-call native backward has it inside).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from gradfilter import blocks, native
@@ -26,14 +25,12 @@ from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.machine import describe, machine_info
 from gradfilter.bench.step import build
 
-CASES = [("mobilenet_v2", 4), ("mobilenet_v2", 8), ("tf_efficientnet_lite0", 4),
-         ("tf_efficientnet_lite0", 8)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ab import FUSED_CASES, save, step_batch  # noqa: E402
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, 224, 224, generator=gen)
-    y = torch.randint(0, 1000, (16,), generator=gen)
+    x, y = step_batch()
     net, opt, _ = build(model, "fused", last, 4, x[:2])
     net.train()
     forms = {"native": native.unit_backward, "pytorch": blocks._unit_backward}
@@ -67,14 +64,12 @@ def main() -> int:
     print(describe(machine_info()))
     rows = []
     with native.use_native(True):
-        for model, last in CASES:
+        for model, last in FUSED_CASES:
             row = _case(model, last, args.repeats)
             rows.append(row)
             print(f"{model:22s} last {last}: backward {row['backward_ms_pytorch']:.2f} ms "
                   f"(PyTorch ops) -> {row['backward_ms_native']:.2f} ms (native)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+    save(args.out, rows)
     return 0
 
 

@@ -421,7 +421,7 @@ def _native_forward_static(units: list[_Unit], geo: _Geometry) -> tuple:
     kernel), activation bound, BatchNorm eps and the flags that do not depend on what trains."""
     cache = geo.__dict__
     if "_native_forward" not in cache:
-        from .nn import tf_same_total
+        from .nn import tf_same_pads
 
         g0h, g0w = geo.grid_in
         in_grid = [g0h.radius, g0h.out_pad, g0w.out_pad, g0h.patches, g0w.patches]
@@ -433,11 +433,9 @@ def _native_forward_static(units: list[_Unit], geo: _Geometry) -> tuple:
             pads = [0, 0, 0, 0]  # left, right, top, bottom
             if s == 1:
                 conv_pad = [k[0] // 2, k[1] // 2]
-            elif conv.tf_same:
+            elif conv.tf_same:  # what _conv_forward's tf_same_pad adds
                 conv_pad = [0, 0]
-                tw = tf_same_total(prev[1].size, k[1], 2, 1)
-                th = tf_same_total(prev[0].size, k[0], 2, 1)
-                pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+                pads = tf_same_pads((prev[0].size, prev[1].size), k, conv.stride, conv.dilation)
             else:
                 conv_pad = list(conv.padding)
             geometry += [s, *conv_pad, *pads, conv.groups, gh.radius, gh.out_pad, gw.out_pad,

@@ -32,13 +32,20 @@ def tf_same_total(size: int, kernel: int, stride: int, dilation: int) -> int:
     return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
 
-def tf_same_pad(x: Tensor, kernel, stride, dilation) -> Tensor:
-    """TensorFlow 'SAME' padding, computed from the input size."""
+def tf_same_pads(sizes, kernel, stride, dilation) -> list[int]:
+    """TensorFlow 'SAME' padding of a map with spatial ``sizes``, in ``F.pad`` order (last axis
+    first: before, after; then the axis before it)."""
     pads = []
-    for size, k, s, d in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride),
+    for size, k, s, d in zip(reversed(sizes), reversed(kernel), reversed(stride),
                              reversed(dilation)):
         total = tf_same_total(size, k, s, d)
         pads += [total // 2, total - total // 2]
+    return pads
+
+
+def tf_same_pad(x: Tensor, kernel, stride, dilation) -> Tensor:
+    """TensorFlow 'SAME' padding, computed from the input size."""
+    pads = tf_same_pads(x.shape[2:], kernel, stride, dilation)
     return F.pad(x, pads) if any(pads) else x
 
 

@@ -453,6 +453,30 @@ at::Tensor expand_taps(const at::Tensor& gw, int64_t kh, int64_t kw) {
 
 // (gx, gW, gb) of a filtered dense conv from gy (N, Cout, Ho, Wo) and the input patch sums xt
 // (N, Cin, Ph, Pw). Entries not asked for come back empty.
+// gx (N, C, H, W) from g̃x at patch resolution, channel-major (C, N·Ph·Pw): by one GEMM with
+// the tiny-map unpooling matrix pool_in (H·W, Ph·Pw) where given, else by the unpooling pass
+// reading the channel-major source directly.
+at::Tensor unpool_channel_major(const at::Tensor& gxt, int64_t N, int64_t H, int64_t W,
+                                int64_t kh, int64_t kw, int64_t top, int64_t left, int64_t Ph,
+                                int64_t Pw, const std::optional<at::Tensor>& pool_in) {
+  const int64_t C = gxt.size(0), P = Ph * Pw;
+  if (pool_in.has_value() && pool_in->defined()) {  // tiny maps: unpool by one GEMM
+    TORCH_CHECK(pool_in->dim() == 2 && pool_in->size(0) == H * W && pool_in->size(1) == P,
+                "gradfilter native: the unpooling matrix must be (", H * W, ", ", P, ")");
+    const at::Tensor rows = gxt.view({C, N, P}).transpose(0, 1).reshape({N * C, P});
+    return at::mm(rows, pool_in->to(gxt.scalar_type()).t()).view({N, C, H, W});
+  }
+  at::Tensor gx = at::empty({N, C, H, W}, gxt.options());
+  if (gx.numel() > 0) {
+    const at::Tensor src = gxt.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_unpool_cm", [&] {
+      unpool_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), N,
+                              C, H, W, kh, kw, top, left, Ph, Pw, true);
+    });
+  }
+  return gx;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
     const at::Tensor& gy, const at::Tensor& xt, const at::Tensor& weight, int64_t kh, int64_t kw,
     int64_t rh, int64_t rw, int64_t out_top, int64_t out_left, int64_t Ph, int64_t Pw,
@@ -478,22 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
     TORCH_CHECK(wsum.size(0) == g2.size(0), "gradfilter native filtered_backward: weight has ",
                 wsum.size(0), " output channels, gy ", g2.size(0));
     const at::Tensor gxt = at::mm(wsum.t(), g2);  // (Cin, N·P), channel-major
-    const int64_t Cin = gxt.size(0);
-    if (pool_in.has_value() && pool_in->defined()) {  // tiny maps: unpool by one GEMM
-      TORCH_CHECK(pool_in->dim() == 2 && pool_in->size(0) == H * W && pool_in->size(1) == P,
-                  "gradfilter native filtered_backward: the unpooling matrix must be (", H * W,
-                  ", ", P, ")");
-      const at::Tensor g_rows = gxt.view({Cin, N, P}).transpose(0, 1).reshape({N * Cin, P});
-      gx = at::mm(g_rows, pool_in->to(gxt.scalar_type()).t()).view({N, Cin, H, W});
-      return {gx, gw, gb};
-    }
-    gx = at::empty({N, Cin, H, W}, gy.options());
-    if (gx.numel() > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gxt.scalar_type(), "gf_unpool_cm", [&] {
-        unpool_kernel<scalar_t>(gxt.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), N,
-                                Cin, H, W, in_kh, in_kw, in_top, in_left, Ph, Pw, true);
-      });
-    }
+    gx = unpool_channel_major(gxt, N, H, W, in_kh, in_kw, in_top, in_left, Ph, Pw, pool_in);
   }
   return {gx, gw, gb};
 }
@@ -1435,28 +1444,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_backward(
                          : gw.unsqueeze(-1).unsqueeze(-1).expand(w.sizes()).contiguous();
     }
     if (i == 0 && !need_x) break;
-    const at::Tensor wsum = one ? w.flatten(1) : w.sum({2, 3});  // W̃
+    const at::Tensor wsum = one ? w.flatten(1) : tap_sum(w);  // W̃
     g = depthwise ? wsum * gbar : at::mm(wsum.t(), gbar);      // g̃x, one value per patch
     if (strided)
       g = refine_2x2(g, N, grids[4 * i], grids[4 * i + 1], grids[4 * i + 2], grids[4 * i + 3]);
   }
   at::Tensor gx;
-  if (need_x) {
-    const int64_t C = g.size(0), H = in_grid[2], W = in_grid[3];
-    const int64_t ph = grids[2], pw = grids[3];  // the grid before unit 0: the input's
-    if (pool_in.has_value() && pool_in->defined()) {  // tiny maps: unpool by one GEMM
-      const at::Tensor rows = g.view({C, N, ph * pw}).transpose(0, 1).reshape({N * C, ph * pw});
-      gx = at::mm(rows, pool_in->to(g.scalar_type()).t()).view({N, C, H, W});
-    } else {
-      gx = at::empty({N, C, H, W}, g.options());
-      const at::Tensor src = g.contiguous();
-      if (gx.numel() > 0)
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_fused_unpool", [&] {
-          unpool_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
-                                  N, C, H, W, in_grid[4], in_grid[5], in_grid[6], in_grid[7], ph,
-                                  pw, true);
-        });
-    }
+  if (need_x) {  // unit 0's "grid before it" (grids[2], grids[3]) is the input's
+    gx = unpool_channel_major(g, N, in_grid[2], in_grid[3], in_grid[4], in_grid[5], in_grid[6],
+                              in_grid[7], grids[2], grids[3], pool_in);
     if (skip) gx.add_(g_out);
   }
   return {gx, grads};

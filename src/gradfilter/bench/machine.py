@@ -11,46 +11,38 @@ from .. import native
 from ..allocator import allocator_tuned
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
 
 
-def _cpu_id() -> dict:
-    """CPU family / model numbers and AVX-512 support from /proc/cpuinfo (empty elsewhere): a VM's
-    "model name" can hide the host generation, which moves dense-conv throughput 2x (Zen 4 runs
-    AVX-512 at half the width Zen 5 does)."""
-    fields: dict = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("cpu family", "model") and key not in fields:
-                    fields[key] = value.strip()
-                elif key == "flags":
-                    fields["avx512"] = "avx512f" in value.split()
-                    break
-    except OSError:
-        return {}
-    out: dict = {}
+def _cpu(fields: dict[str, str]) -> dict:
+    """Model name, and the family / model numbers and AVX-512 support where /proc/cpuinfo has
+    them: a VM's "model name" can hide the host generation, which moves dense-conv throughput 2x
+    (Zen 4 runs AVX-512 at half the width Zen 5 does)."""
+    out: dict = {"cpu": fields.get("model name") or platform.processor() or platform.machine()}
     if "cpu family" in fields and "model" in fields:
         out["cpu_id"] = f"family {fields['cpu family']} model {fields['model']}"
-    if "avx512" in fields:
-        out["avx512"] = fields["avx512"]
+    if "flags" in fields:
+        out["avx512"] = "avx512f" in fields["flags"].split()
     return out
 
 
 def machine_info(device: str = "cpu") -> dict:
     info = {
-        "cpu": _cpu_model(),
-        **_cpu_id(),
+        **_cpu(_cpuinfo()),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
