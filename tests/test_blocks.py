@@ -35,7 +35,13 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 import gradfilter
 from gradfilter import native
-from gradfilter.blocks import FusedBlockMixin, FusedHeadMixin, fusable, fuse_blocks
+from gradfilter.blocks import (
+    FusedBlockMixin,
+    FusedHeadMixin,
+    FusedPoolMixin,
+    fusable,
+    fuse_blocks,
+)
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
 timm_layers = pytest.importorskip("timm.layers")
@@ -480,6 +486,11 @@ def _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed, specials=T
     (1, 16, 8, 8, 4, 0, 0, 2, 2),
     (3, 8, 5, 3, 2, 1, 0, 4, 2),
     (2, 8, 6, 13, 4, 6, 0, 3, 4),
+    # planes smaller than a vector: the last row's vector may run on into the next planes of
+    # the block of 8 only while they are still to be done (1×1: not from the last seven)
+    (2, 16, 1, 1, 1, 0, 0, 1, 1),
+    (2, 16, 1, 2, 1, 0, 0, 1, 2),
+    (1, 24, 2, 3, 2, 1, 1, 2, 2),
     (2, 8, 5, 20, 4, 1, 2, 2, 6),  # tiny but wider than 16: one plane at a time, row by row
     (2, 3, 20, 23, 2, 0, 1, 10, 12),  # not tiny
     (2, 9, 20, 23, 3, 2, -2, 8, 7),
@@ -848,10 +859,13 @@ def test_efficientnet_head_fuses_exactly_and_remove_restores_it():
     assert type(fused_net).__name__ == "FusedEfficientNet"
     labels = torch.tensor([3, 7])
     ref = _model_grads(net, x, labels, seed=1)
-    calls = []
+    calls, fed = [], []
     fused_net.bn2.register_forward_hook(lambda *a: calls.append(1))  # bn2 runs inside the node
+    fused_net.classifier.register_forward_pre_hook(
+        lambda m, a: fed.append(type(a[0].grad_fn).__name__))
     got = _model_grads(fused_net, x, labels, seed=1)
     assert not calls
+    assert fed == [FUSED_NODE]  # pooled inside the fused node: no map, no pooling op
     assert set(got) == set(ref) and "conv_head.weight" in got
     for name in ref:
         assert _rel_err(got[name], ref[name]) < 1e-12, name
@@ -864,6 +878,100 @@ def test_efficientnet_head_fuses_exactly_and_remove_restores_it():
     from timm.models.efficientnet import EfficientNet
 
     assert type(fused_net) is EfficientNet and "_gradfilter_units" not in fused_net.__dict__
+    assert "_gradfilter_pool" not in fused_net.__dict__
+
+
+def test_efficientnet_head_hooked_pooling_keeps_the_map_and_the_gradients():
+    """A hook on the global pooling must see the map: the fused head then hands the map to
+    timm's pooling, with the same gradients."""
+    net, x = _lite0_tail()
+    fused_net = copy.deepcopy(net)
+    fuse_blocks(fused_net, ["conv_head"])
+    labels = torch.tensor([3, 7])
+    ref = _model_grads(net, x, labels, seed=1)
+    maps = []
+    fused_net.global_pool.register_forward_pre_hook(lambda m, a: maps.append(a[0].shape))
+    got = _model_grads(fused_net, x, labels, seed=1)
+    assert maps == [(2, 1280, 3, 3)]
+    for name in ref:
+        assert _rel_err(got[name], ref[name]) < 1e-12, name
+
+
+def _mobilenet_v2_tail(dtype=torch.float64, size=128, r=2):
+    """torchvision MobileNetV2 (random weights, fitted-looking BatchNorm statistics) prepared to
+    train its last 2 blocks, features.17 and features.18 (320 → 1280, BatchNorm, ReLU6)."""
+    from gradfilter.models import create_model
+    from gradfilter.train import prepare_model
+
+    torch.manual_seed(0)
+    net = create_model("mobilenet_v2", 10).to(dtype)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.4)
+    x = torch.randn(2, 3, size, size, dtype=dtype)
+    net, info = prepare_model(net, "gradfilter", r, 2, x)
+    assert info.blocks == ["features.17", "features.18"]
+    return net, x
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
+@pytest.mark.parametrize("size,r", [(128, 2), (96, 2), (160, 4)])
+def test_mobilenet_v2_pools_inside_its_fused_last_block_exactly(use_native, size, r):
+    """features.18 fused: the model takes the global average from the fused node (4×4, 3×3,
+    5×5 maps; grids that fit them and one that overhangs) and its backward gets g/(H·W) per
+    patch. That is the per-layer filtered network's gradient exactly."""
+    net, x = _mobilenet_v2_tail(size=size, r=r)
+    fused_net = copy.deepcopy(net)
+    assert fuse_blocks(fused_net, ["features.17", "features.18"]) == ["features.17",
+                                                                       "features.18"]
+    assert isinstance(fused_net, FusedPoolMixin)
+    assert type(fused_net).__name__ == "FusedMobileNetV2"
+    fed = []
+    fused_net.classifier.register_forward_pre_hook(
+        lambda m, a: fed.append((type(a[0].grad_fn).__name__, a[0].shape)))
+    labels = torch.tensor([3, 7])
+    with native.use_native(bool(use_native)), _one_call(use_native != "loop"):
+        ref = _model_grads(net, x, labels, seed=1)
+        got = _model_grads(fused_net, x, labels, seed=1)
+        torch.manual_seed(2)
+        want = net(x)
+        torch.manual_seed(2)
+        out = fused_net(x)
+    assert fed == [(FUSED_NODE, (2, 1280))] * 2
+    assert _rel_err(out.detach(), want.detach()) < 1e-12  # the same dropout mask: contiguous
+    assert set(got) == set(ref) and "features.18.0.weight" in got
+    for name in ref:
+        err = _rel_err(got[name], ref[name])
+        assert err < 1e-10, f"{name}: relative error {err:.2e}"
+
+
+def test_mobilenet_v2_hooked_last_block_keeps_the_map_and_remove_restores_the_model():
+    from torchvision.models import MobileNetV2
+
+    net, x = _mobilenet_v2_tail()
+    fused_net = copy.deepcopy(net)
+    fuse_blocks(fused_net, ["features.17", "features.18"])
+    labels = torch.tensor([3, 7])
+    ref = _model_grads(net, x, labels, seed=1)
+    maps = []
+    for hooked in (fused_net.features[-1], fused_net.features):
+        maps.clear()
+        handle = hooked.register_forward_hook(lambda m, a, o: maps.append(o.shape))
+        got = _model_grads(fused_net, x, labels, seed=1)
+        handle.remove()
+        assert maps == [(2, 1280, 4, 4)]
+        for name in ref:
+            assert _rel_err(got[name], ref[name]) < 1e-10, name
+    fused_net.eval()
+    with torch.no_grad():  # no grad: torchvision's forward, bit for bit
+        assert torch.equal(fused_net(x), net.eval()(x))
+    with pytest.raises(ValueError, match="already fused"):
+        fuse_blocks(fused_net, ["features.18"])
+    gradfilter.remove(fused_net)
+    assert type(fused_net) is MobileNetV2 and type(fused_net.features[-1]) is Conv2dNormActivation
 
 
 def test_efficientnet_head_with_unsupported_activation_is_refused_with_the_reason():

@@ -30,6 +30,12 @@ it (checked per input size; elsewhere the block runs its per-layer path). A timm
 ``conv_head`` fuses with the ``bn2`` (BatchNorm + activation) after it: the model's
 ``forward_features`` runs them as one unit (:class:`FusedHeadMixin`).
 
+A fused block right before the model's global average pooling (that EfficientNet head,
+torchvision MobileNetV2's ``features.18``: :class:`FusedPoolMixin`) also pools inside the fused
+node: the mean is the sum of the last unit's patch sums over H·W, and its gradient g/(H·W) is
+already one value per patch, so neither the map's pooling nor the spread-out gradient's
+re-pooling runs (exact, like the rest).
+
 On the CPU with the native kernels each direction is one C++ call per block
 (``native.fused_block_forward`` / ``fused_block_backward``); elsewhere the same steps run as a
 Python loop over the units (PyTorch ops, or the native kernels one by one with
@@ -39,6 +45,7 @@ Python loop over the units (PyTorch ops, or the native kernels one by one with
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,7 +58,7 @@ from . import functional as GF
 from . import native
 from .nn import FilteredConv2d
 
-__all__ = ["fuse_blocks", "fusable", "FusedBlockMixin", "FusedHeadMixin"]
+__all__ = ["fuse_blocks", "fusable", "FusedBlockMixin", "FusedHeadMixin", "FusedPoolMixin"]
 
 _NO_ACT = math.nan  # the stats kernel's "no activation"
 
@@ -234,6 +241,10 @@ Grid = tuple[GF.AxisGeometry, GF.AxisGeometry]
 # the units calling the native kernels one by one: the form before those calls, kept for
 # in-process A/B benchmarks (benchmarks/fused_native_ab.py) and tested like the others.
 ONE_CALL_NATIVE = True
+# A fused block before the model's global average pooling pools inside the fused node
+# (FusedHeadMixin, FusedPoolMixin). False keeps the map and PyTorch's pooling: the form before,
+# for in-process A/B benchmarks (benchmarks/pool_ab.py).
+POOL_IN_FUSED = True
 
 
 @dataclass(frozen=True)
@@ -341,15 +352,21 @@ def _unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, i
     return gbar, g_gamma, g_beta, g_count.sum(1)
 
 
+_PARAMS = 5  # _FusedBlock's arguments before the units' parameters
+
+
 class _FusedBlock(torch.autograd.Function):
+    """A fused block as one autograd node: ``pool`` returns the global average of its output
+    (N, C) instead of the map (a block that feeds a global-average-pooling head; no skip)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry,
+    def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
                 *params: Tensor | None):
         n = x.shape[0]
         use_native = native.applies(x)
-        ctx.meta = (units, skip, geo, n)
+        ctx.meta = (units, skip, geo, n, pool)
         if use_native and ONE_CALL_NATIVE:
-            return _native_forward(ctx, x, units, skip, geo, params)
+            return _native_forward(ctx, x, units, skip, geo, pool, params)
         ys = _patch_sums_cm(x, *geo.grid_in, use_native)  # the first conv's x̃ (not coarsened)
         prev = geo.grid_in
         saved: list[Tensor | None] = []
@@ -360,33 +377,36 @@ class _FusedBlock(torch.autograd.Function):
             scale, shift, inv_std = _bn_affine(u.bn, z.dtype, use_native)
             t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, *geo.grids[i], use_native)
             prev = geo.grids[i]
-            if not ctx.needs_input_grad[6 + 4 * i]:  # BatchNorm weight frozen: Σ m·z unused
-                mz = None
+            if not ctx.needs_input_grad[_PARAMS + 2 + 4 * i]:  # BatchNorm weight frozen:
+                mz = None  # Σ m·z unused
             saved += [xt, count, mz, scale, inv_std, u.bn.running_mean, u.conv.weight]
         if skip:
             t = t + x
         ctx.save_for_backward(*saved)
-        return t
+        return t.mean((2, 3)) if pool else t
 
     @staticmethod
     def backward(ctx, g_out: Tensor):
         if torch.is_grad_enabled():
             raise RuntimeError("gradfilter: double backward through a fused block is not "
                                "supported")
-        units, skip, geo, n = ctx.meta
+        units, skip, geo, n, pool = ctx.meta
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
         use_native = native.applies(g_out)
+        if pool:  # the mean's gradient is g/(H·W) at every pixel: so are its patch means
+            g_out = _pooled_patch_means(g_out, geo.grids[-1])
         if use_native and ONE_CALL_NATIVE:
             return _native_backward(g_out, units, skip, geo, n, saved, needs)
-        g = _patch_sums_cm(g_out, *geo.grids[-1], use_native, means=True)
+        g = g_out.flatten(1) if pool else _patch_sums_cm(g_out, *geo.grids[-1], use_native,
+                                                         means=True)
         grads: list[Tensor | None] = [None] * (4 * len(units))
         unit_backward = native.unit_backward if use_native else _unit_backward
         for i in reversed(range(len(units))):
             u, grid = units[i], geo.grids[i]
             per_pixel = _per_pixel(grid, n, g)
             xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
-            need_w, need_b, need_gamma, need_beta = needs[4 + 4 * i: 8 + 4 * i]
+            need_w, need_b, need_gamma, need_beta = needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i]
             gscale = 0.25 if geo.strided[i] else 1.0  # DESIGN §1: the 1/(sh·sw) stride scale
             gbar, g_gamma, g_beta, g_bias = unit_backward(
                 g, count, mz if need_gamma else None, scale, inv_std, mean, per_pixel, gscale)
@@ -412,7 +432,15 @@ class _FusedBlock(torch.autograd.Function):
             gx = GF.unpool_input(gxt, gh, gw)
             if skip:
                 gx = gx.add_(g_out)
-        return (gx, None, None, None, *grads)
+        return (gx, None, None, None, None, *grads)
+
+
+def _pooled_patch_means(g: Tensor, grid: Grid) -> Tensor:
+    """(C, N, P): the patch means of the gradient that a global average pooling hands back for
+    g (N, C): g/(H·W) on every patch."""
+    gh, gw = grid
+    p = gh.patches * gw.patches
+    return (g.t() / (gh.size * gw.size)).unsqueeze(-1).expand(-1, -1, p).contiguous()
 
 
 def _native_forward_static(units: list[_Unit], geo: _Geometry) -> tuple:
@@ -451,17 +479,18 @@ def _native_forward_static(units: list[_Unit], geo: _Geometry) -> tuple:
     return cache["_native_forward"]
 
 
-def _native_forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry,
+def _native_forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
                     params: tuple[Tensor | None, ...]) -> Tensor:
     """_FusedBlock.forward in one native call (the same steps)."""
     in_grid, geometry, fixed, eps, upper = _native_forward_static(units, geo)
     needs = ctx.needs_input_grad
-    flags = [f | int(needs[6 + 4 * i]) for i, f in enumerate(fixed)]  # γ trains: keep Σ m·z
+    flags = [f | int(needs[_PARAMS + 2 + 4 * i])  # γ trains: keep Σ m·z
+             for i, f in enumerate(fixed)]
     given = [_EMPTY if p is None else p for p in params]
     out, flat = native.fused_block_forward(
         x, in_grid, given[0::4], given[1::4], [u.bn.running_mean for u in units],
         [u.bn.running_var for u in units], given[2::4], given[3::4], eps, upper, geometry,
-        flags, skip)
+        flags, skip, pool)
     saved: list[Tensor | None] = []
     for i, u in enumerate(units):
         saved += [*flat[5 * i: 5 * i + 5], u.bn.running_mean, u.conv.weight]
@@ -499,22 +528,25 @@ def _native_backward(g_out: Tensor, units: list[_Unit], skip: bool, geo: _Geomet
     """_FusedBlock.backward in one native call (the same steps)."""
     out_grid, inv_counts, per_pixel, grids, fixed, in_grid, pool_in = _native_static(
         units, skip, geo, n, g_out)
-    flags = [f | sum(b for b, need in zip((2, 4, 8, 16), needs[4 + 4 * i: 8 + 4 * i]) if need)
+    flags = [f | sum(b for b, need in zip((2, 4, 8, 16),
+                                          needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i]) if need)
              for i, f in enumerate(fixed)]
     mz = [t if t is not None else _EMPTY for t in saved[2::7]]
     gx, grads = native.fused_block_backward(
         g_out, out_grid, inv_counts, list(saved[0::7]), list(saved[1::7]), mz,
         list(saved[3::7]), list(saved[4::7]), list(saved[5::7]), list(saved[6::7]), per_pixel,
         flags, grids, [int(needs[0])] + in_grid[1:], pool_in)
-    return (gx, None, None, None, *grads)
+    return (gx, None, None, None, None, *grads)
 
 
 _EMPTY = torch.empty(0)
 
 
 def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
-               grids: dict[tuple[int, int, int], _Geometry | None]) -> Tensor | None:
-    """The fused node's output for ``x``, or None where the unit chain must run per layer:
+               grids: dict[tuple[int, int, int], _Geometry | None],
+               pool: bool = False) -> Tensor | None:
+    """The fused node's output for ``x`` (``pool``: its global average, (N, C)), or None where
+    the unit chain must run per layer:
     no-grad or nothing to differentiate, BatchNorm in training mode, a non-4-D or channels-last
     map (the per-layer native kernels cover NHWC, the fused stats pass does not; its PyTorch
     form made channels-last steps slower than lean ones), or stride-2 grids that do not line up
@@ -531,7 +563,7 @@ def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
     geo = grids[key]
     if geo is None:
         return None
-    return _FusedBlock.apply(x, units, skip, geo, *params)
+    return _FusedBlock.apply(x, units, skip, geo, pool, *params)
 
 
 def _grids(module: nn.Module) -> dict[tuple[int, int, int], _Geometry | None]:
@@ -549,11 +581,41 @@ class FusedBlockMixin:
         return super().forward(x) if out is None else out
 
 
+def _hooked(*mods: nn.Module) -> bool:
+    """Whether a forward or backward hook (the module's own or a global one) would see what
+    these modules' calls return: then a pooled head keeps the map that the hooks expect."""
+    from torch.nn.modules import module as M
+
+    if M._global_forward_hooks or M._global_forward_pre_hooks or M._global_backward_hooks or (
+            M._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in mods)
+
+
+def _global_average(pool: nn.Module) -> bool:
+    """Whether a timm ``SelectAdaptivePool2d`` is a plain global average, flattened."""
+    inner, flat = getattr(pool, "pool", None), getattr(pool, "flatten", None)
+    if isinstance(inner, nn.AdaptiveAvgPool2d):
+        return inner.output_size in (1, (1, 1)) and isinstance(flat, nn.Flatten) and (
+            flat.start_dim == 1 and flat.end_dim == -1)
+    try:
+        from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
+    except ImportError:
+        return False
+    return (type(inner) is FastAdaptiveAvgPool and inner.flatten
+            and getattr(inner, "dim", (2, 3)) == (2, 3) and isinstance(flat, nn.Identity))
+
+
 class FusedHeadMixin:
     """Mixed in front of a timm ``EfficientNet`` by :func:`fuse_blocks` (block ``conv_head``):
     ``conv_head`` → ``bn2`` (BatchNorm + activation) run as one fused unit. The gradient from
     the pooled head is constant over the map, so this is exact; it spares BatchNorm's and the
-    activation's full-resolution backward. Same fallbacks as a fused block."""
+    activation's full-resolution backward. Where the model's head is timm's own plain global
+    average (and no hook watches ``global_pool``), ``forward`` takes the average straight from
+    the fused unit's patch sums and hands its backward one value per sample and channel: the
+    full map is neither pooled nor its gradient spread out and pooled again. Same fallbacks as
+    a fused block."""
 
     def forward_features(self, x: Tensor) -> Tensor:
         if self.grad_checkpointing:
@@ -561,6 +623,40 @@ class FusedHeadMixin:
         x = self.blocks(self.bn1(self.conv_stem(x)))
         out = _run_fused(x, *self._gradfilter_units, _grids(self))
         return self.bn2(self.conv_head(x)) if out is None else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.grad_checkpointing or not POOL_IN_FUSED
+                or not self.__dict__.get("_gradfilter_pool")
+                or not _global_average(self.global_pool) or _hooked(self.global_pool)):
+            return super().forward(x)
+        x = self.blocks(self.bn1(self.conv_stem(x)))
+        pooled = _run_fused(x, *self._gradfilter_units, _grids(self), pool=True)
+        if pooled is None:
+            return self.forward_head(self.bn2(self.conv_head(x)))
+        if self.drop_rate > 0.0:  # timm's forward_head
+            pooled = F.dropout(pooled, p=self.drop_rate, training=self.training)
+        return self.classifier(pooled)
+
+
+class FusedPoolMixin:
+    """Mixed in front of a torchvision ``MobileNetV2`` by :func:`fuse_blocks` when its last
+    feature block (``features.18``) is fused: the global average pooling after it comes straight
+    from the block's patch sums, and the block's backward gets one value per sample and channel
+    (see :class:`FusedHeadMixin`). Where hooks watch ``features`` or that block, or the block
+    runs per layer, the model runs as torchvision's."""
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        feats = self.features
+        head = feats[-1] if len(feats) else None
+        if not POOL_IN_FUSED or not isinstance(head, FusedBlockMixin) or _hooked(feats, head):
+            return super()._forward_impl(x)
+        for m in itertools.islice(feats, len(feats) - 1):
+            x = m(x)
+        units, skip = head._gradfilter_units
+        pooled = None if skip else _run_fused(x, units, skip, _grids(head), pool=True)
+        if pooled is None:
+            pooled = torch.flatten(F.adaptive_avg_pool2d(head(x), (1, 1)), 1)
+        return self.classifier(pooled)
 
 
 def _head_units(model: nn.Module, name: str,
@@ -583,6 +679,33 @@ def _head_units(model: nn.Module, name: str,
     return f"head conv_head → bn2: {unit}" if isinstance(unit, str) else (owner, unit)
 
 
+def _own_pooled_head(cls: type) -> bool:
+    """Whether a timm EfficientNet class runs timm's own ``forward`` and ``forward_head`` (so
+    :class:`FusedHeadMixin` may pool inside the fused head)."""
+    from timm.models.efficientnet import EfficientNet
+
+    return cls.forward is EfficientNet.forward and cls.forward_head is EfficientNet.forward_head
+
+
+def _pool_owner(model: nn.Module, name: str, block: nn.Module) -> nn.Module | None:
+    """The torchvision MobileNetV2 whose last feature block ``block`` (named ``name``) is, if
+    its ``_forward_impl`` is torchvision's own and it is not yet swapped; else None."""
+    try:
+        from torchvision.models import MobileNetV2
+    except ImportError:
+        return None
+    owner_name, _, _ = name.rpartition(".")
+    parent_name, _, leaf = owner_name.rpartition(".")
+    if leaf != "features":
+        return None
+    owner = model.get_submodule(parent_name) if parent_name else model
+    if (not isinstance(owner, MobileNetV2) or isinstance(owner, FusedPoolMixin)
+            or type(owner)._forward_impl is not MobileNetV2._forward_impl
+            or not len(owner.features) or owner.features[-1] is not block):
+        return None
+    return owner
+
+
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -596,11 +719,14 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
                 on_unsupported: str = "error") -> list[str]:
     """Fuse the named blocks of ``model`` in place (see the module docstring); return the names
     fused. ``names``: block names or glob patterns; a timm EfficientNet's ``conv_head`` fuses
-    with the ``bn2`` after it (:class:`FusedHeadMixin`). A block named exactly that cannot be fused
-    raises with the reason (``on_unsupported="error"``) or stays as it is (``"skip"``); blocks
-    matched by a glob only are fused where they can be. :func:`gradfilter.remove` undoes it.
-    Call after :func:`gradfilter.apply` (the blocks' convs must be filtered); BatchNorm must be
-    in eval mode when training (:func:`gradfilter.freeze` pins it)."""
+    with the ``bn2`` after it (:class:`FusedHeadMixin`). Where the fused block is the last before
+    the model's global average pooling (that head, torchvision MobileNetV2's ``features.18``:
+    :class:`FusedPoolMixin`), the model pools inside the fused node. A block named exactly that
+    cannot be fused raises with the reason (``on_unsupported="error"``) or stays as it is
+    (``"skip"``); blocks matched by a glob only are fused where they can be.
+    :func:`gradfilter.remove` undoes it. Call after :func:`gradfilter.apply` (the blocks' convs
+    must be filtered); BatchNorm must be in eval mode when training (:func:`gradfilter.freeze`
+    pins it)."""
     from .surgery import _match
 
     if on_unsupported not in ("error", "skip"):
@@ -636,6 +762,7 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
                 found = "already fused"
             else:
                 owner._gradfilter_units = ([unit], False)
+                owner._gradfilter_pool = _own_pooled_head(type(owner))
                 owner._gradfilter_original_class = type(owner)
                 owner.__class__ = _fused_class(type(owner), FusedHeadMixin)
                 fused.append(name)
@@ -651,6 +778,10 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
         mod.__class__ = _fused_class(type(mod))
         fused.append(name)
         inside.append(name)
+        owner = _pool_owner(model, name, mod)
+        if owner is not None:  # MobileNetV2's features.18: pool inside it
+            owner._gradfilter_original_class = type(owner)
+            owner.__class__ = _fused_class(type(owner), FusedPoolMixin)
     if not fused:
         why = "".join(f"\n  {r}" for r in refused)
         raise ValueError(f"fuse_blocks: no block matching {patterns} can be fused{why}")

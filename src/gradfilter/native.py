@@ -208,7 +208,8 @@ def fused_block_backward(g_out: Tensor, out_grid: list[int], inv_counts: Tensor,
                          weight: list[Tensor], per_pixel: list[Tensor], flags: list[int],
                          grids: list[int], in_grid: list[int],
                          pool_in: Tensor | None) -> tuple[Tensor | None, list[Tensor | None]]:
-    """A fused block's whole backward in one call (``blocks._FusedBlock.backward``'s steps):
+    """A fused block's whole backward in one call (``blocks._FusedBlock.backward``'s steps;
+    ``g_out`` the output map's gradient, or a pooled block's patch means (C, N, P)):
     gx (None unless asked for) and per unit its (weight, conv bias, γ, β) grads (None where not
     asked for). The argument layout is documented at the kernel (kernels.cpp)."""
     return _ops().fused_block_backward(g_out, out_grid, inv_counts, xt, count, mz, scale,
@@ -220,12 +221,13 @@ def fused_block_forward(x: Tensor, in_grid: list[int], conv_weight: list[Tensor]
                         conv_bias: list[Tensor], bn_mean: list[Tensor], bn_var: list[Tensor],
                         bn_weight: list[Tensor], bn_bias: list[Tensor], eps: list[float],
                         upper: list[float], geometry: list[int], flags: list[int],
-                        skip: bool) -> tuple[Tensor, list[Tensor | None]]:
+                        skip: bool, pool: bool = False) -> tuple[Tensor, list[Tensor | None]]:
     """A fused block's forward in one call (``blocks._FusedBlock.forward``'s steps): the block
-    output and per unit (x̃, mask count, Σ m·z or None, scale, 1/σ). Call it under no-grad.
-    The argument layout is documented at the kernel (kernels.cpp)."""
+    output (with ``pool``: its global average (N, C)) and per unit (x̃, mask count, Σ m·z or
+    None, scale, 1/σ). Call it under no-grad. The argument layout is documented at the kernel
+    (kernels.cpp)."""
     return _ops().fused_block_forward(x, in_grid, conv_weight, conv_bias, bn_mean, bn_var,
-                                      bn_weight, bn_bias, eps, upper, geometry, flags, skip)
+                                      bn_weight, bn_bias, eps, upper, geometry, flags, skip, pool)
 
 
 def unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,

@@ -406,6 +406,7 @@ def remove(model: nn.Module) -> list[str]:
             mod.__dict__.pop("bn_radius", None)
             mod.__dict__.pop("_gradfilter_units", None)
             mod.__dict__.pop("_gradfilter_grids", None)
+            mod.__dict__.pop("_gradfilter_pool", None)
             mod.__class__ = original
             reverted.append(name)
         elif isinstance(mod, _FILTERED):

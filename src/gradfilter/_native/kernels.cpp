@@ -829,70 +829,109 @@ __attribute__((target("avx2"))) inline void store_part(float* p, bool whole, __m
     _mm256_maskstore_ps(p, mk, v);
 }
 
+// One map row of bn_act_rows_avx2 (NV vectors from zr; MASKED: the plane's last rows, whose
+// vectors would leave it, loaded and stored in the lanes before `room`): y stored, and with SUM
+// its (m, m * z, y) added to the accumulators (the all-ones mask is -1 as an integer).
+template <int NV, bool ACT, bool SUM, bool MASKED>
+__attribute__((target("avx2"))) inline void bn_act_row_avx2(
+    const float* zr, float* yr, __m256 S, __m256 T, __m256 vhi, int64_t room, __m256i* am,
+    __m256* az, __m256* ay) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int v = 0; v < NV; ++v) {
+    __m256i mk = _mm256_setzero_si256();
+    bool whole = true;
+    if constexpr (MASKED) {
+      whole = room >= 8 * (v + 1);
+      if (!whole)
+        mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(room - 8 * v)),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    const __m256 zv = MASKED ? load_part(zr + 8 * v, whole, mk) : _mm256_loadu_ps(zr + 8 * v);
+    const __m256 x = _mm256_add_ps(_mm256_mul_ps(zv, S), T);
+    __m256 out = x;
+    if constexpr (ACT) out = _mm256_min_ps(vhi, _mm256_max_ps(zero, x));
+    if constexpr (MASKED)
+      store_part(yr + 8 * v, whole, mk, out);
+    else
+      _mm256_storeu_ps(yr + 8 * v, out);
+    if constexpr (SUM) {
+      if constexpr (ACT) {
+        const __m256 m = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ),
+                                       _mm256_cmp_ps(x, vhi, _CMP_LT_OQ));
+        am[v] = _mm256_sub_epi32(am[v], _mm256_castps_si256(m));
+        az[v] = _mm256_add_ps(az[v], _mm256_and_ps(m, zv));
+      } else {
+        am[v] = _mm256_sub_epi32(am[v], _mm256_set1_epi32(-1));
+        az[v] = _mm256_add_ps(az[v], zv);
+      }
+      ay[v] = _mm256_add_ps(ay[v], out);
+    }
+  }
+}
+
+// Rows [h0, h1) of one plane (SUM: one patch row's, summed into am / az / ay).
+template <int NV, bool ACT, bool SUM>
+__attribute__((target("avx2"))) inline void bn_act_rows_range_avx2(
+    const float* zj, float* yj, int64_t h0, int64_t h1, int64_t H, int64_t W, int64_t plain,
+    __m256 S, __m256 T, __m256 vhi, __m256i* am, __m256* az, __m256* ay) {
+  int64_t h = h0;
+  for (const int64_t e = std::min(h1, plain); h < e; ++h)
+    bn_act_row_avx2<NV, ACT, SUM, false>(zj + h * W, yj + h * W, S, T, vhi, 0, am, az, ay);
+  for (; h < h1; ++h)
+    bn_act_row_avx2<NV, ACT, SUM, true>(zj + h * W, yj + h * W, S, T, vhi, (H - h) * W, am, az,
+                                        ay);
+}
+
 // Narrow tiny float planes (width ≤ 8·NV), a full block of 8, AVX2: no per-pixel transposes.
 // Each row is NV vectors read straight from the plane: lanes past the row's end read the next
-// row (never summed; their y is overwritten when that row is stored), and where whole vectors
-// would leave the plane (its last rows) loads and stores are masked. Each row's y is stored and
-// its (m, m * z, y) added to the running sums of its patch row, kept in rb when the patch row
-// ends. After the 8 planes, 8×8 transposes of rb put the planes in the lanes, so each patch's
-// column segment adds up 8 planes at once. row_patch: the patch row of each map row (-1 off
-// the grid); rb: [Ph][3][NV][8][8] floats; sums: [P][3][8].
-template <int NV>
+// row (never summed; their y is overwritten when that row is stored). Where whole vectors
+// would leave the plane (its last rows), they run on into the next plane when it follows in
+// memory and is done after this one (its first pixels are read but not summed, and the y
+// written there is overwritten when that plane is stored); otherwise those rows are loaded and
+// stored masked (slow stores on AMD cores). Each patch row's (m, m * z, y) sums go to rb.
+// After the 8 planes, 8×8 transposes of rb put the planes in the lanes, so each patch's column
+// segment adds up 8 planes at once. rows: each patch row's map rows; rb: [Ph][3][NV][8][8]
+// floats; sums: [P][3][8].
+template <int NV, bool ACT>
 __attribute__((target("avx2"))) void bn_act_rows_avx2(
     const float* const* zp, float* const* yp, const float* s8, const float* t8, int64_t H,
-    int64_t W, bool act, float hi, const int64_t* row_patch,
+    int64_t W, float hi, const std::pair<int64_t, int64_t>* rows,
     const std::pair<int64_t, int64_t>* cols, int64_t Ph, int64_t Pw, float* rb, float* sums) {
   constexpr int64_t Q = 3 * NV * 64;  // rb floats per patch row
-  const __m256 zero = _mm256_setzero_ps(), vhi = _mm256_set1_ps(hi);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t i = 0; i < Ph; ++i) {  // patch rows without map rows sum to zero
-    bool seen = false;
-    for (int64_t h = 0; h < H; ++h) seen |= row_patch[h] == i;
-    if (!seen) std::fill(rb + i * Q, rb + (i + 1) * Q, 0.0f);
-  }
+  const __m256 vhi = _mm256_set1_ps(hi);
+  // rows off the grid (above the first patch row, below the last): y only
+  const int64_t top_end = Ph ? rows[0].first : H, bottom = Ph ? rows[Ph - 1].second : H;
+  // rows from which whole vectors stay in the plane: h + 1 < H - (8·NV - W) / W roughly
+  int64_t inside = H;
+  while (inside > 0 && (H - (inside - 1)) * W < 8 * NV) --inside;
   for (int64_t j = 0; j < 8; ++j) {
     const float* zj = zp[j];
     float* yj = yp[j];
     const __m256 S = _mm256_set1_ps(s8[j]), T = _mm256_set1_ps(t8[j]);
-    __m256i am[NV];  // mask counts: the all-ones mask is -1 as an integer, subtracted
+    // the spill of the last row stays within the planes after this one in the block
+    const bool spill = j < 7 && 8 * NV - W <= (7 - j) * H * W &&
+                       zp[7] == zj + (7 - j) * H * W && yp[7] == yj + (7 - j) * H * W;
+    const int64_t plain = spill ? H : inside;
+    __m256i am[NV];
     __m256 az[NV], ay[NV];
-    int64_t cur = -1;
-    for (int64_t h = 0; h <= H; ++h) {
-      const int64_t i = h < H ? row_patch[h] : -1;
-      if (i != cur) {
-        if (cur >= 0)  // the patch row ends: keep its sums
-          for (int v = 0; v < NV; ++v) {
-            float* d = rb + cur * Q + v * 64 + j * 8;
-            _mm256_storeu_ps(d, _mm256_cvtepi32_ps(am[v]));
-            _mm256_storeu_ps(d + NV * 64, az[v]);
-            _mm256_storeu_ps(d + 2 * NV * 64, ay[v]);
-          }
-        for (int v = 0; v < NV; ++v) {
-          am[v] = _mm256_setzero_si256();
-          az[v] = ay[v] = zero;
-        }
-        cur = i;
-      }
-      if (h == H) break;
-      const float* zr = zj + h * W;
-      float* yr = yj + h * W;
-      const int64_t room = (H - h) * W;  // elements from this row to the plane's end
+    bn_act_rows_range_avx2<NV, ACT, false>(zj, yj, 0, top_end, H, W, plain, S, T, vhi, am, az,
+                                           ay);
+    for (int64_t i = 0; i < Ph; ++i) {
       for (int v = 0; v < NV; ++v) {
-        const bool whole = room >= 8 * (v + 1);
-        __m256i mk = _mm256_setzero_si256();
-        if (!whole)
-          mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(room - 8 * v)), lane);
-        const __m256 zv = load_part(zr + 8 * v, whole, mk);
-        __m256 m;
-        const __m256 out = bn_act_vec(zv, S, T, act, vhi, m);
-        store_part(yr + 8 * v, whole, mk, out);
-        if (i >= 0) {
-          am[v] = _mm256_sub_epi32(am[v], _mm256_castps_si256(m));
-          az[v] = _mm256_add_ps(az[v], _mm256_and_ps(m, zv));
-          ay[v] = _mm256_add_ps(ay[v], out);
-        }
+        am[v] = _mm256_setzero_si256();
+        az[v] = ay[v] = _mm256_setzero_ps();
+      }
+      bn_act_rows_range_avx2<NV, ACT, true>(zj, yj, rows[i].first, rows[i].second, H, W, plain,
+                                            S, T, vhi, am, az, ay);
+      for (int v = 0; v < NV; ++v) {
+        float* d = rb + i * Q + v * 64 + j * 8;
+        _mm256_storeu_ps(d, _mm256_cvtepi32_ps(am[v]));
+        _mm256_storeu_ps(d + NV * 64, az[v]);
+        _mm256_storeu_ps(d + 2 * NV * 64, ay[v]);
       }
     }
+    bn_act_rows_range_avx2<NV, ACT, false>(zj, yj, std::max(bottom, top_end), H, H, W, plain, S,
+                                           T, vhi, am, az, ay);
   }
   alignas(32) float cb[3][8 * NV][8];  // per quantity and column: the 8 planes' patch-row sums
   for (int64_t i = 0; i < Ph; ++i) {
@@ -907,7 +946,7 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
     for (int64_t c = 0; c < Pw; ++c) {
       float* d = sums + (i * Pw + c) * 24;
       for (int q = 0; q < 3; ++q) {
-        __m256 s = zero;
+        __m256 s = _mm256_setzero_ps();
         for (int64_t w = cols[c].first; w < cols[c].second; ++w)
           s = _mm256_add_ps(s, _mm256_load_ps(cb[q][w]));
         _mm256_storeu_ps(d + 8 * q, s);
@@ -1112,12 +1151,18 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
           float* sums = row + 3 * W;  // [P][3][B]
 #if defined(GF_HAVE_AVX2_TARGET)
           if (cpu_has_avx2()) {
-            if (W <= 8)
-              bn_act_rows_avx2<1>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
-                                  Ph, Pw, ty, sums);
-            else
-              bn_act_rows_avx2<2>(zp, yp, s8, t8, H, W, act, hi, row_patch.data(), cols.data(),
-                                  Ph, Pw, ty, sums);
+            const auto* rp = rows.data();
+            const auto* cp = cols.data();
+            if (W <= 8) {
+              if (act)
+                bn_act_rows_avx2<1, true>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
+              else
+                bn_act_rows_avx2<1, false>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
+            } else if (act) {
+              bn_act_rows_avx2<2, true>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
+            } else {
+              bn_act_rows_avx2<2, false>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
+            }
             store_sums_avx2(sums, P, o0, step, count_out, count_u8, mz_sum, y_sum);
             continue;
           }
@@ -1397,8 +1442,9 @@ at::Tensor refine_2x2(const at::Tensor& t, int64_t N, int64_t ph, int64_t pw, in
 }
 
 // A fused block's whole backward (blocks.py, _FusedBlock.backward: the same steps, which there
-// cost about a hundred microseconds of Python per unit inside a training step). out_grid: the
-// last unit's (k, top, left, ph, pw); per unit i: flags (1 strided, 2 need gW, 4 need the conv
+// cost about a hundred microseconds of Python per unit inside a training step). g_out: the
+// gradient of the block's output map, or (a pooled block's) its patch means (C, N, P); out_grid:
+// the last unit's (k, top, left, ph, pw); per unit i: flags (1 strided, 2 need gW, 4 need the conv
 // bias grad, 8 need γ's, 16 need β's, 32 depthwise), grids[4i..4i+3] its (ph, pw) and the
 // (ph, pw) of the grid before it; in_grid: (need gx, skip, h, w, kh, kw, top, left); pool_in:
 // the tiny-map unpooling matrix. Returns gx (undefined without need gx) and per unit (gW,
@@ -1418,11 +1464,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_backward(
               "gradfilter native fused_block_backward: one entry per unit in every list");
   TORCH_CHECK(out_grid.size() == 5 && in_grid.size() == 8,
               "gradfilter native fused_block_backward: bad grid arguments");
-  TORCH_CHECK(g_out.dim() == 4, "gradfilter native fused_block_backward: g_out must be 4-D");
-  const int64_t N = g_out.size(0);
-  at::Tensor g = std::get<0>(patch_sum_cm(g_out, out_grid[0], out_grid[0], out_grid[1],
-                                          out_grid[2], out_grid[3], out_grid[4], 1.0,
-                                          inv_counts));
+  TORCH_CHECK(g_out.dim() == 4 || (g_out.dim() == 3 && in_grid[1] == 0),
+              "gradfilter native fused_block_backward: g_out must be a 4-D map or, without "
+              "a skip, its patch means (C, N, P)");
+  const bool means = g_out.dim() == 3;  // a pooled block's: the caller has the patch means
+  const int64_t N = g_out.size(means ? 1 : 0);
+  at::Tensor g = means ? g_out.reshape({g_out.size(0), -1})
+                       : std::get<0>(patch_sum_cm(g_out, out_grid[0], out_grid[0], out_grid[1],
+                                                  out_grid[2], out_grid[3], out_grid[4], 1.0,
+                                                  inv_counts));
   g = g.view({g.size(0), -1});  // patch means, channel-major
   std::vector<at::Tensor> grads(4 * U);
   const bool need_x = in_grid[0] != 0, skip = in_grid[1] != 0;
@@ -1502,12 +1552,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine(
 // groups, its output grid (k, top, left, ph, pw), whether x̃ is the previous grid coarsened
 // 2×2, and that grid's (ph, pw); flags[i]: 1 keep Σ m·z (γ trainable), 2 byte counts, 4 conv
 // bias, 8 BatchNorm γ, 16 BatchNorm β (absent tensors are passed as empty ones). Returns the
-// block's output and per unit (x̃, mask count, Σ m·z or undefined, scale, 1/σ).
+// block's output (with pool: its global average (N, C) instead, no skip) and per unit (x̃, mask
+// count, Σ m·z or undefined, scale, 1/σ).
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
     const at::Tensor& x, at::IntArrayRef in_grid, at::TensorList conv_weight,
     at::TensorList conv_bias, at::TensorList bn_mean, at::TensorList bn_var,
     at::TensorList bn_weight, at::TensorList bn_bias, at::ArrayRef<double> eps,
-    at::ArrayRef<double> upper, at::IntArrayRef geometry, at::IntArrayRef flags, bool skip) {
+    at::ArrayRef<double> upper, at::IntArrayRef geometry, at::IntArrayRef flags, bool skip,
+    bool pool) {
   const int64_t U = static_cast<int64_t>(conv_weight.size());
   TORCH_CHECK(U > 0 && conv_bias.size() == conv_weight.size() &&
                   bn_mean.size() == conv_weight.size() && bn_var.size() == conv_weight.size() &&
@@ -1518,6 +1570,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
                   static_cast<int64_t>(flags.size()) == U && in_grid.size() == 5,
               "gradfilter native fused_block_forward: one entry per unit in every list");
   TORCH_CHECK(x.dim() == 4, "gradfilter native fused_block_forward: x must be 4-D");
+  TORCH_CHECK(!(skip && pool), "gradfilter native fused_block_forward: a pooled block has no skip");
   const int64_t N = x.size(0);
   at::Tensor ys = std::get<0>(patch_sum_cm(x, in_grid[0], in_grid[0], in_grid[1], in_grid[2],
                                            in_grid[3], in_grid[4], 1.0, std::nullopt));
@@ -1558,6 +1611,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
     ys = ysum.view({C, -1});
     t = y;
   }
+  if (pool) {  // the global average: the sum of the last unit's patch sums over H·W
+    const int64_t* g = geometry.data() + 16 * (U - 1);
+    const int64_t k = g[8], H = t.size(2), W = t.size(3), C = t.size(1);
+    TORCH_CHECK(g[9] >= 0 && g[10] >= 0 && g[11] * k - g[9] >= H && g[12] * k - g[10] >= W,
+                "gradfilter native fused_block_forward: pooling needs a grid that covers the map");
+    return {ys.view({C, N, -1}).sum(2).t().div(static_cast<double>(H * W)).contiguous(), saved};
+  }
   if (skip) t = t + x;
   return {t, saved};
 }
@@ -1576,7 +1636,7 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("bn_affine(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, ScalarType dtype) -> (Tensor, Tensor, Tensor)");
   m.def("patch_sum_cm(Tensor x, int kh, int kw, int top, int left, int ph, int pw, float scale, Tensor? map) -> (Tensor, Tensor)");
   m.def("fused_block_backward(Tensor g_out, int[] out_grid, Tensor inv_counts, Tensor[] xt, Tensor[] count, Tensor[] mz, Tensor[] scale, Tensor[] inv_std, Tensor[] mean, Tensor[] weight, Tensor[] per_pixel, int[] flags, int[] grids, int[] in_grid, Tensor? pool_in) -> (Tensor, Tensor[])");
-  m.def("fused_block_forward(Tensor x, int[] in_grid, Tensor[] conv_weight, Tensor[] conv_bias, Tensor[] bn_mean, Tensor[] bn_var, Tensor[] bn_weight, Tensor[] bn_bias, float[] eps, float[] upper, int[] geometry, int[] flags, bool skip) -> (Tensor, Tensor[])");
+  m.def("fused_block_forward(Tensor x, int[] in_grid, Tensor[] conv_weight, Tensor[] conv_bias, Tensor[] bn_mean, Tensor[] bn_var, Tensor[] bn_weight, Tensor[] bn_bias, float[] eps, float[] upper, int[] geometry, int[] flags, bool skip, bool pool=False) -> (Tensor, Tensor[])");
   m.def("filtered_backward(Tensor gy, Tensor xt, Tensor weight, int kh, int kw, int rh, int rw, "
         "int out_top, int out_left, int ph, int pw, int in_kh, int in_kw, int in_top, int in_left, "
         "int h, int w, float scale, Tensor? map, bool need_x, bool need_w, Tensor? pool_in) -> "
