@@ -1,13 +1,20 @@
-"""Shared pieces of the in-process A/B benchmarks: the fused cases, one training batch, and
-writing a result file with the machine it ran on."""
+"""Shared pieces of the in-process A/B benchmarks: the fused cases, one training batch, the
+command line, training steps alternating between two forms of one model, and writing a result
+file with the machine it ran on."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.machine import machine_info
 
 # MobileNetV2's and EfficientNet-Lite0's last 4 / last 8 blocks: the cases fused blocks change
@@ -27,3 +34,49 @@ def save(out: Path | None, rows: list[dict], **extra) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"machine": machine_info(), **extra, "rows": rows}, indent=1))
+
+
+def parse_args(doc: str, *extra: tuple[tuple, dict]) -> argparse.Namespace:
+    """``--repeats`` (default 30) and ``--out`` plus ``extra`` (``(names, kwargs)`` pairs for
+    ``add_argument``), described by ``doc``'s first paragraph; tunes the allocator (every A/B
+    script runs with it, as the step benchmark does)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    for names, kwargs in extra:
+        ap.add_argument(*names, **kwargs)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    tune_cpu_allocator()
+    return args
+
+
+def alternate_steps(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                    y: torch.Tensor, forms: dict[str, Callable[[], None]], repeats: int,
+                    warmup: int = 3) -> dict[str, list[tuple[float, float]]]:
+    """Training steps of ``net`` alternating between ``forms`` (each a callable that switches
+    the model to that form), order flipped every round: per form, the (forward + loss,
+    backward) seconds of each round after ``warmup`` dropped ones."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in forms}
+    for i in range(repeats + warmup):
+        for k in (list(forms) if i % 2 == 0 else list(reversed(forms))):
+            forms[k]()
+            opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                times[k].append((t1 - t0, t2 - t1))
+            opt.step()
+    return times
+
+
+def phase_medians(times: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """``forward_ms_<form>`` and ``backward_ms_<form>``: medians of :func:`alternate_steps`'s
+    times in milliseconds."""
+    row = {}
+    for k, v in times.items():
+        row[f"forward_ms_{k}"] = round(statistics.median(t[0] for t in v) * 1e3, 2)
+        row[f"backward_ms_{k}"] = round(statistics.median(t[1] for t in v) * 1e3, 2)
+    return row

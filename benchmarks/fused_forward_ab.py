@@ -12,7 +12,6 @@ next conv reads the y the pass wrote, from whichever core's cache holds it).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,12 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from gradfilter import native
-from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.machine import describe, machine_info
 from gradfilter.bench.step import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import FUSED_CASES, save, step_batch  # noqa: E402
+from _ab import FUSED_CASES, parse_args, save, step_batch  # noqa: E402
 from stats_ab import _baseline_ops  # noqa: E402
 
 
@@ -58,12 +56,8 @@ def _case(model: str, last: int, repeats: int, base) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--baseline", required=True, help="git revision whose stats pass to compare")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    tune_cpu_allocator()
+    args = parse_args(__doc__, (("--baseline",), {
+        "required": True, "help": "git revision whose stats pass to compare"}))
     with native.use_native(True):
         base = _baseline_ops(args.baseline)
         rows = [_case(m, last, args.repeats, base) for m, last in FUSED_CASES]

@@ -7,7 +7,6 @@ benchmark and the trainer's default take it, and AdamW. One process, alternating
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -15,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.machine import describe, machine_info
 from gradfilter.bench.step import LAST, MODELS, build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import save  # noqa: E402
+from _ab import parse_args, save  # noqa: E402
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
@@ -46,11 +44,7 @@ def _case(model: str, last: int, repeats: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    tune_cpu_allocator()
+    args = parse_args(__doc__)
     rows = [_case(m, last, args.repeats) for m in MODELS for last in LAST]
     print(describe(machine_info()))
     for r in rows:

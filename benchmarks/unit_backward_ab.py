@@ -12,55 +12,47 @@ backward is a separate call (the one-call native backward has it inside).
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch.nn.functional as F
-
 from gradfilter import blocks, native
-from gradfilter.allocator import tune_cpu_allocator
 from gradfilter.bench.machine import describe, machine_info
 from gradfilter.bench.step import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import FUSED_CASES, save, step_batch  # noqa: E402
+from _ab import (  # noqa: E402
+    FUSED_CASES,
+    alternate_steps,
+    parse_args,
+    phase_medians,
+    save,
+    step_batch,
+)
+
+FORMS = {"native": native.unit_backward, "pytorch": blocks._unit_backward}
+
+
+def _unit_backward(form: str):
+    return lambda: setattr(blocks.native, "unit_backward", FORMS[form])
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
     x, y = step_batch()
     net, opt, _ = build(model, "fused", last, 4, x[:2])
     net.train()
-    forms = {"native": native.unit_backward, "pytorch": blocks._unit_backward}
-    times: dict[str, list[float]] = {k: [] for k in forms}
     blocks.ONE_CALL_NATIVE = False
     try:
-        for i in range(repeats + 3):  # three warm-up rounds are dropped
-            for k in (list(forms) if i % 2 == 0 else list(reversed(forms))):
-                blocks.native.unit_backward = forms[k]
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(net(x), y)
-                t0 = time.perf_counter()
-                loss.backward()
-                if i >= 3:
-                    times[k].append(time.perf_counter() - t0)
-                opt.step()
+        times = alternate_steps(net, opt, x, y, {k: _unit_backward(k) for k in FORMS}, repeats)
     finally:
-        blocks.native.unit_backward = forms["native"]
+        blocks.native.unit_backward = FORMS["native"]
         blocks.ONE_CALL_NATIVE = True
-    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    return {"model": model, "last": last, "backward_ms_native": ms["native"],
-            "backward_ms_pytorch": ms["pytorch"]}
+    ms = phase_medians(times)
+    return {"model": model, "last": last, "backward_ms_native": ms["backward_ms_native"],
+            "backward_ms_pytorch": ms["backward_ms_pytorch"]}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    tune_cpu_allocator()
+    args = parse_args(__doc__)
     print(describe(machine_info()))
     rows = []
     with native.use_native(True):

@@ -195,6 +195,17 @@ def _randomise(block, gen):
     return block.eval()
 
 
+def _fit_batchnorm(model, bias=None):
+    """Fitted-looking BatchNorm statistics (so masks and scales are not trivial); with ``bias``
+    (a range) also affine weights in [0.5, 1.5] and biases in that range."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if bias is not None:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(*bias)
+
 BLOCKS = {
     "ir_skip": lambda: InvertedResidual(4, 4, stride=1, expand_ratio=6),
     "ir_no_skip": lambda: InvertedResidual(3, 5, stride=1, expand_ratio=6),
@@ -573,12 +584,7 @@ def test_fused_block_in_half_precision_is_near_the_float32_per_layer_block(dtype
     block output is constant over the map (so the two agree exactly in exact arithmetic)."""
     torch.manual_seed(0)
     base = nn.Sequential(InvertedResidual(16, 16, 1, 6)).eval()
-    for mod in base.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.5, 0.5)
+    _fit_batchnorm(base, bias=(-0.5, 0.5))
     per_layer = copy.deepcopy(base)
     gradfilter.apply(per_layer, radius=2, names="0.*")
     fused = copy.deepcopy(per_layer)
@@ -839,10 +845,7 @@ def _lite0_tail(dtype=torch.float64, act=None):
     net = create_model("tf_efficientnet_lite0", 10).to(dtype)
     if act is not None:
         net.bn2.act = act
-    for m in net.modules():  # fitted-looking statistics, so masks and scales are not trivial
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    _fit_batchnorm(net)
     x = torch.randn(2, 3, 96, 96, dtype=dtype)
     net, info = prepare_model(net, "gradfilter", 2, 2, x)
     assert info.blocks == ["blocks.6.0", "conv_head"]
@@ -905,12 +908,7 @@ def _mobilenet_v2_tail(dtype=torch.float64, size=128, r=2):
 
     torch.manual_seed(0)
     net = create_model("mobilenet_v2", 10).to(dtype)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.4)
+    _fit_batchnorm(net, bias=(-0.2, 0.4))
     x = torch.randn(2, 3, size, size, dtype=dtype)
     net, info = prepare_model(net, "gradfilter", r, 2, x)
     assert info.blocks == ["features.17", "features.18"]

@@ -617,10 +617,14 @@ class FusedHeadMixin:
     full map is neither pooled nor its gradient spread out and pooled again. Same fallbacks as
     a fused block."""
 
+    def _trunk(self, x: Tensor) -> Tensor:
+        """timm's forward_features up to the head conv."""
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
     def forward_features(self, x: Tensor) -> Tensor:
         if self.grad_checkpointing:
             return super().forward_features(x)
-        x = self.blocks(self.bn1(self.conv_stem(x)))
+        x = self._trunk(x)
         out = _run_fused(x, *self._gradfilter_units, _grids(self))
         return self.bn2(self.conv_head(x)) if out is None else out
 
@@ -629,7 +633,7 @@ class FusedHeadMixin:
                 or not self.__dict__.get("_gradfilter_pool")
                 or not _global_average(self.global_pool) or _hooked(self.global_pool)):
             return super().forward(x)
-        x = self.blocks(self.bn1(self.conv_stem(x)))
+        x = self._trunk(x)
         pooled = _run_fused(x, *self._gradfilter_units, _grids(self), pool=True)
         if pooled is None:
             return self.forward_head(self.bn2(self.conv_head(x)))
