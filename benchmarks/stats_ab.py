@@ -7,8 +7,10 @@ Every candidate runs in one process, alternating (order flipped each round), med
 * ``torch``   ``F.batch_norm`` (eval) then ``F.relu6`` — what a vanilla forward runs per unit;
 * ``stats``   ``gradfilter.native.bn_act_stats`` of this tree (y, and per patch the mask count as
   bytes, the masked sum of z and the sum of y);
+* ``sums``    the same pass writing no y (``store=False``: a pooled block's last unit);
 * ``base``    with ``--baseline REV``: the same pass built from ``REV``'s ``kernels.cpp`` (under
-  another op namespace), its mask count converted to bytes as that commit's fused forward did.
+  another op namespace), with byte counts (converted to bytes after the pass, as the fused
+  forward did, where that commit's pass has no ``count_u8``).
 
     .venv/bin/python benchmarks/stats_ab.py --baseline 8e2760e \
         --out benchmarks/results/stats_ab_cpu.json
@@ -74,9 +76,15 @@ def _case(n: int, c: int, hw: int, upper: float, repeats: int, base) -> dict:
 
     fns = {"torch": torch_unit,
            "stats": lambda: native.bn_act_stats(z, scale, shift, upper, RADIUS, pad, pad, p, p,
-                                                True)}
+                                                True),
+           "sums": lambda: native.bn_act_stats(z, scale, shift, upper, RADIUS, pad, pad, p, p,
+                                               True, store=False)}
     if base is not None:
+        byte_counts = any(a.name == "count_u8" for a in base.default._schema.arguments)
+
         def base_unit():
+            if byte_counts:
+                return base(z, scale, shift, upper, RADIUS, pad, pad, p, p, True)[1]
             out = base(z, scale, shift, upper, RADIUS, pad, pad, p, p)
             return out[1].to(torch.uint8)
 
@@ -108,7 +116,8 @@ def main() -> int:
     print(describe(machine_info()))
     for r in rows:
         line = f"{str(tuple(r['shape'])):20s} {r['activation']:5s} torch {r['torch_ms']:.3f} ms" \
-               f" | stats {r['stats_ms']:.3f} ms ({r['stats_ms'] / r['torch_ms']:.2f}x torch)"
+               f" | stats {r['stats_ms']:.3f} ms ({r['stats_ms'] / r['torch_ms']:.2f}x torch)" \
+               f" | no y {r['sums_ms']:.3f} ms"
         if "base_ms" in r:
             line += f" | base {r['base_ms']:.3f} ms ({r['base_ms'] / r['stats_ms']:.2f}x stats)"
         print(line)

@@ -946,6 +946,25 @@ def test_mobilenet_v2_pools_inside_its_fused_last_block_exactly(use_native, size
         assert err < 1e-10, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("size", [224, 448, 576])
+def test_mobilenet_v2_pooled_fused_block_in_float32_is_near_the_float64_network(size):
+    """The float32 native kernels on the pooled path (7×7, 14×14 and 18×18 head maps: the
+    narrow-plane and wide-row passes; the last unit's map is never written): gradients within
+    float32 rounding of the per-layer filtered network in float64."""
+    net, x = _mobilenet_v2_tail(size=size, r=4)
+    fused_net = copy.deepcopy(net).float()
+    fuse_blocks(fused_net, ["features.17", "features.18"])
+    labels = torch.tensor([3, 7])
+    with native.use_native(True):
+        ref = _model_grads(net, x, labels, seed=1)
+        got = _model_grads(fused_net, x.float(), labels, seed=1)
+    assert set(got) == set(ref) and "features.18.1.weight" in got
+    for name in ref:
+        err = _rel_err(got[name].double(), ref[name])
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
 def test_mobilenet_v2_hooked_last_block_keeps_the_map_and_remove_restores_the_model():
     from torchvision.models import MobileNetV2
 

@@ -187,12 +187,14 @@ def mask_apply(g: Tensor, bits: Tensor) -> Tensor:
 
 def bn_act_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, k: int, top: int,
                  left: int, ph: int, pw: int,
-                 count_u8: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 count_u8: bool = False,
+                 store: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """Eval BatchNorm + activation of a fused block in one pass (src/gradfilter/blocks.py):
     y = clamp(z·scale + shift, 0, upper) (``upper`` NaN: no activation) and, per k×k patch,
     channel-major (C, N, ph, pw): the count of 0 < v < upper (uint8 with ``count_u8``, which
-    needs k·k ≤ 255), the sum of z there, the sum of y."""
-    return _ops().bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw, count_u8)
+    needs k·k ≤ 255), the sum of z there, the sum of y. ``store=False``: the sums only, y is
+    not written (None; a pooled block's last unit)."""
+    return _ops().bn_act_stats(z, scale, shift, upper, k, top, left, ph, pw, count_u8, store)
 
 
 def bn_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,

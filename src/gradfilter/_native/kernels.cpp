@@ -690,7 +690,7 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
         out = _mm_min_ps(vhi, _mm_max_ps(zero, v));
         m = _mm_and_ps(_mm_cmpgt_ps(v, zero), _mm_cmplt_ps(v, vhi));
       }
-      _mm_storeu_ps(y + e, out);
+      if (y != nullptr) _mm_storeu_ps(y + e, out);
       _mm_storeu_ps(ty + e, out);
       _mm_storeu_ps(tmz + e, _mm_and_ps(m, zv));
       _mm_storeu_ps(tm + e, _mm_and_ps(m, one));
@@ -700,7 +700,7 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
   for (; e < n; ++e) {
     acc_t out, mz, m1;
     bn_act_pixel<acc_t>(acc_t(z[e]), s, t, act, hi, out, mz, m1);
-    y[e] = scalar_t(out);
+    if (y != nullptr) y[e] = scalar_t(out);
     ty[e] = out;
     tmz[e] = mz;
     tm[e] = m1;
@@ -740,7 +740,7 @@ inline void bn_act_tiny_block_f32(const float* const* zp, float* const* yp, cons
           out = _mm_min_ps(vhi, _mm_max_ps(zero, v));
           m = _mm_and_ps(_mm_cmpgt_ps(v, zero), _mm_cmplt_ps(v, vhi));
         }
-        _mm_storeu_ps(yg[j] + e, out);
+        if (yg[j] != nullptr) _mm_storeu_ps(yg[j] + e, out);
         o[j] = out;
         mz[j] = _mm_and_ps(m, zv);
         mm[j] = _mm_and_ps(m, one);
@@ -759,7 +759,7 @@ inline void bn_act_tiny_block_f32(const float* const* zp, float* const* yp, cons
         const int64_t o = e * 8 + g * 4 + j;
         bn_act_pixel<float>(zg[j][e], s8[g * 4 + j], t8[g * 4 + j], act, hi, pmy[o], pmz[o],
                             pmm[o]);
-        yg[j][e] = pmy[o];
+        if (yg[j] != nullptr) yg[j][e] = pmy[o];
       }
   }
   for (int64_t q = 0; q < P; ++q) {
@@ -832,7 +832,7 @@ __attribute__((target("avx2"))) inline void store_part(float* p, bool whole, __m
 // One map row of bn_act_rows_avx2 (NV vectors from zr; MASKED: the plane's last rows, whose
 // vectors would leave it, loaded and stored in the lanes before `room`): y stored, and with SUM
 // its (m, m * z, y) added to the accumulators (the all-ones mask is -1 as an integer).
-template <int NV, bool ACT, bool SUM, bool MASKED>
+template <int NV, bool ACT, bool SUM, bool MASKED, bool STORE>
 __attribute__((target("avx2"))) inline void bn_act_row_avx2(
     const float* zr, float* yr, __m256 S, __m256 T, __m256 vhi, int64_t room, __m256i* am,
     __m256* az, __m256* ay) {
@@ -850,9 +850,9 @@ __attribute__((target("avx2"))) inline void bn_act_row_avx2(
     const __m256 x = _mm256_add_ps(_mm256_mul_ps(zv, S), T);
     __m256 out = x;
     if constexpr (ACT) out = _mm256_min_ps(vhi, _mm256_max_ps(zero, x));
-    if constexpr (MASKED)
+    if constexpr (STORE && MASKED)
       store_part(yr + 8 * v, whole, mk, out);
-    else
+    else if constexpr (STORE)
       _mm256_storeu_ps(yr + 8 * v, out);
     if constexpr (SUM) {
       if constexpr (ACT) {
@@ -869,17 +869,18 @@ __attribute__((target("avx2"))) inline void bn_act_row_avx2(
   }
 }
 
-// Rows [h0, h1) of one plane (SUM: one patch row's, summed into am / az / ay).
-template <int NV, bool ACT, bool SUM>
+// Rows [h0, h1) of one plane (SUM: one patch row's, summed into am / az / ay; STORE: y written).
+template <int NV, bool ACT, bool SUM, bool STORE>
 __attribute__((target("avx2"))) inline void bn_act_rows_range_avx2(
     const float* zj, float* yj, int64_t h0, int64_t h1, int64_t H, int64_t W, int64_t plain,
     __m256 S, __m256 T, __m256 vhi, __m256i* am, __m256* az, __m256* ay) {
   int64_t h = h0;
   for (const int64_t e = std::min(h1, plain); h < e; ++h)
-    bn_act_row_avx2<NV, ACT, SUM, false>(zj + h * W, yj + h * W, S, T, vhi, 0, am, az, ay);
+    bn_act_row_avx2<NV, ACT, SUM, false, STORE>(zj + h * W, yj + h * W, S, T, vhi, 0, am, az,
+                                                ay);
   for (; h < h1; ++h)
-    bn_act_row_avx2<NV, ACT, SUM, true>(zj + h * W, yj + h * W, S, T, vhi, (H - h) * W, am, az,
-                                        ay);
+    bn_act_row_avx2<NV, ACT, SUM, true, STORE>(zj + h * W, yj + h * W, S, T, vhi, (H - h) * W,
+                                               am, az, ay);
 }
 
 // Narrow tiny float planes (width ≤ 8·NV), a full block of 8, AVX2: no per-pixel transposes.
@@ -891,8 +892,9 @@ __attribute__((target("avx2"))) inline void bn_act_rows_range_avx2(
 // stored masked (slow stores on AMD cores). Each patch row's (m, m * z, y) sums go to rb.
 // After the 8 planes, 8×8 transposes of rb put the planes in the lanes, so each patch's column
 // segment adds up 8 planes at once. rows: each patch row's map rows; rb: [Ph][3][NV][8][8]
-// floats; sums: [P][3][8].
-template <int NV, bool ACT>
+// floats; sums: [P][3][8]. Without STORE nothing is written to the planes (yp must then equal
+// zp: the spill test compares them).
+template <int NV, bool ACT, bool STORE>
 __attribute__((target("avx2"))) void bn_act_rows_avx2(
     const float* const* zp, float* const* yp, const float* s8, const float* t8, int64_t H,
     int64_t W, float hi, const std::pair<int64_t, int64_t>* rows,
@@ -914,15 +916,15 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
     const int64_t plain = spill ? H : inside;
     __m256i am[NV];
     __m256 az[NV], ay[NV];
-    bn_act_rows_range_avx2<NV, ACT, false>(zj, yj, 0, top_end, H, W, plain, S, T, vhi, am, az,
-                                           ay);
+    bn_act_rows_range_avx2<NV, ACT, false, STORE>(zj, yj, 0, top_end, H, W, plain, S, T, vhi,
+                                                  am, az, ay);
     for (int64_t i = 0; i < Ph; ++i) {
       for (int v = 0; v < NV; ++v) {
         am[v] = _mm256_setzero_si256();
         az[v] = ay[v] = _mm256_setzero_ps();
       }
-      bn_act_rows_range_avx2<NV, ACT, true>(zj, yj, rows[i].first, rows[i].second, H, W, plain,
-                                            S, T, vhi, am, az, ay);
+      bn_act_rows_range_avx2<NV, ACT, true, STORE>(zj, yj, rows[i].first, rows[i].second, H, W,
+                                                   plain, S, T, vhi, am, az, ay);
       for (int v = 0; v < NV; ++v) {
         float* d = rb + i * Q + v * 64 + j * 8;
         _mm256_storeu_ps(d, _mm256_cvtepi32_ps(am[v]));
@@ -930,8 +932,8 @@ __attribute__((target("avx2"))) void bn_act_rows_avx2(
         _mm256_storeu_ps(d + 2 * NV * 64, ay[v]);
       }
     }
-    bn_act_rows_range_avx2<NV, ACT, false>(zj, yj, std::max(bottom, top_end), H, H, W, plain, S,
-                                           T, vhi, am, az, ay);
+    bn_act_rows_range_avx2<NV, ACT, false, STORE>(zj, yj, std::max(bottom, top_end), H, H, W,
+                                                  plain, S, T, vhi, am, az, ay);
   }
   alignas(32) float cb[3][8 * NV][8];  // per quantity and column: the 8 planes' patch-row sums
   for (int64_t i = 0; i < Ph; ++i) {
@@ -1002,10 +1004,10 @@ __attribute__((target("avx2"))) void store_sums_avx2(const float* sums, int64_t 
 }
 
 // One float plane of any width, AVX2, row by row (planes that are not tiny): each row's y is
-// stored and its (m, m * z, y) added into three row accumulators of its patch row (acc: 3 × W
-// rounded up to 8 floats, in L1; a row's last partial vector is loaded and stored masked, its
-// spare lanes land in the accumulators' padding); when the patch row ends, the accumulators'
-// column segments give its patches' sums. sums: [P][3] (count, m * z, y); patches without map
+// stored (unless y is null) and its (m, m * z, y) added into three row accumulators of its
+// patch row (acc: 3 × W rounded up to 8 floats, in L1; a row's last partial vector is loaded
+// and stored masked, its spare lanes land in the accumulators' padding); when the patch row
+// ends, the accumulators' column segments give its patches' sums. sums: [P][3] (count, m * z, y); patches without map
 // pixels: 0.
 __attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
     const float* z, float* y, float s, float t, int64_t H, int64_t W, bool act, float hi,
@@ -1038,13 +1040,13 @@ __attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
     }
     if (h == H) break;
     const float* zr = z + h * W;
-    float* yr = y + h * W;
+    float* yr = y != nullptr ? y + h * W : nullptr;
     for (int64_t w = 0; w < W; w += 8) {
       const bool whole = w + 8 <= W;
       const __m256 zv = load_part(zr + w, whole, tail);
       __m256 m;
       const __m256 out = bn_act_vec(zv, S, T, act, vhi, m);
-      store_part(yr + w, whole, tail, out);
+      if (yr != nullptr) store_part(yr + w, whole, tail, out);
       if (i >= 0) {
         _mm256_storeu_ps(am + w, _mm256_add_ps(_mm256_loadu_ps(am + w), _mm256_and_ps(m, one)));
         _mm256_storeu_ps(az + w, _mm256_add_ps(_mm256_loadu_ps(az + w), _mm256_and_ps(m, zv)));
@@ -1060,6 +1062,7 @@ bool cpu_has_avx2() {
 }
 #endif
 
+// y null: the statistics only, nothing written to a map.
 template <typename scalar_t>
 void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_t* shift,
                          scalar_t* y, void* count_out, bool count_u8, scalar_t* mz_sum,
@@ -1137,7 +1140,7 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
       const int64_t c0 = grp * B, cnt = std::min(B, C - c0);
       for (int64_t j = 0; j < cnt; ++j) {
         zp[j] = z + (n * C + c0 + j) * HW;
-        yp[j] = y + (n * C + c0 + j) * HW;
+        yp[j] = y != nullptr ? y + (n * C + c0 + j) * HW : nullptr;
       }
       const int64_t o0 = (c0 * N + n) * P, step = N * P;  // plane j's sums: o0 + j * step
 #if defined(__SSE2__)
@@ -1153,16 +1156,22 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
           if (cpu_has_avx2()) {
             const auto* rp = rows.data();
             const auto* cp = cols.data();
-            if (W <= 8) {
-              if (act)
-                bn_act_rows_avx2<1, true>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
-              else
-                bn_act_rows_avx2<1, false>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
-            } else if (act) {
-              bn_act_rows_avx2<2, true>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
-            } else {
-              bn_act_rows_avx2<2, false>(zp, yp, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
-            }
+            float* const* yv = y != nullptr ? yp : const_cast<float* const*>(zp);
+            auto rows_avx2 = [&](auto nv, auto a, auto store) {
+              bn_act_rows_avx2<decltype(nv)::value, decltype(a)::value, decltype(store)::value>(
+                  zp, yv, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
+            };
+            using One = std::integral_constant<int, 1>;
+            using Two = std::integral_constant<int, 2>;
+            const bool narrow = W <= 8, store = y != nullptr;
+            if (narrow && act && store) rows_avx2(One{}, std::true_type{}, std::true_type{});
+            else if (narrow && act) rows_avx2(One{}, std::true_type{}, std::false_type{});
+            else if (narrow && store) rows_avx2(One{}, std::false_type{}, std::true_type{});
+            else if (narrow) rows_avx2(One{}, std::false_type{}, std::false_type{});
+            else if (act && store) rows_avx2(Two{}, std::true_type{}, std::true_type{});
+            else if (act) rows_avx2(Two{}, std::true_type{}, std::false_type{});
+            else if (store) rows_avx2(Two{}, std::false_type{}, std::true_type{});
+            else rows_avx2(Two{}, std::false_type{}, std::false_type{});
             store_sums_avx2(sums, P, o0, step, count_out, count_u8, mz_sum, y_sum);
             continue;
           }
@@ -1251,32 +1260,44 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_stats(
+// The stats pass with its checks; store false: the statistics only (y is not written and is
+// returned undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
     const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift, double upper,
-    int64_t k, int64_t top, int64_t left, int64_t ph, int64_t pw, bool count_u8) {
-  TORCH_CHECK(z.dim() == 4, "gradfilter native bn_act_stats: expected a 4-D map, got ", z.dim(), "-D");
+    int64_t k, int64_t top, int64_t left, int64_t ph, int64_t pw, bool count_u8, bool store,
+    const char* name) {
+  TORCH_CHECK(z.dim() == 4, "gradfilter native ", name, ": expected a 4-D map, got ", z.dim(), "-D");
   TORCH_CHECK(!count_u8 || k * k <= 255,
-              "gradfilter native bn_act_stats: byte counts need k*k <= 255, got k=", k);
+              "gradfilter native ", name, ": byte counts need k*k <= 255, got k=", k);
   check_geometry(k, ph, "height");
   check_geometry(k, pw, "width");
   TORCH_CHECK(std::isnan(upper) || upper > 0,
-              "gradfilter native bn_act_stats: upper bound must be > 0 or NaN, got ", upper);
+              "gradfilter native ", name, ": upper bound must be > 0 or NaN, got ", upper);
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
   TORCH_CHECK(scale.numel() == C && shift.numel() == C,
-              "gradfilter native bn_act_stats: scale and shift need ", C, " values");
+              "gradfilter native ", name, ": scale and shift need ", C, " values");
   const at::Tensor src = z.contiguous();
   const at::Tensor sc = scale.to(z.scalar_type()).contiguous(), sh = shift.to(z.scalar_type()).contiguous();
-  at::Tensor y = at::empty_like(src);
+  at::Tensor y = store ? at::empty_like(src) : at::Tensor();
   at::Tensor mz = at::empty({C, N, ph, pw}, src.options()), ys = at::empty_like(mz);
   at::Tensor count = count_u8 ? at::empty_like(mz, mz.options().dtype(at::kByte)) : at::empty_like(mz);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_bn_act_stats", [&] {
     bn_act_stats_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
-                                  sh.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                  sh.const_data_ptr<scalar_t>(),
+                                  store ? y.mutable_data_ptr<scalar_t>() : nullptr,
                                   count.data_ptr(), count_u8, mz.mutable_data_ptr<scalar_t>(),
                                   ys.mutable_data_ptr<scalar_t>(), N, C, H, W, k, top, left, ph, pw,
                                   upper);
   });
   return {y, count, mz, ys};
+}
+
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> bn_act_stats(
+    const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift, double upper,
+    int64_t k, int64_t top, int64_t left, int64_t ph, int64_t pw, bool count_u8, bool store) {
+  auto [y, count, mz, ys] = stats_pass(z, scale, shift, upper, k, top, left, ph, pw, count_u8,
+                                       store, "bn_act_stats");
+  return {store ? std::optional<at::Tensor>(y) : std::nullopt, count, mz, ys};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1600,8 +1621,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
     if (f & 16) beta = bn_bias[i];
     auto [scale, shift, inv_std] = bn_affine(bn_mean[i], bn_var[i], gamma, beta, eps[i],
                                              z.scalar_type());
-    auto [y, count, mz, ysum] = bn_act_stats(z, scale, shift, upper[i], g[8], g[9], g[10], g[11],
-                                             g[12], (f & 2) != 0);
+    // a pooled block's last unit: only its patch sums are used; its y is not written
+    const bool last_pooled = pool && i == U - 1;
+    auto [y, count, mz, ysum] = stats_pass(z, scale, shift, upper[i], g[8], g[9], g[10], g[11],
+                                           g[12], (f & 2) != 0, !last_pooled,
+                                           "fused_block_forward");
     const int64_t C = z.size(1);
     saved.push_back(xt);
     saved.push_back(count.view({C, -1}));
@@ -1609,14 +1633,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
     saved.push_back(scale);
     saved.push_back(inv_std);
     ys = ysum.view({C, -1});
+    if (last_pooled) {  // the global average: the sum of the patch sums over H·W
+      const int64_t k = g[8], H = z.size(2), W = z.size(3);
+      TORCH_CHECK(g[9] >= 0 && g[10] >= 0 && g[11] * k - g[9] >= H && g[12] * k - g[10] >= W,
+                  "gradfilter native fused_block_forward: pooling needs a grid that covers the map");
+      return {ys.view({C, N, -1}).sum(2).t().div(static_cast<double>(H * W)).contiguous(), saved};
+    }
     t = y;
-  }
-  if (pool) {  // the global average: the sum of the last unit's patch sums over H·W
-    const int64_t* g = geometry.data() + 16 * (U - 1);
-    const int64_t k = g[8], H = t.size(2), W = t.size(3), C = t.size(1);
-    TORCH_CHECK(g[9] >= 0 && g[10] >= 0 && g[11] * k - g[9] >= H && g[12] * k - g[10] >= W,
-                "gradfilter native fused_block_forward: pooling needs a grid that covers the map");
-    return {ys.view({C, N, -1}).sum(2).t().div(static_cast<double>(H * W)).contiguous(), saved};
   }
   if (skip) t = t + x;
   return {t, saved};
@@ -1630,7 +1653,7 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
   m.def("mask_apply(Tensor g, Tensor bits) -> Tensor");
   m.def("bn_act_stats(Tensor z, Tensor scale, Tensor shift, float upper, int k, int top, int left, "
-        "int ph, int pw, bool count_u8=False) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int ph, int pw, bool count_u8=False, bool store=True) -> (Tensor?, Tensor, Tensor, Tensor)");
   m.def("unit_backward(Tensor g, Tensor count, Tensor? mz, Tensor scale, Tensor inv_std, "
         "Tensor mean, Tensor per_pixel, float gscale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_affine(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, ScalarType dtype) -> (Tensor, Tensor, Tensor)");
