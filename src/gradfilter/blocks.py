@@ -245,6 +245,11 @@ ONE_CALL_NATIVE = True
 # (FusedHeadMixin, FusedPoolMixin). False keeps the map and PyTorch's pooling: the form before,
 # for in-process A/B benchmarks (benchmarks/pool_ab.py).
 POOL_IN_FUSED = True
+# The one-call native backward computes its weight-gradient and g̃x products with the output's
+# rows cut into one run per thread, as the passes that read them next (the optimizer step,
+# the next unit's channel loop) cut their work (kernels.cpp, mm_rows). False: one
+# multi-threaded product each, the form before (benchmarks/rows_ab.py).
+SPLIT_ROWS = True
 
 
 @dataclass(frozen=True)
@@ -528,8 +533,10 @@ def _native_backward(g_out: Tensor, units: list[_Unit], skip: bool, geo: _Geomet
     """_FusedBlock.backward in one native call (the same steps)."""
     out_grid, inv_counts, per_pixel, grids, fixed, in_grid, pool_in = _native_static(
         units, skip, geo, n, g_out)
-    flags = [f | sum(b for b, need in zip((2, 4, 8, 16),
-                                          needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i]) if need)
+    rows = 64 if SPLIT_ROWS else 0
+    flags = [f | rows | sum(b for b, need in zip((2, 4, 8, 16),
+                                                 needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i])
+                            if need)
              for i, f in enumerate(fixed)]
     mz = [t if t is not None else _EMPTY for t in saved[2::7]]
     gx, grads = native.fused_block_backward(

@@ -1462,14 +1462,39 @@ at::Tensor refine_2x2(const at::Tensor& t, int64_t N, int64_t ph, int64_t pw, in
       .reshape({C, N * fph * fpw});
 }
 
+// a @ b; split: the output's rows cut into one contiguous run per thread, each a single-threaded
+// product. What reads the result next cuts its work the same way (unit_backward's channel loop
+// over g̃x; the copy that spreads a k×k weight gradient), so each thread reads what its own core
+// just wrote. Where the threads' cores do not share a cache (a VM can place its vCPUs so), the
+// fused backward is then 0.3-1.2 ms shorter; elsewhere it is the same (benchmarks/rows_ab.py).
+at::Tensor mm_rows(const at::Tensor& a_in, const at::Tensor& b_in, bool split) {
+  // the pool's threads do not inherit the caller's no-grad mode: hand them plain tensors
+  const at::Tensor a = a_in.detach(), b = b_in.detach();
+  const int64_t M = a.size(0);
+  at::Tensor out = at::empty({M, b.size(1)}, a.options());
+  const int64_t T = std::min<int64_t>(at::get_num_threads(), M);
+  if (!split || T <= 1 || at::in_parallel_region()) return at::mm_out(out, a, b);
+  const int64_t rows = (M + T - 1) / T;
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
+      if (r0 >= r1) continue;
+      at::Tensor part = out.narrow(0, r0, r1 - r0);
+      at::mm_out(part, a.narrow(0, r0, r1 - r0), b);
+    }
+  });
+  return out;
+}
+
 // A fused block's whole backward (blocks.py, _FusedBlock.backward: the same steps, which there
 // cost about a hundred microseconds of Python per unit inside a training step). g_out: the
 // gradient of the block's output map, or (a pooled block's) its patch means (C, N, P); out_grid:
 // the last unit's (k, top, left, ph, pw); per unit i: flags (1 strided, 2 need gW, 4 need the conv
-// bias grad, 8 need γ's, 16 need β's, 32 depthwise), grids[4i..4i+3] its (ph, pw) and the
-// (ph, pw) of the grid before it; in_grid: (need gx, skip, h, w, kh, kw, top, left); pool_in:
-// the tiny-map unpooling matrix. Returns gx (undefined without need gx) and per unit (gW,
-// bias, γ, β) grads, undefined where not asked for.
+// bias grad, 8 need γ's, 16 need β's, 32 depthwise, 64 row-split products, see mm_rows),
+// grids[4i..4i+3] its (ph, pw) and the (ph, pw) of the grid before it; in_grid: (need gx,
+// skip, h, w, kh, kw, top, left); pool_in: the tiny-map unpooling matrix. Returns gx
+// (undefined without need gx) and per unit (gW, bias, γ, β) grads, undefined where not asked
+// for.
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_backward(
     const at::Tensor& g_out, at::IntArrayRef out_grid, const at::Tensor& inv_counts,
     at::TensorList xt, at::TensorList count, at::TensorList mz, at::TensorList scale,
@@ -1510,13 +1535,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_backward(
     const at::Tensor& w = weight[i];
     const bool one = w.size(2) == 1 && w.size(3) == 1;
     if (f & 2) {
-      const at::Tensor gw = depthwise ? (gbar * xt[i]).sum(1).unsqueeze(1) : at::mm(gbar, xt[i].t());
+      const at::Tensor gw = depthwise ? (gbar * xt[i]).sum(1).unsqueeze(1) : mm_rows(gbar, xt[i].t(), f & 64);
       grads[4 * i] = one ? gw.view(w.sizes())
                          : gw.unsqueeze(-1).unsqueeze(-1).expand(w.sizes()).contiguous();
     }
     if (i == 0 && !need_x) break;
     const at::Tensor wsum = one ? w.flatten(1) : tap_sum(w);  // W̃
-    g = depthwise ? wsum * gbar : at::mm(wsum.t(), gbar);      // g̃x, one value per patch
+    g = depthwise ? wsum * gbar : mm_rows(wsum.t(), gbar, f & 64);  // g̃x, one value per patch
     if (strided)
       g = refine_2x2(g, N, grids[4 * i], grids[4 * i + 1], grids[4 * i + 2], grids[4 * i + 3]);
   }

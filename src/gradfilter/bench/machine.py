@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 
 import torch
 
@@ -57,6 +59,35 @@ def machine_info(device: str = "cpu") -> dict:
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
     return info
+
+
+def cross_core_read_ratio(mib: int = 8, repeats: int = 15) -> float | None:
+    """How much longer one thread takes to read a buffer that all intra-op threads just wrote
+    than one it wrote itself (median over ``repeats``); None with a single thread.
+
+    About 1 where the threads' cores share a cache. On this project's 2-vCPU VM it reads about 2
+    at times, for minutes (the host places the vCPUs on cores that do not share one): then the
+    first pass over data another thread just wrote pays for the transfer, e.g. the optimizer
+    step right after a fused backward short enough to leave its gradients in the other core's
+    cache (docs/performance.md). Benchmarks record it so that such runs can be told apart."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    n = mib * 2**20 // 4
+    src, buf = torch.ones(n), torch.empty(n)
+    times: dict[int, list[float]] = {threads: [], 1: []}
+    try:
+        for _ in range(repeats):
+            for writers in (threads, 1):
+                torch.set_num_threads(writers)
+                torch.mul(src, 2.0, out=buf)  # each thread writes its own share
+                torch.set_num_threads(1)
+                t0 = time.perf_counter()
+                buf.sum()
+                times[writers].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times[threads]) / statistics.median(times[1])
 
 
 def describe(info: dict) -> str:

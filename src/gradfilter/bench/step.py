@@ -43,11 +43,13 @@ import torch.nn.functional as F
 
 from ..optim import fused_kwargs
 from .layers import _sync
-from .machine import describe, machine_info
+from .machine import cross_core_read_ratio, describe, machine_info
 
 MODELS = ("mobilenet_v2", "resnet18", "tf_efficientnet_lite0")
 LAST = (4, 8)
 METHODS = ("vanilla", "filtered", "lean", "fused")
+# cross_core_read_ratio above which a case ran with its threads on cores without a shared cache
+SPLIT_CACHE_RATIO = 1.3
 
 
 def build(model_name: str, method: str, last: int, radius: int, example: torch.Tensor):
@@ -131,6 +133,9 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
             F.cross_entropy(net(x), y)
         row[f"saved_bytes_{m}"] = saved.bytes
         row[f"saved_bytes_blocks_{m}"] = saved.bytes_under(blocks)
+    # the VM state that slows a pass over data the other core just wrote (machine.py): before
+    # and after the timed rounds
+    split = [cross_core_read_ratio()] if device.type == "cpu" else []
     times: dict[str, list[float]] = {k: [] for k in (*METHODS, "forward_only")}
     phases: dict[str, list[tuple[float, float, float]]] = {m: [] for m in METHODS}
     for i in range(repeats + 2):  # two warm-up rounds are dropped
@@ -150,6 +155,8 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
         if i >= 2:
             times["forward_only"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    if split and split[0] is not None:
+        row["cross_core_read_ratio"] = [round(split[0], 2), round(cross_core_read_ratio(), 2)]
     row["forward_only_ms"] = med["forward_only"]
     bound = med["vanilla"] - med["forward_only"]
     for m in METHODS:
@@ -279,6 +286,9 @@ def _line(row: dict[str, Any]) -> str:
     parts = [f"{row['model']:<22} last {row['last']}: fwd-only {row['forward_only_ms']:7.1f} ms"
              f" | vanilla {row['step_ms_vanilla']:7.1f} ms"
              f" (E bound {'-' if bound is None else f'{100 * bound:.0f}%'})"]
+    ratio = max(row.get("cross_core_read_ratio") or [1.0])
+    if ratio > SPLIT_CACHE_RATIO:
+        parts[0] += f" [threads on split caches: cross-core reads {ratio:.1f}x]"
     for m in METHODS[1:]:
         eff, paired = row[f"efficiency_{m}"], row.get(f"efficiency_paired_{m}")
         e = "E -" if eff is None else f"E {100 * eff:.0f}%"
