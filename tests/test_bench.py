@@ -9,7 +9,7 @@ pytest.importorskip("torchvision")
 
 
 def test_step_bench_case_reports_ratios_and_saved_bytes():
-    from gradfilter.bench.step import METHODS, bench_case
+    from gradfilter.bench.step import METHODS, _line, bench_case
 
     row = bench_case("mobilenet_v2", 2, 4, batch=2, size=64, repeats=1,
                      device=torch.device("cpu"))
@@ -34,6 +34,26 @@ def test_step_bench_case_reports_ratios_and_saved_bytes():
     assert row["saved_bytes_blocks_vanilla"] > row["saved_bytes_blocks_filtered"] \
         > row["saved_bytes_blocks_lean"] > 0
     assert row["saved_bytes_vanilla"] >= row["saved_bytes_blocks_vanilla"]
+    # the VM state that slows passes over data the other core wrote: read before and after
+    if torch.get_num_threads() > 1:
+        assert len(row["cross_core_read_ratio"]) == 2 and min(row["cross_core_read_ratio"]) > 0
+    for ratio, flagged in (([2.0, 1.0], True), ([1.0, 1.1], False)):
+        row["cross_core_read_ratio"] = ratio
+        assert ("split caches" in _line(row)) is flagged
+
+
+def test_cross_core_read_ratio_needs_two_threads_and_restores_the_count():
+    from gradfilter.bench.machine import cross_core_read_ratio
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cross_core_read_ratio() is None
+        torch.set_num_threads(2)
+        assert cross_core_read_ratio(mib=1, repeats=3) > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_paired_efficiency_cancels_load_that_changes_between_rounds():
