@@ -246,9 +246,9 @@ ONE_CALL_NATIVE = True
 # for in-process A/B benchmarks (benchmarks/pool_ab.py).
 POOL_IN_FUSED = True
 # The one-call native backward computes its weight-gradient and g̃x products with the output's
-# rows cut into one run per thread, as the passes that read them next (the optimizer step,
-# the next unit's channel loop) cut their work (kernels.cpp, mm_rows). False: one
-# multi-threaded product each, the form before (benchmarks/rows_ab.py).
+# rows cut into one run per thread, as the passes that read them next (the next unit's channel
+# loop, the copy that spreads a k×k kernel's gradient) cut their work (kernels.cpp, mm_rows).
+# False: one multi-threaded product each, the form before (benchmarks/rows_ab.py).
 SPLIT_ROWS = True
 
 

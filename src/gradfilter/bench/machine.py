@@ -66,10 +66,10 @@ def cross_core_read_ratio(mib: int = 8, repeats: int = 15) -> float | None:
     than one it wrote itself (median over ``repeats``); None with a single thread.
 
     About 1 where the threads' cores share a cache. On this project's 2-vCPU VM it reads about 2
-    at times, for minutes (the host places the vCPUs on cores that do not share one): then the
-    first pass over data another thread just wrote pays for the transfer, e.g. the optimizer
-    step right after a fused backward short enough to leave its gradients in the other core's
-    cache (docs/performance.md). Benchmarks record it so that such runs can be told apart."""
+    at times, for minutes (the host places the vCPUs on cores that do not share one): a pass
+    over data another thread just wrote then pays for the transfer, and fused training steps'
+    backward and optimizer step run slower (docs/performance.md). Benchmarks record it so that
+    such runs can be told apart."""
     threads = torch.get_num_threads()
     if threads < 2:
         return None

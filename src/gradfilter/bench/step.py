@@ -135,7 +135,7 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
         row[f"saved_bytes_blocks_{m}"] = saved.bytes_under(blocks)
     # the VM state that slows a pass over data the other core just wrote (machine.py): before
     # and after the timed rounds
-    split = [cross_core_read_ratio()] if device.type == "cpu" else []
+    split_before = cross_core_read_ratio() if device.type == "cpu" else None
     times: dict[str, list[float]] = {k: [] for k in (*METHODS, "forward_only")}
     phases: dict[str, list[tuple[float, float, float]]] = {m: [] for m in METHODS}
     for i in range(repeats + 2):  # two warm-up rounds are dropped
@@ -155,8 +155,9 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
         if i >= 2:
             times["forward_only"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    if split and split[0] is not None:
-        row["cross_core_read_ratio"] = [round(split[0], 2), round(cross_core_read_ratio(), 2)]
+    if split_before is not None:  # None: one thread, or a GPU case
+        row["cross_core_read_ratio"] = [round(split_before, 2),
+                                        round(cross_core_read_ratio(), 2)]
     row["forward_only_ms"] = med["forward_only"]
     bound = med["vanilla"] - med["forward_only"]
     for m in METHODS:
