@@ -1,15 +1,19 @@
 """Shared pieces of the in-process A/B benchmarks: the fused cases, one training batch, the
-command line, training steps alternating between two forms of one model, and writing a result
-file with the machine it ran on."""
+command line, a module flag's forms, the vanilla and fused models of a case, training steps
+alternating between two forms of one model, a fresh worker process, and writing a result file
+with the machine it ran on."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,41 @@ def parse_args(doc: str, *extra: tuple[tuple, dict]) -> argparse.Namespace:
     args = ap.parse_args()
     tune_cpu_allocator()
     return args
+
+
+@contextlib.contextmanager
+def flag_forms(obj: Any, name: str, **values: Any) -> Iterator[dict[str, Callable[[], None]]]:
+    """Per form, a callable that sets ``obj.name`` to that form's value (the ``forms`` of
+    :func:`alternate_steps`); ``obj.name`` gets its value back on exit."""
+    before = getattr(obj, name)
+    try:
+        yield {k: (lambda v=v: setattr(obj, name, v)) for k, v in values.items()}
+    finally:
+        setattr(obj, name, before)
+
+
+def vanilla_and_fused(model: str, last: int, x: torch.Tensor) -> tuple[tuple, tuple]:
+    """The case's vanilla and fused (model, optimizer), built as ``gradfilter bench step``
+    builds them (r=4), in training mode."""
+    from gradfilter.bench.step import build
+
+    pairs = []
+    for method in ("vanilla", "fused"):
+        net, opt, _ = build(model, method, last, 4, x[:2])
+        pairs.append((net.train(), opt))
+    return pairs[0], pairs[1]
+
+
+def _with_threads(threads: int, fn: Callable[..., Any], args: tuple) -> Any:
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a newly spawned process with this one's torch thread count: each call
+    samples the VM's state anew (``bench.machine.cross_core_read_ratio``)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_with_threads, (torch.get_num_threads(), fn, args))
 
 
 def alternate_steps(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,

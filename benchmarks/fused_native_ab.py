@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ab import (  # noqa: E402
     FUSED_CASES,
     alternate_steps,
+    flag_forms,
     parse_args,
     phase_medians,
     save,
@@ -29,19 +30,12 @@ from _ab import (  # noqa: E402
 )
 
 
-def _one_call(enabled: bool):
-    return lambda: setattr(blocks, "ONE_CALL_NATIVE", enabled)
-
-
 def _case(model: str, last: int, repeats: int) -> dict:
     x, y = step_batch()
     net, opt, _ = build(model, "fused", last, 4, x[:2])
     net.train()
-    try:
-        times = alternate_steps(net, opt, x, y, {"one_call": _one_call(True),
-                                                 "loop": _one_call(False)}, repeats)
-    finally:
-        blocks.ONE_CALL_NATIVE = True
+    with flag_forms(blocks, "ONE_CALL_NATIVE", one_call=True, loop=False) as forms:
+        times = alternate_steps(net, opt, x, y, forms, repeats)
     return {"model": model, "last": last, **phase_medians(times)}
 
 

@@ -26,15 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ab import (  # noqa: E402
     FUSED_CASES,
     alternate_steps,
+    flag_forms,
     parse_args,
     phase_medians,
     save,
     step_batch,
 )
-
-
-def _pool(enabled: bool):
-    return lambda: setattr(blocks, "POOL_IN_FUSED", enabled)
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
@@ -45,12 +42,9 @@ def _case(model: str, last: int, repeats: int) -> dict:
     # --cache-features), so the frozen forward's noise does not bury a sub-millisecond change
     prefix = find_prefix(net, names[0], x[:2])
     feats = _capture(net, names[0], x)
-    try:
-        with skip_prefix(net, prefix):
-            times = alternate_steps(net, opt, feats, y, {"pool": _pool(True),
-                                                         "map": _pool(False)}, repeats)
-    finally:
-        blocks.POOL_IN_FUSED = True
+    with skip_prefix(net, prefix), flag_forms(blocks, "POOL_IN_FUSED", pool=True,
+                                              map=False) as forms:
+        times = alternate_steps(net, opt, feats, y, forms, repeats)
     saved = [sum(m) - sum(p) for m, p in zip(times["map"], times["pool"])]
     return {"model": model, "last": last, **phase_medians(times),
             "step_saved_ms_paired": round(statistics.median(saved) * 1e3, 2)}

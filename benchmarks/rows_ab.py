@@ -16,7 +16,6 @@ after the rounds.
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import sys
 from pathlib import Path
@@ -24,36 +23,35 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import FUSED_CASES, parse_args, save, step_batch  # noqa: E402
+from _ab import (  # noqa: E402
+    FUSED_CASES,
+    flag_forms,
+    in_fresh_process,
+    parse_args,
+    save,
+    step_batch,
+    vanilla_and_fused,
+)
 
-FORMS = {"rows": True, "one_mm": False}
 
-
-def _worker(args: tuple[str, int, int, int]) -> dict:
-    model, last, repeats, threads = args
-    torch.set_num_threads(threads)
+def _worker(model: str, last: int, repeats: int) -> dict:
     from gradfilter import blocks
     from gradfilter.bench.machine import cross_core_read_ratio
-    from gradfilter.bench.step import _timed_step, build
+    from gradfilter.bench.step import _timed_step
 
     x, y = step_batch()
     dev = torch.device("cpu")
-    vanilla = build(model, "vanilla", last, 4, x[:2])[:2]
-    fused = build(model, "fused", last, 4, x[:2])[:2]
-    vanilla[0].train()
-    fused[0].train()
+    vanilla, fused = vanilla_and_fused(model, last, x)
     before = cross_core_read_ratio()
-    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in FORMS}
-    try:
+    with flag_forms(blocks, "SPLIT_ROWS", rows=True, one_mm=False) as forms:
+        times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in forms}
         for i in range(repeats + 2):  # two warm-up rounds are dropped
-            for form in (list(FORMS) if i % 2 == 0 else list(reversed(FORMS))):
+            for form in (list(forms) if i % 2 == 0 else list(reversed(forms))):
                 _timed_step(*vanilla, x, y, dev)
-                blocks.SPLIT_ROWS = FORMS[form]
+                forms[form]()
                 parts = _timed_step(*fused, x, y, dev)
                 if i >= 2:
                     times[form].append(parts)
-    finally:
-        blocks.SPLIT_ROWS = True
     row = {"model": model, "last": last,
            "cross_core_read_ratio": [round(before, 2), round(cross_core_read_ratio(), 2)]}
     for form, parts in times.items():
@@ -64,13 +62,10 @@ def _worker(args: tuple[str, int, int, int]) -> dict:
 
 def main() -> int:
     args = parse_args(__doc__, (("--workers",), {"type": int, "default": 4}))
-    ctx = multiprocessing.get_context("spawn")
     rows = []
     for model, last in FUSED_CASES:
         for _ in range(args.workers):
-            with ctx.Pool(1) as pool:
-                row = pool.apply(_worker, ((model, last, args.repeats,
-                                            torch.get_num_threads()),))
+            row = in_fresh_process(_worker, model, last, args.repeats)
             rows.append(row)
             ratio = max(row["cross_core_read_ratio"])
             print(f"{model:22s} last {last}: cross-core reads {ratio:.1f}x"

@@ -13,7 +13,6 @@ step, the second optimizer step and vanilla's optimizer step.
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import sys
 import time
@@ -22,21 +21,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import parse_args, save, step_batch  # noqa: E402
+from _ab import in_fresh_process, parse_args, save, step_batch, vanilla_and_fused  # noqa: E402
 
 
-def _worker(args: tuple[int, int]) -> dict:
-    repeats, threads = args
-    torch.set_num_threads(threads)
+def _worker(repeats: int) -> dict:
     from gradfilter.bench.machine import cross_core_read_ratio
-    from gradfilter.bench.step import _timed_step, build
+    from gradfilter.bench.step import _timed_step
 
     x, y = step_batch()
     dev = torch.device("cpu")
-    vanilla = build("mobilenet_v2", "vanilla", 4, 4, x[:2])[:2]
-    fused = build("mobilenet_v2", "fused", 4, 4, x[:2])[:2]
-    vanilla[0].train()
-    fused[0].train()
+    vanilla, fused = vanilla_and_fused("mobilenet_v2", 4, x)
     before = cross_core_read_ratio()
     rows: dict[str, list[float]] = {"backward": [], "optimizer": [], "second": [], "vanilla": []}
     for i in range(repeats + 2):  # two warm-up rounds are dropped
@@ -62,11 +56,9 @@ def main() -> int:
     if torch.get_num_threads() < 2:
         print("split_state: needs at least two threads")
         return 1
-    ctx = multiprocessing.get_context("spawn")
     rows = []
     for _ in range(args.workers):
-        with ctx.Pool(1) as pool:
-            row = pool.apply(_worker, ((args.repeats, torch.get_num_threads()),))
+        row = in_fresh_process(_worker, args.repeats)
         rows.append(row)
         print(f"cross-core reads {max(row['cross_core_read_ratio']):.1f}x | fused backward "
               f"{row['fused_backward_ms']:.2f} ms, optimizer {row['fused_optimizer_ms']:.2f} ms,"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from unittest import mock
 
 from gradfilter import blocks, native
 from gradfilter.bench.machine import describe, machine_info
@@ -23,29 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ab import (  # noqa: E402
     FUSED_CASES,
     alternate_steps,
+    flag_forms,
     parse_args,
     phase_medians,
     save,
     step_batch,
 )
 
-FORMS = {"native": native.unit_backward, "pytorch": blocks._unit_backward}
-
-
-def _unit_backward(form: str):
-    return lambda: setattr(blocks.native, "unit_backward", FORMS[form])
-
 
 def _case(model: str, last: int, repeats: int) -> dict:
     x, y = step_batch()
     net, opt, _ = build(model, "fused", last, 4, x[:2])
     net.train()
-    blocks.ONE_CALL_NATIVE = False
-    try:
-        times = alternate_steps(net, opt, x, y, {k: _unit_backward(k) for k in FORMS}, repeats)
-    finally:
-        blocks.native.unit_backward = FORMS["native"]
-        blocks.ONE_CALL_NATIVE = True
+    with mock.patch.object(blocks, "ONE_CALL_NATIVE", False), \
+            flag_forms(blocks.native, "unit_backward", native=native.unit_backward,
+                       pytorch=blocks._unit_backward) as forms:
+        times = alternate_steps(net, opt, x, y, forms, repeats)
     ms = phase_medians(times)
     return {"model": model, "last": last, "backward_ms_native": ms["backward_ms_native"],
             "backward_ms_pytorch": ms["backward_ms_pytorch"]}

@@ -1007,8 +1007,8 @@ __attribute__((target("avx2"))) void store_sums_avx2(const float* sums, int64_t 
 // stored (unless y is null) and its (m, m * z, y) added into three row accumulators of its
 // patch row (acc: 3 × W rounded up to 8 floats, in L1; a row's last partial vector is loaded
 // and stored masked, its spare lanes land in the accumulators' padding); when the patch row
-// ends, the accumulators' column segments give its patches' sums. sums: [P][3] (count, m * z, y); patches without map
-// pixels: 0.
+// ends, the accumulators' column segments give its patches' sums. sums: [P][3] (count, m * z,
+// y); patches without map pixels: 0.
 __attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
     const float* z, float* y, float s, float t, int64_t H, int64_t W, bool act, float hi,
     const int64_t* row_patch, const std::pair<int64_t, int64_t>* cols, int64_t Ph, int64_t Pw,
@@ -1157,21 +1157,21 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
             const auto* rp = rows.data();
             const auto* cp = cols.data();
             float* const* yv = y != nullptr ? yp : const_cast<float* const*>(zp);
-            auto rows_avx2 = [&](auto nv, auto a, auto store) {
+            // the template arguments (vectors per row, activation, y stored) from run-time ones
+            auto run = [&](auto nv, auto a, auto store) {
               bn_act_rows_avx2<decltype(nv)::value, decltype(a)::value, decltype(store)::value>(
                   zp, yv, s8, t8, H, W, hi, rp, cp, Ph, Pw, ty, sums);
             };
-            using One = std::integral_constant<int, 1>;
-            using Two = std::integral_constant<int, 2>;
-            const bool narrow = W <= 8, store = y != nullptr;
-            if (narrow && act && store) rows_avx2(One{}, std::true_type{}, std::true_type{});
-            else if (narrow && act) rows_avx2(One{}, std::true_type{}, std::false_type{});
-            else if (narrow && store) rows_avx2(One{}, std::false_type{}, std::true_type{});
-            else if (narrow) rows_avx2(One{}, std::false_type{}, std::false_type{});
-            else if (act && store) rows_avx2(Two{}, std::true_type{}, std::true_type{});
-            else if (act) rows_avx2(Two{}, std::true_type{}, std::false_type{});
-            else if (store) rows_avx2(Two{}, std::false_type{}, std::true_type{});
-            else rows_avx2(Two{}, std::false_type{}, std::false_type{});
+            auto with_store = [&](auto nv, auto a) {
+              if (y != nullptr) run(nv, a, std::true_type{});
+              else run(nv, a, std::false_type{});
+            };
+            auto with_act = [&](auto nv) {
+              if (act) with_store(nv, std::true_type{});
+              else with_store(nv, std::false_type{});
+            };
+            if (W <= 8) with_act(std::integral_constant<int, 1>{});
+            else with_act(std::integral_constant<int, 2>{});
             store_sums_avx2(sums, P, o0, step, count_out, count_u8, mz_sum, y_sum);
             continue;
           }
@@ -1466,7 +1466,7 @@ at::Tensor refine_2x2(const at::Tensor& t, int64_t N, int64_t ph, int64_t pw, in
 // product. What reads the result next cuts its work the same way (unit_backward's channel loop
 // over g̃x; the copy that spreads a k×k weight gradient), so each thread reads what its own core
 // just wrote. Where the threads' cores do not share a cache (a VM can place its vCPUs so), the
-// fused backward is then 0.3-1.2 ms shorter; elsewhere it is the same (benchmarks/rows_ab.py).
+// fused backward is then 0.25-1.2 ms shorter; elsewhere it is the same (benchmarks/rows_ab.py).
 at::Tensor mm_rows(const at::Tensor& a_in, const at::Tensor& b_in, bool split) {
   // the pool's threads do not inherit the caller's no-grad mode: hand them plain tensors
   const at::Tensor a = a_in.detach(), b = b_in.detach();
@@ -1535,7 +1535,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_backward(
     const at::Tensor& w = weight[i];
     const bool one = w.size(2) == 1 && w.size(3) == 1;
     if (f & 2) {
-      const at::Tensor gw = depthwise ? (gbar * xt[i]).sum(1).unsqueeze(1) : mm_rows(gbar, xt[i].t(), f & 64);
+      const at::Tensor gw = depthwise ? (gbar * xt[i]).sum(1).unsqueeze(1)
+                                      : mm_rows(gbar, xt[i].t(), f & 64);
       grads[4 * i] = one ? gw.view(w.sizes())
                          : gw.unsqueeze(-1).unsqueeze(-1).expand(w.sizes()).contiguous();
     }
