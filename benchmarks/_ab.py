@@ -119,3 +119,15 @@ def phase_medians(times: dict[str, list[tuple[float, float]]]) -> dict[str, floa
         row[f"forward_ms_{k}"] = round(statistics.median(t[0] for t in v) * 1e3, 2)
         row[f"backward_ms_{k}"] = round(statistics.median(t[1] for t in v) * 1e3, 2)
     return row
+
+
+def paired_differences(times: dict[str, list[tuple[float, float]]], before: str,
+                       after: str) -> dict[str, float]:
+    """Median per-round ``before`` − ``after`` of :func:`alternate_steps`'s forward and backward
+    times in milliseconds (a round's two steps share the machine's state, which a difference of
+    medians does not cancel)."""
+    row = {}
+    for j, phase in enumerate(("forward", "backward")):
+        d = [b[j] - a[j] for b, a in zip(times[before], times[after])]
+        row[f"{phase}_saved_ms_paired"] = round(statistics.median(d) * 1e3, 3)
+    return row

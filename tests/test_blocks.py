@@ -51,6 +51,14 @@ needs_native = pytest.mark.skipif(not native_buildable(), reason="no C++ toolcha
 FUSED_NODE = "_FusedBlockBackward"
 
 
+def _node(fn) -> str:
+    """FUSED_NODE for a fused block's autograd node (the Python Function's or the C++ one,
+    blocks.CPP_NODE), else the node's type name."""
+    if fn is not None and "FusedBlockFn" in fn.name():
+        return FUSED_NODE
+    return type(fn).__name__
+
+
 def _ceil_div(a, b):
     return -(-a // b)
 
@@ -231,15 +239,20 @@ def _fused_copy(block, r):
 
 
 @contextlib.contextmanager
-def _one_call(enabled: bool):
+def _native_form(use_native: bool | str):
+    """The native kernels on (truthy) or off, in one of their forms: True one C++ call each way
+    from a C++ autograd node, "python-node" the same calls from the Python Function, "loop" the
+    units in Python calling the kernels one by one."""
     from gradfilter import blocks
 
-    before = blocks.ONE_CALL_NATIVE
-    blocks.ONE_CALL_NATIVE = enabled
+    before = blocks.ONE_CALL_NATIVE, blocks.CPP_NODE
+    blocks.ONE_CALL_NATIVE = use_native != "loop"
+    blocks.CPP_NODE = use_native is True
     try:
-        yield
+        with native.use_native(bool(use_native)):
+            yield
     finally:
-        blocks.ONE_CALL_NATIVE = before
+        blocks.ONE_CALL_NATIVE, blocks.CPP_NODE = before
 
 
 def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused=True,
@@ -255,10 +268,11 @@ def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused
     for name, p in model.named_parameters():
         p.requires_grad_(not any(name.endswith(f) for f in frozen))
     xg = x.clone().requires_grad_(x_grad)
-    # native: one C++ call each way, in float64; "loop": the units in Python, native kernels
-    with native.use_native(bool(use_native)), _one_call(use_native != "loop"):
+    # native: one C++ call each way, in float64 (from a C++ or the Python autograd node);
+    # "loop": the units in Python, native kernels
+    with _native_form(use_native):
         y = model(xg)
-        assert (type(y.grad_fn).__name__ == FUSED_NODE) == fused
+        assert (_node(y.grad_fn) == FUSED_NODE) == fused
         y.backward(g_out)
 
     ref_out, ref_grads, ref_gx, clamps = _reference(block, x, g_out, r, average=fused)
@@ -283,6 +297,7 @@ def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused
 
 
 NATIVE = [False, pytest.param(True, marks=needs_native, id="native"),
+          pytest.param("python-node", marks=needs_native, id="native-python-node"),
           pytest.param("loop", marks=needs_native, id="native-loop")]
 
 
@@ -390,14 +405,14 @@ def test_fused_network_matches_per_layer_filtered_network(model_name, last, size
         fused.remove("conv_head")
         seen_head = {}
         fused_net.global_pool.register_forward_pre_hook(
-            lambda m, a: seen_head.__setitem__("fn", type(a[0].grad_fn).__name__))
+            lambda m, a: seen_head.__setitem__("fn", _node(a[0].grad_fn)))
     seen = _record_outputs(fused_net, fused)
     labels = torch.tensor([3, 7])
     with native.use_native(use_native):
         ref = _model_grads(net, x, labels, seed=1)
         got = _model_grads(fused_net, x, labels, seed=1)
     assert min(min(size) for size, _ in seen.values()) >= 3
-    ran_fused = {b for b, (_, fn) in seen.items() if type(fn).__name__ == FUSED_NODE}
+    ran_fused = {b for b, (_, fn) in seen.items() if _node(fn) == FUSED_NODE}
     assert ran_fused == set(fused) - ({strided} if not strided_fused else set())
     if head_fused:
         assert seen_head["fn"] == FUSED_NODE
@@ -727,17 +742,17 @@ def test_remove_restores_the_block_and_outputs_match():
         assert torch.equal(model(x), plain(x))
     xg = x.clone().requires_grad_()
     y = model(xg)
-    assert type(y.grad_fn).__name__ == FUSED_NODE
+    assert _node(y.grad_fn) == FUSED_NODE
     torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
 
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y.sum(), xg, create_graph=True)
 
     model[0].train()  # freeze pinned BatchNorm to eval: still fused
-    assert type(model(xg).grad_fn).__name__ == FUSED_NODE
+    assert _node(model(xg).grad_fn) == FUSED_NODE
     training = copy.deepcopy(model)
     training[0].conv[0][1].training = True  # BatchNorm in training mode: the per-layer forward
-    assert type(training(xg).grad_fn).__name__ != FUSED_NODE
+    assert _node(training(xg).grad_fn) != FUSED_NODE
     for p in model.parameters():  # nothing needs a gradient: the block's own forward
         p.requires_grad_(False)
     assert model(x).grad_fn is None
@@ -753,6 +768,31 @@ def test_remove_restores_the_block_and_outputs_match():
     assert all(torch.equal(state[k], keys[k]) for k in keys)
     with torch.no_grad():
         assert torch.equal(block(x), plain(x))
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
+def test_fused_block_copies_after_training_and_catches_in_place_weight_changes(use_native):
+    """A trained fused model (its geometry and native plan caches filled) deep-copies into one
+    that computes the same gradients; a weight changed in place between forward and backward
+    is caught, as autograd catches it for any op that saved it."""
+    gen = torch.Generator().manual_seed(5)
+    model = _fused_copy(_randomise(InvertedResidual(8, 8, 1, 6), gen), 4)
+    x = torch.randn(2, 8, 14, 14, generator=gen)
+    with _native_form(use_native):
+        model(x).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        clone = copy.deepcopy(model)
+        clone.zero_grad(set_to_none=True)
+        y = clone(x)
+        assert _node(y.grad_fn) == FUSED_NODE
+        y.sum().backward()
+        for n, p in clone.named_parameters():
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=0, msg=n)
+        y = model(x)
+        with torch.no_grad():
+            model[0].conv[2].weight.mul_(2)  # the last 1×1 conv: its W̃ carries g̃x
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 
 
 def test_fused_block_saves_patch_resolution_tensors():
@@ -774,7 +814,7 @@ def test_fused_block_saves_patch_resolution_tensors():
                     y = model(x)
                 saved.append(s.bytes)
                 assert s.bytes_under(["0"]) == s.bytes
-            assert type(y.grad_fn).__name__ == FUSED_NODE
+            assert _node(y.grad_fn) == FUSED_NODE
             # currently ~1.31 MB vs ~125 kB (10.5×); one more full-resolution float map in
             # the fused block would bring the ratio under r²/4 = 4
             assert saved[0] >= r * r / 4 * saved[1], saved
@@ -825,14 +865,14 @@ def test_channels_last_block_runs_the_per_layer_path():
     for net in (plain.to(memory_format=cl), fused.to(memory_format=cl)):
         xg = x.clone().requires_grad_()
         y = net(xg)
-        assert type(y.grad_fn).__name__ != FUSED_NODE
+        assert _node(y.grad_fn) != FUSED_NODE
         (y * g).sum().backward()
         assert y.is_contiguous(memory_format=cl) and xg.grad.is_contiguous(memory_format=cl)
         results.append([y, xg.grad, *(p.grad for p in net.parameters())])
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # the same block on a plain-layout map is fused
-    assert type(fused(x.contiguous().requires_grad_()).grad_fn).__name__ == FUSED_NODE
+    assert _node(fused(x.contiguous().requires_grad_()).grad_fn) == FUSED_NODE
 
 
 def _lite0_tail(dtype=torch.float64, act=None):
@@ -865,7 +905,7 @@ def test_efficientnet_head_fuses_exactly_and_remove_restores_it():
     calls, fed = [], []
     fused_net.bn2.register_forward_hook(lambda *a: calls.append(1))  # bn2 runs inside the node
     fused_net.classifier.register_forward_pre_hook(
-        lambda m, a: fed.append(type(a[0].grad_fn).__name__))
+        lambda m, a: fed.append(_node(a[0].grad_fn)))
     got = _model_grads(fused_net, x, labels, seed=1)
     assert not calls
     assert fed == [FUSED_NODE]  # pooled inside the fused node: no map, no pooling op
@@ -929,9 +969,9 @@ def test_mobilenet_v2_pools_inside_its_fused_last_block_exactly(use_native, size
     assert type(fused_net).__name__ == "FusedMobileNetV2"
     fed = []
     fused_net.classifier.register_forward_pre_hook(
-        lambda m, a: fed.append((type(a[0].grad_fn).__name__, a[0].shape)))
+        lambda m, a: fed.append((_node(a[0].grad_fn), a[0].shape)))
     labels = torch.tensor([3, 7])
-    with native.use_native(bool(use_native)), _one_call(use_native != "loop"):
+    with _native_form(use_native):
         ref = _model_grads(net, x, labels, seed=1)
         got = _model_grads(fused_net, x, labels, seed=1)
         torch.manual_seed(2)

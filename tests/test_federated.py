@@ -113,9 +113,9 @@ def test_lean_and_fused_clients_train_the_same_parameters():
     x = torch.randn(4, 3, 32, 32)
     seen = {}
     model.global_pool.register_forward_pre_hook(
-        lambda m, a: seen.__setitem__("fn", type(a[0].grad_fn).__name__))
+        lambda m, a: seen.__setitem__("fn", a[0].grad_fn.name()))
     model(x).sum().backward()
-    assert seen["fn"] == "_FusedBlockBackward"
+    assert "FusedBlock" in seen["fn"]  # the fused node (Python or C++, blocks.CPP_NODE)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 

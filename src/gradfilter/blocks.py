@@ -250,6 +250,11 @@ POOL_IN_FUSED = True
 # loop, the copy that spreads a k×k kernel's gradient) cut their work (kernels.cpp, mm_rows).
 # False: one multi-threaded product each, the form before (benchmarks/rows_ab.py).
 SPLIT_ROWS = True
+# With the one-call native kernels, a fused block's autograd node is a C++ one
+# (native.fused_block): no Python runs between the module call and the kernels, either way.
+# False: the Python autograd Function (_FusedBlock) around the same two calls, the form before,
+# for in-process A/B benchmarks (benchmarks/cpp_node_ab.py).
+CPP_NODE = True
 
 
 @dataclass(frozen=True)
@@ -570,7 +575,38 @@ def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
     geo = grids[key]
     if geo is None:
         return None
+    if CPP_NODE and ONE_CALL_NATIVE and native.applies(x):
+        stats = [t for u in units for t in (u.bn.running_mean, u.bn.running_var)]
+        return native.fused_block(x, [p for p in params if p is not None], stats,
+                                  _plan(units, skip, geo, pool, x))
     return _FusedBlock.apply(x, units, skip, geo, pool, *params)
+
+
+class _PlanCache(dict):
+    """Native plans by batch, dtype and form. Plans are TorchScript objects, which do not copy:
+    a copied module's cache starts empty (its plans are rebuilt on use)."""
+
+    def __deepcopy__(self, memo: dict) -> _PlanCache:
+        return _PlanCache()
+
+
+def _plan(units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
+          like: Tensor) -> torch.ScriptObject:
+    """The native plan of :func:`native.fused_block` for one block, input size, batch, dtype
+    and form (cached on the geometry): what _native_forward and _native_backward pass."""
+    rows = 64 if SPLIT_ROWS else 0
+    key = (like.shape[0], like.dtype, like.device, pool, rows)
+    cache = geo.__dict__.setdefault("_native_plan", _PlanCache())
+    if key not in cache:
+        in_grid, geometry, flags, eps, upper = _native_forward_static(units, geo)
+        out_grid, inv_counts, per_pixel, grids, back_flags, back_in, pool_in = _native_static(
+            units, skip, geo, like.shape[0], like)
+        gh, gw = geo.grids[-1]
+        cache[key] = native.fused_plan(
+            in_grid, geometry, flags, eps, upper, skip, pool, out_grid, inv_counts, per_pixel,
+            grids, [f | rows for f in back_flags], back_in, pool_in, gh.size * gw.size,
+            gh.patches * gw.patches)
+    return cache[key]
 
 
 def _grids(module: nn.Module) -> dict[tuple[int, int, int], _Geometry | None]:

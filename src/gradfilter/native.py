@@ -32,8 +32,10 @@ __all__ = [
     "bn_act_stats",
     "bn_affine",
     "filtered_backward",
+    "fused_block",
     "fused_block_backward",
     "fused_block_forward",
+    "fused_plan",
     "mask_apply",
     "masked_clamp",
     "patch_sum",
@@ -230,6 +232,28 @@ def fused_block_forward(x: Tensor, in_grid: list[int], conv_weight: list[Tensor]
     (kernels.cpp)."""
     return _ops().fused_block_forward(x, in_grid, conv_weight, conv_bias, bn_mean, bn_var,
                                       bn_weight, bn_bias, eps, upper, geometry, flags, skip, pool)
+
+
+def fused_plan(in_grid: list[int], geometry: list[int], flags: list[int], eps: list[float],
+               upper: list[float], skip: bool, pool: bool, out_grid: list[int],
+               inv_counts: Tensor, per_pixel: list[Tensor], grids: list[int],
+               back_flags: list[int], back_in_grid: list[int], pool_in: Tensor | None,
+               hw: int, patches: int) -> torch.ScriptObject:
+    """A fused block's fixed arguments for one input size, batch and dtype, for
+    :func:`fused_block` (the layout is documented at ``FusedPlan`` in kernels.cpp)."""
+    _ops()
+    return torch.classes.gradfilter.FusedPlan(in_grid, geometry, flags, eps, upper, skip, pool,
+                                              out_grid, inv_counts, per_pixel, grids,
+                                              back_flags, back_in_grid, pool_in, hw, patches)
+
+
+def fused_block(x: Tensor, params: list[Tensor], stats: list[Tensor],
+                plan: torch.ScriptObject) -> Tensor:
+    """A fused block's forward recording one C++ autograd node whose backward is
+    :func:`fused_block_backward` (``blocks._FusedBlock`` without Python in between). ``params``:
+    per unit its conv weight, then conv bias, BatchNorm γ, β where it has them; ``stats``: per
+    unit its BatchNorm running mean and variance."""
+    return _ops().fused_block(x, params, stats, plan)
 
 
 def unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,

@@ -15,6 +15,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1671,9 +1673,163 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
   return {t, saved};
 }
 
+// ---------------------------------------------------------------------------------------------
+// A fused block as one C++ autograd node (blocks.py, _run_fused): fused_block_forward and
+// fused_block_backward without Python between the module call and the kernels. Inside a training
+// step the Python autograd Function around the two calls cost 130-170 us per block each way
+// (interpreter state evicted by the block's own large ops); the node below does the same steps.
+
+// A block's fixed arguments for one input size, batch and dtype (built once, blocks._plan).
+// Forward: in_grid, geometry, flags (2 byte counts, 4 conv bias, 8 BatchNorm γ, 16 β: which
+// parameters the block has), eps, upper, skip, pool as fused_block_forward takes them (bit 1,
+// keep Σ m·z, is added per call: γ requires grad). Backward: out_grid, inv_counts, per_pixel,
+// grids, flags (1 strided, 32 depthwise, 64 row-split products; the need bits are added per
+// call), in_grid (its first entry, need gx, set per call), pool_in as fused_block_backward
+// takes them; a pooled block's gradient (N, C) becomes patch means g/hw over `patches` patches.
+struct FusedPlan : torch::CustomClassHolder {
+  std::vector<int64_t> in_grid, geometry, flags;
+  std::vector<double> eps, upper;
+  bool skip, pool;
+  std::vector<int64_t> out_grid;
+  at::Tensor inv_counts;
+  std::vector<at::Tensor> per_pixel;
+  std::vector<int64_t> grids, back_flags, back_in_grid;
+  std::optional<at::Tensor> pool_in;
+  int64_t hw, patches;
+
+  FusedPlan(std::vector<int64_t> in_grid, std::vector<int64_t> geometry,
+            std::vector<int64_t> flags, std::vector<double> eps, std::vector<double> upper,
+            bool skip, bool pool, std::vector<int64_t> out_grid, at::Tensor inv_counts,
+            std::vector<at::Tensor> per_pixel, std::vector<int64_t> grids,
+            std::vector<int64_t> back_flags, std::vector<int64_t> back_in_grid,
+            std::optional<at::Tensor> pool_in, int64_t hw, int64_t patches)
+      : in_grid(std::move(in_grid)), geometry(std::move(geometry)), flags(std::move(flags)),
+        eps(std::move(eps)), upper(std::move(upper)), skip(skip), pool(pool),
+        out_grid(std::move(out_grid)), inv_counts(std::move(inv_counts)),
+        per_pixel(std::move(per_pixel)), grids(std::move(grids)),
+        back_flags(std::move(back_flags)), back_in_grid(std::move(back_in_grid)),
+        pool_in(std::move(pool_in)), hw(hw), patches(patches) {
+    const size_t U = this->flags.size();
+    TORCH_CHECK(U > 0 && this->eps.size() == U && this->upper.size() == U &&
+                    this->geometry.size() == 16 * U && this->per_pixel.size() == U &&
+                    this->grids.size() == 4 * U && this->back_flags.size() == U &&
+                    this->in_grid.size() == 5 && this->out_grid.size() == 5 &&
+                    this->back_in_grid.size() == 8 && this->hw > 0 && this->patches > 0,
+                "gradfilter native FusedPlan: inconsistent block arguments");
+  }
+};
+
+// The parameters a unit has, in the order fused_block takes them: conv weight, then conv bias,
+// BatchNorm γ, β where its flags say it has them.
+int64_t unit_params(int64_t f) { return 1 + ((f & 4) != 0) + ((f & 8) != 0) + ((f & 16) != 0); }
+
+struct FusedBlockFn : public torch::autograd::Function<FusedBlockFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            at::TensorList params, at::TensorList stats,
+                            const c10::intrusive_ptr<FusedPlan>& plan) {
+    const int64_t U = static_cast<int64_t>(plan->flags.size());
+    TORCH_CHECK(static_cast<int64_t>(stats.size()) == 2 * U,
+                "gradfilter native fused_block: stats must hold each unit's running mean and "
+                "variance");
+    std::vector<at::Tensor> w(U), b(U), gamma(U), beta(U), mean(U), var(U);
+    std::vector<int64_t> flags(plan->flags);
+    size_t k = 0;
+    for (int64_t i = 0; i < U; ++i) {
+      const int64_t f = flags[i];
+      TORCH_CHECK(k + unit_params(f) <= params.size(),
+                  "gradfilter native fused_block: too few parameters");
+      w[i] = params[k++];
+      if (f & 4) b[i] = params[k++];
+      if (f & 8) {
+        gamma[i] = params[k++];
+        if (gamma[i].requires_grad()) flags[i] |= 1;  // γ trains: keep Σ m·z
+      }
+      if (f & 16) beta[i] = params[k++];
+      mean[i] = stats[2 * i];
+      var[i] = stats[2 * i + 1];
+    }
+    TORCH_CHECK(k == params.size(), "gradfilter native fused_block: too many parameters");
+    auto [out, flat] = fused_block_forward(x, plan->in_grid, w, b, mean, var, gamma, beta,
+                                           plan->eps, plan->upper, plan->geometry, flags,
+                                           plan->skip, plan->pool);
+    torch::autograd::variable_list keep;
+    keep.reserve(7 * U);
+    for (int64_t i = 0; i < U; ++i) {  // what blocks._native_forward saves
+      for (int64_t j = 0; j < 5; ++j) keep.push_back(flat[5 * i + j]);
+      keep.push_back(mean[i]);
+      keep.push_back(w[i]);
+    }
+    ctx->save_for_backward(keep);
+    ctx->saved_data["plan"] = plan;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "gradfilter: double backward through a fused block is not supported");
+    const auto plan = ctx->saved_data["plan"].toCustomClass<FusedPlan>();
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const int64_t U = static_cast<int64_t>(plan->flags.size());
+    at::Tensor g = grads[0];
+    if (plan->pool)  // the mean's gradient g/(H·W) at every pixel: so are its patch means
+      g = g.t().div(static_cast<double>(plan->hw)).unsqueeze(-1)
+              .expand({-1, -1, plan->patches}).contiguous();
+    std::vector<int64_t> flags(plan->back_flags);
+    size_t edge = 1;  // the inputs' order: x, then the parameters
+    for (int64_t i = 0; i < U; ++i) {
+      const int64_t f = plan->flags[i];
+      if (ctx->needs_input_grad(edge++)) flags[i] |= 2;
+      if ((f & 4) && ctx->needs_input_grad(edge++)) flags[i] |= 4;
+      if ((f & 8) && ctx->needs_input_grad(edge++)) flags[i] |= 8;
+      if ((f & 16) && ctx->needs_input_grad(edge++)) flags[i] |= 16;
+    }
+    std::vector<int64_t> in_grid(plan->back_in_grid);
+    in_grid[0] = ctx->needs_input_grad(0) ? 1 : 0;
+    std::vector<at::Tensor> xt(U), count(U), mz(U), scale(U), inv_std(U), mean(U), weight(U);
+    for (int64_t i = 0; i < U; ++i) {
+      xt[i] = saved[7 * i];
+      count[i] = saved[7 * i + 1];
+      mz[i] = saved[7 * i + 2];
+      scale[i] = saved[7 * i + 3];
+      inv_std[i] = saved[7 * i + 4];
+      mean[i] = saved[7 * i + 5];
+      weight[i] = saved[7 * i + 6];
+    }
+    auto [gx, unit_grads] = fused_block_backward(g, plan->out_grid, plan->inv_counts, xt, count,
+                                                 mz, scale, inv_std, mean, weight,
+                                                 plan->per_pixel, flags, plan->grids, in_grid,
+                                                 plan->pool_in);
+    torch::autograd::variable_list out;  // one per input: x, parameters, statistics, plan
+    out.push_back(gx);
+    for (int64_t i = 0; i < U; ++i) {
+      const int64_t f = plan->flags[i];
+      out.push_back(unit_grads[4 * i]);
+      if (f & 4) out.push_back(unit_grads[4 * i + 1]);
+      if (f & 8) out.push_back(unit_grads[4 * i + 2]);
+      if (f & 16) out.push_back(unit_grads[4 * i + 3]);
+    }
+    out.resize(out.size() + 2 * U + 1);
+    return out;
+  }
+};
+
+at::Tensor fused_block(const at::Tensor& x, at::TensorList params, at::TensorList stats,
+                       const c10::intrusive_ptr<FusedPlan>& plan) {
+  return FusedBlockFn::apply(x, params, stats, plan);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gradfilter, m) {
+  m.class_<FusedPlan>("FusedPlan")
+      .def(torch::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                       std::vector<double>, std::vector<double>, bool, bool,
+                       std::vector<int64_t>, at::Tensor, std::vector<at::Tensor>,
+                       std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                       std::optional<at::Tensor>, int64_t, int64_t>());
+  m.def("fused_block(Tensor x, Tensor[] params, Tensor[] stats, "
+        "__torch__.torch.classes.gradfilter.FusedPlan plan) -> Tensor");
   m.def("patch_sum(Tensor x, int kh, int kw, int top, int left, int ph, int pw) -> Tensor");
   m.def("unpool(Tensor g, int h, int w, int kh, int kw, int top, int left) -> Tensor");
   m.def("masked_clamp(Tensor x, float upper) -> (Tensor, Tensor)");
@@ -1704,4 +1860,9 @@ TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
   m.impl("fused_block_backward", TORCH_FN(fused_block_backward));
   m.impl("fused_block_forward", TORCH_FN(fused_block_forward));
   m.impl("filtered_backward", TORCH_FN(filtered_backward));
+}
+
+// fused_block records its own autograd node (FusedBlockFn), so it sits above autograd
+TORCH_LIBRARY_IMPL(gradfilter, CompositeImplicitAutograd, m) {
+  m.impl("fused_block", TORCH_FN(fused_block));
 }
