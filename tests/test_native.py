@@ -138,6 +138,22 @@ def test_policy_variable_is_validated(monkeypatch):
         native.patch_sum(torch.zeros(1, 1, 2, 2), 2, 2, 0, 0, 1, 1)
 
 
+def test_policy_follows_the_variable_as_it_changes(monkeypatch):
+    """The policy is read live (from os.environ's own mapping): every change counts, an
+    invalid value raises each time it is read."""
+    for value, want in (("0", "0"), (" 1 ", "1"), ("AUTO", "auto"), ("0", "0")):
+        monkeypatch.setenv("GRADFILTER_NATIVE", value)
+        assert native._policy() == want
+    monkeypatch.delenv("GRADFILTER_NATIVE")
+    assert native._policy() == "auto"
+    monkeypatch.setenv("GRADFILTER_NATIVE", "maybe")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="got 'maybe'"):
+            native._policy()
+    with native.use_native(False):
+        assert native._policy() == "0"
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def broken():
         raise OSError("no compiler")

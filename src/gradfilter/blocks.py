@@ -566,8 +566,13 @@ def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
     if x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled():
         return None
     params = _params(units)
-    if any(u.bn.training for u in units) or not (
-            x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    trains = x.requires_grad
+    for u in units:
+        if u.bn.training:
+            return None
+    for p in params:
+        trains = trains or (p is not None and p.requires_grad)
+    if not trains:
         return None
     key = (units[0].conv.radius, x.shape[-2], x.shape[-1])
     if key not in grids:

@@ -58,12 +58,27 @@ class NativeBuildWarning(RuntimeWarning):
     """The native kernels could not be built; the pure-PyTorch path is used instead."""
 
 
+_ENV = "GRADFILTER_NATIVE"
+# os.environ's own mapping (its keys encoded): one dict lookup per policy check instead of
+# os.environ.get's several Python calls, which a fused block's forward pays inside a training
+# step (20-45 us with the interpreter's state evicted by the block's large ops). Kept live:
+# a value set through os.environ (monkeypatch.setenv) lands in the same mapping.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV) if _ENV_DATA is not None else None  # type: ignore[attr-defined]
+_env_seen: list = [None, "auto"]  # the raw value last read and its policy
+
+
 def _policy() -> str:
     if _state["override"] is not None:
         return "1" if _state["override"] else "0"
-    value = os.environ.get("GRADFILTER_NATIVE", "auto").strip().lower()
+    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV)
+    if raw is _env_seen[0]:
+        return _env_seen[1]
+    text = os.environ.get(_ENV, "auto")
+    value = text.strip().lower()
     if value not in ("auto", "0", "1"):
         raise ValueError(f"GRADFILTER_NATIVE must be auto, 0 or 1, got {value!r}")
+    _env_seen[:] = [raw, value]
     return value
 
 
@@ -150,7 +165,7 @@ class use_native:  # noqa: N801 - used like a function, as torch.no_grad
 
 def applies(t: Tensor) -> bool:
     """Whether the native kernels handle this tensor (CPU, floating point) under the policy."""
-    return t.device.type == "cpu" and t.is_floating_point() and available()
+    return t.is_cpu and t.is_floating_point() and available()
 
 
 def _ops():
