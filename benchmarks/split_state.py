@@ -31,6 +31,10 @@ def _worker(repeats: int) -> dict:
     x, y = step_batch()
     dev = torch.device("cpu")
     vanilla, fused = vanilla_and_fused("mobilenet_v2", 4, x)
+    from gradfilter.bench.step import FLUSH
+
+    for _, opt in (vanilla, fused):  # the state as it is: no parameter flush (flush_ab.py)
+        FLUSH[opt].remove()
     before = cross_core_read_ratio()
     rows: dict[str, list[float]] = {"backward": [], "optimizer": [], "second": [], "vanilla": []}
     for i in range(repeats + 2):  # two warm-up rounds are dropped

@@ -5,6 +5,7 @@ from .blocks import fuse_blocks
 from .functional import UnsupportedDilationError, conv1d, conv2d
 from .memory import count_saved
 from .nn import FilteredConv1d, FilteredConv2d
+from .optim import FlushBeforeStep, flush_before_step
 from .surgery import (
     ConversionReport,
     LayerReport,
@@ -21,12 +22,14 @@ __all__ = [
     "ConversionReport",
     "FilteredConv1d",
     "FilteredConv2d",
+    "FlushBeforeStep",
     "LayerReport",
     "UnsupportedDilationError",
     "apply",
     "conv1d",
     "conv2d",
     "conv_layers",
+    "flush_before_step",
     "count_saved",
     "freeze",
     "fuse_blocks",

@@ -32,6 +32,7 @@ __all__ = [
     "bn_act_stats",
     "bn_affine",
     "filtered_backward",
+    "flush_cache",
     "fused_block",
     "fused_block_backward",
     "fused_block_forward",
@@ -269,6 +270,14 @@ def fused_block(x: Tensor, params: list[Tensor], stats: list[Tensor],
     per unit its conv weight, then conv bias, BatchNorm γ, β where it has them; ``stats``: per
     unit its BatchNorm running mean and variance."""
     return _ops().fused_block(x, params, stats, plan)
+
+
+def flush_cache(tensors: list[Tensor]) -> bool:
+    """Evict the memory of these CPU tensors from every core's caches (x86: clflushopt, or
+    clflush); False where this build cannot (then nothing happened). Values are unchanged.
+    See :func:`gradfilter.optim.flush_before_step` for why."""
+    tensors = [t for t in tensors if t is not None and t.numel()]
+    return bool(_ops().flush_cache(tensors)) if tensors else True
 
 
 def unit_backward(g: Tensor, count: Tensor, mz: Tensor | None, scale: Tensor, inv_std: Tensor,

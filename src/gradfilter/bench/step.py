@@ -14,7 +14,9 @@ eval mode):
   resolution); the others stay ``lean`` (all of ResNet18's: its BasicBlock ends in a ReLU
   after the skip sum).
 
-One step is forward + cross-entropy + backward + SGD step. The methods' steps alternate in one
+One step is forward + cross-entropy + backward + SGD step; every method's optimizer carries
+:class:`gradfilter.optim.FlushBeforeStep` (as the trainer's does), whose choice is recorded
+(``flush``). The methods' steps alternate in one
 process; each figure is the median of ``repeats`` steps. The forward-only time (no grad) bounds
 what any backward trick can reach; the efficiency ``E = (T_vanilla - T_method) / (T_vanilla -
 T_forward_only)`` is the share of that bound reached, from the medians; ``efficiency_paired``
@@ -35,13 +37,14 @@ import multiprocessing
 import resource
 import statistics
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..optim import fused_kwargs
+from ..optim import flush_before_step, fused_kwargs
 from .layers import _sync
 from .machine import cross_core_read_ratio, describe, machine_info
 
@@ -71,8 +74,14 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
         if any(fusable(net.get_submodule(b)) is None for b in info.blocks):
             fuse_blocks(net, info.blocks, on_unsupported="skip")
     params = [p for p in net.parameters() if p.requires_grad]
-    return (net, torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params)),
-            info.blocks)
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params))
+    FLUSH[opt] = flush_before_step(opt)  # every method, as the trainer does
+    return net, opt, info.blocks
+
+
+# Each benchmark optimizer's parameter flush (gradfilter.optim.FlushBeforeStep): its choice
+# goes into the results
+FLUSH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def paired_efficiency(vanilla: list[float], method: list[float],
@@ -138,12 +147,14 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
     split_before = cross_core_read_ratio() if device.type == "cpu" else None
     times: dict[str, list[float]] = {k: [] for k in (*METHODS, "forward_only")}
     phases: dict[str, list[tuple[float, float, float]]] = {m: [] for m in METHODS}
-    for i in range(repeats + 2):  # two warm-up rounds are dropped
+    # two warm-up rounds are dropped, after the optimizers' flush choice has settled
+    warmup = 2 + max(FLUSH[opt].settle_steps for _, opt in nets.values())
+    for i in range(repeats + warmup):
         order = list(METHODS) if i % 2 == 0 else list(reversed(METHODS))
         for m in order:
             net, opt = nets[m]
             parts = _timed_step(net, opt, x, y, device)
-            if i >= 2:
+            if i >= warmup:
                 times[m].append(sum(parts))
                 phases[m].append(parts)
         net = nets["vanilla"][0]
@@ -152,13 +163,15 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
         with torch.no_grad():
             net(x)
         _sync(device)
-        if i >= 2:
+        if i >= warmup:
             times["forward_only"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     if split_before is not None:  # None: one thread, or a GPU case
         row["cross_core_read_ratio"] = [round(split_before, 2),
                                         round(cross_core_read_ratio(), 2)]
     row["forward_only_ms"] = med["forward_only"]
+    # whether each method's optimizer flushed its parameters before its steps (auto's choice)
+    row["flush"] = {m: FLUSH[opt].flushing for m, (_, opt) in nets.items()}
     bound = med["vanilla"] - med["forward_only"]
     for m in METHODS:
         for k, phase in enumerate(("forward", "backward", "optimizer")):
@@ -290,6 +303,9 @@ def _line(row: dict[str, Any]) -> str:
     ratio = max(row.get("cross_core_read_ratio") or [1.0])
     if ratio > SPLIT_CACHE_RATIO:
         parts[0] += f" [threads on split caches: cross-core reads {ratio:.1f}x]"
+    flushed = [m for m, on in (row.get("flush") or {}).items() if on]
+    if flushed:
+        parts[0] += f" [parameters flushed before the step: {', '.join(flushed)}]"
     for m in METHODS[1:]:
         eff, paired = row[f"efficiency_{m}"], row.get(f"efficiency_paired_{m}")
         e = "E -" if eff is None else f"E {100 * eff:.0f}%"

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..memory import count_saved
 from ..models.registry import block_names, classifier_name
-from ..optim import fused_kwargs
+from ..optim import flush_before_step, fused_kwargs
 from ..surgery import ConversionReport, apply, freeze, slim
 
 __all__ = [
@@ -350,6 +350,8 @@ def train(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused_kwargs(params))
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if device.type == "cpu":  # evict the parameters before a step where that is faster
+        flush_before_step(opt)
     steps_per_epoch = _len(train_loader) or 0
     total_steps = steps_per_epoch * epochs
     sched = (
