@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import gradfilter
 from gradfilter.nn import FilteredConv1d, FilteredConv2d
 from gradfilter.train import accuracy, evaluate, prepare_model, train
 
@@ -201,10 +202,17 @@ def test_train_only_updates_trainable_params():
     head = model[2].weight.detach().clone()
     loader = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))),
                         batch_size=8)
-    out = train(model, loader, None, epochs=1, lr=0.1, progress=False)
+    seen = {}
+    out = train(model, loader, None, epochs=1, lr=0.1, progress=False,
+                on_epoch_end=lambda state: seen.update(state))
     assert torch.equal(model[0].weight, frozen)
     assert not torch.equal(model[2].weight, head)
     assert out["val_accuracy"] == [] and out["trainable_params"] == 4 * 3 + 3
+    # on the CPU the optimizer carries the parameter flush (gradfilter.optim.FlushBeforeStep),
+    # which has watched all four steps
+    flushes = [h.__self__ for h in seen["optimizer"]._optimizer_step_pre_hooks.values()
+               if isinstance(getattr(h, "__self__", None), gradfilter.FlushBeforeStep)]
+    assert len(flushes) == 1 and flushes[0].steps == 4
 
 
 def test_progress_bars_do_not_change_the_data_order():
