@@ -37,9 +37,9 @@ already one value per patch, so neither the map's pooling nor the spread-out gra
 re-pooling runs (exact, like the rest).
 
 On the CPU with the native kernels each direction is one C++ call per block
-(``native.fused_block_forward`` / ``fused_block_backward``); elsewhere the same steps run as a
-Python loop over the units (PyTorch ops, or the native kernels one by one with
-``ONE_CALL_NATIVE = False``).
+(``native.fused_block_forward`` / ``fused_block_backward``) under one C++ autograd node
+(``native.fused_block``); elsewhere the same steps run as a Python loop over the units
+(PyTorch ops, or the native kernels one by one with ``ONE_CALL_NATIVE = False``).
 """
 
 from __future__ import annotations
