@@ -77,6 +77,20 @@ def vanilla_and_fused(model: str, last: int, x: torch.Tensor) -> tuple[tuple, tu
     return pairs[0], pairs[1]
 
 
+def fused_flag_steps(model: str, last: int, repeats: int, obj: Any, name: str,
+                     **values: Any) -> dict[str, list[tuple[float, float]]]:
+    """Training steps of the case's fused model (built as ``gradfilter bench step`` builds it)
+    alternating between the forms of ``obj.name`` (:func:`flag_forms`): the times of
+    :func:`alternate_steps`."""
+    from gradfilter.bench.step import build
+
+    x, y = step_batch()
+    net, opt, _ = build(model, "fused", last, 4, x[:2])
+    net.train()
+    with flag_forms(obj, name, **values) as forms:
+        return alternate_steps(net, opt, x, y, forms, repeats)
+
+
 def _with_threads(threads: int, fn: Callable[..., Any], args: tuple) -> Any:
     torch.set_num_threads(threads)
     return fn(*args)

@@ -17,27 +17,20 @@ from pathlib import Path
 
 from gradfilter import blocks
 from gradfilter.bench.machine import describe, machine_info
-from gradfilter.bench.step import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ab import (  # noqa: E402
     FUSED_CASES,
-    alternate_steps,
-    flag_forms,
+    fused_flag_steps,
     paired_differences,
     parse_args,
     phase_medians,
     save,
-    step_batch,
 )
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
-    x, y = step_batch()
-    net, opt, _ = build(model, "fused", last, 4, x[:2])
-    net.train()
-    with flag_forms(blocks, "CPP_NODE", cpp=True, python=False) as forms:
-        times = alternate_steps(net, opt, x, y, forms, repeats)
+    times = fused_flag_steps(model, last, repeats, blocks, "CPP_NODE", cpp=True, python=False)
     return {"model": model, "last": last, **phase_medians(times),
             **paired_differences(times, "python", "cpp")}
 

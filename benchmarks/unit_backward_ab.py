@@ -18,28 +18,15 @@ from unittest import mock
 
 from gradfilter import blocks, native
 from gradfilter.bench.machine import describe, machine_info
-from gradfilter.bench.step import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import (  # noqa: E402
-    FUSED_CASES,
-    alternate_steps,
-    flag_forms,
-    parse_args,
-    phase_medians,
-    save,
-    step_batch,
-)
+from _ab import FUSED_CASES, fused_flag_steps, parse_args, phase_medians, save  # noqa: E402
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
-    x, y = step_batch()
-    net, opt, _ = build(model, "fused", last, 4, x[:2])
-    net.train()
-    with mock.patch.object(blocks, "ONE_CALL_NATIVE", False), \
-            flag_forms(blocks.native, "unit_backward", native=native.unit_backward,
-                       pytorch=blocks._unit_backward) as forms:
-        times = alternate_steps(net, opt, x, y, forms, repeats)
+    with mock.patch.object(blocks, "ONE_CALL_NATIVE", False):
+        times = fused_flag_steps(model, last, repeats, blocks.native, "unit_backward",
+                                 native=native.unit_backward, pytorch=blocks._unit_backward)
     ms = phase_medians(times)
     return {"model": model, "last": last, "backward_ms_native": ms["backward_ms_native"],
             "backward_ms_pytorch": ms["backward_ms_pytorch"]}
