@@ -119,3 +119,22 @@ def test_flush_hooks_leave_training_unchanged():
     flush.remove()
     opts[0].step()
     assert flush.steps == 3  # detached
+
+
+def test_no_cpu_parameter_or_no_kernels_turns_the_flush_off(monkeypatch):
+    """A model on another device (here the meta device) has nothing to flush, and without the
+    native kernels nothing can be: the first step that would flush turns it off for good."""
+    calls: list = []
+    monkeypatch.setattr(native, "flush_cache", lambda ts: calls.append(ts) or True)
+    monkeypatch.setattr(native, "available", lambda: True)
+    meta = torch.optim.SGD([torch.nn.Parameter(torch.ones(3, device="meta"))], lr=0.1)
+    flush = FlushBeforeStep(meta)
+    for _ in range(3):
+        flush._before(meta, (), {})
+        flush._after(meta, (), {})
+    assert flush.mode == "never" and not flush.flushing and not calls
+    monkeypatch.setattr(native, "available", lambda: False)
+    cpu = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    flush = FlushBeforeStep(cpu, mode="always")
+    flush._before(cpu, (), {})
+    assert flush.mode == "never" and not flush.flushing and not calls

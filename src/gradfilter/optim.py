@@ -42,7 +42,8 @@ class FlushBeforeStep:
     ``mode``: ``"auto"`` times ``probe`` steps alternating with and without the flush (after one
     unmeasured step), flushes from then on if the flushed ones took under ``FLUSH_MARGIN`` of
     the others' time, and probes again every ``reprobe`` steps (the VM's placement can change);
-    ``"always"``; ``"never"``. Without the native kernels (or off x86) nothing is flushed.
+    ``"always"``; ``"never"``. Without the native kernels, off x86 or with no parameter on the
+    CPU, the first step that would flush turns the flush off (``mode`` becomes ``"never"``).
     ``remove()`` detaches the hooks."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, mode: str = "auto", probe: int = 6,
@@ -86,7 +87,8 @@ class FlushBeforeStep:
         if self._now:
             from . import native
 
-            if not (native.available() and native.flush_cache(self._params())):
+            params = self._params()  # none on the CPU (a GPU model): nothing to decide
+            if not (params and native.available() and native.flush_cache(params)):
                 self.mode, self.flushing, self._now = "never", False, False
 
     def _after(self, optimizer, args, kwargs) -> None:
