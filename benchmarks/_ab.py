@@ -78,16 +78,25 @@ def vanilla_and_fused(model: str, last: int, x: torch.Tensor) -> tuple[tuple, tu
 
 
 def fused_flag_steps(model: str, last: int, repeats: int, obj: Any, name: str,
+                     cached: bool = False,
                      **values: Any) -> dict[str, list[tuple[float, float]]]:
     """Training steps of the case's fused model (built as ``gradfilter bench step`` builds it)
     alternating between the forms of ``obj.name`` (:func:`flag_forms`): the times of
-    :func:`alternate_steps`."""
+    :func:`alternate_steps`. ``cached``: the frozen prefix runs once and each step starts at the
+    first trainable block (as with ``--cache-features``), so the frozen forward's noise does
+    not bury a sub-millisecond change in the forward."""
     from gradfilter.bench.step import build
+    from gradfilter.train.cache import _capture, find_prefix, skip_prefix
 
     x, y = step_batch()
-    net, opt, _ = build(model, "fused", last, 4, x[:2])
+    net, opt, names = build(model, "fused", last, 4, x[:2])
     net.train()
-    with flag_forms(obj, name, **values) as forms:
+    skip = contextlib.nullcontext()
+    if cached:
+        prefix = find_prefix(net, names[0], x[:2])
+        x = _capture(net, names[0], x)
+        skip = skip_prefix(net, prefix)
+    with skip, flag_forms(obj, name, **values) as forms:
         return alternate_steps(net, opt, x, y, forms, repeats)
 
 

@@ -19,32 +19,14 @@ from pathlib import Path
 
 from gradfilter import blocks
 from gradfilter.bench.machine import describe, machine_info
-from gradfilter.bench.step import build
-from gradfilter.train.cache import _capture, find_prefix, skip_prefix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import (  # noqa: E402
-    FUSED_CASES,
-    alternate_steps,
-    flag_forms,
-    parse_args,
-    phase_medians,
-    save,
-    step_batch,
-)
+from _ab import FUSED_CASES, fused_flag_steps, parse_args, phase_medians, save  # noqa: E402
 
 
 def _case(model: str, last: int, repeats: int) -> dict:
-    x, y = step_batch()
-    net, opt, names = build(model, "fused", last, 4, x[:2])
-    net.train()
-    # the frozen prefix runs once: each step starts at the first trainable block (as with
-    # --cache-features), so the frozen forward's noise does not bury a sub-millisecond change
-    prefix = find_prefix(net, names[0], x[:2])
-    feats = _capture(net, names[0], x)
-    with skip_prefix(net, prefix), flag_forms(blocks, "POOL_IN_FUSED", pool=True,
-                                              map=False) as forms:
-        times = alternate_steps(net, opt, feats, y, forms, repeats)
+    times = fused_flag_steps(model, last, repeats, blocks, "POOL_IN_FUSED", cached=True,
+                             pool=True, map=False)
     saved = [sum(m) - sum(p) for m, p in zip(times["map"], times["pool"])]
     return {"model": model, "last": last, **phase_medians(times),
             "step_saved_ms_paired": round(statistics.median(saved) * 1e3, 2)}
