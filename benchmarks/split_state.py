@@ -26,13 +26,11 @@ from _ab import in_fresh_process, parse_args, save, step_batch, vanilla_and_fuse
 
 def _worker(repeats: int) -> dict:
     from gradfilter.bench.machine import cross_core_read_ratio
-    from gradfilter.bench.step import _timed_step
+    from gradfilter.bench.step import FLUSH, _timed_step
 
     x, y = step_batch()
     dev = torch.device("cpu")
     vanilla, fused = vanilla_and_fused("mobilenet_v2", 4, x)
-    from gradfilter.bench.step import FLUSH
-
     for _, opt in (vanilla, fused):  # the state as it is: no parameter flush (flush_ab.py)
         FLUSH[opt].remove()
     before = cross_core_read_ratio()

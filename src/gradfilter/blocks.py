@@ -510,9 +510,10 @@ def _native_forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geomet
 
 def _native_static(units: list[_Unit], skip: bool, geo: _Geometry, n: int,
                    like: Tensor) -> tuple:
-    """The fixed arguments of :func:`native.fused_block_backward` for one block, batch size and
-    dtype (cached on the geometry)."""
-    key = (n, like.dtype, like.device)
+    """The fixed arguments of :func:`native.fused_block_backward` for one block, batch size,
+    dtype and product form (``SPLIT_ROWS``; cached on the geometry)."""
+    rows = 64 if SPLIT_ROWS else 0
+    key = (n, like.dtype, like.device, rows)
     cache = geo.__dict__.setdefault("_native_static", {})  # frozen dataclass: no attribute set
     if key not in cache:
         gh, gw = geo.grids[-1]
@@ -524,7 +525,7 @@ def _native_static(units: list[_Unit], skip: bool, geo: _Geometry, n: int,
             fine = geo.grids[i - 1] if i else geo.grid_in
             grids += [geo.grids[i][0].patches, geo.grids[i][1].patches, fine[0].patches,
                       fine[1].patches]
-            flags.append(int(geo.strided[i]) | (32 if u.conv.groups > 1 else 0))
+            flags.append(int(geo.strided[i]) | (32 if u.conv.groups > 1 else 0) | rows)
         ih, iw = geo.grid_in
         in_grid = [0, int(skip), ih.size, iw.size, ih.in_patch, iw.in_patch, ih.in_pad,
                    iw.in_pad]
@@ -538,10 +539,8 @@ def _native_backward(g_out: Tensor, units: list[_Unit], skip: bool, geo: _Geomet
     """_FusedBlock.backward in one native call (the same steps)."""
     out_grid, inv_counts, per_pixel, grids, fixed, in_grid, pool_in = _native_static(
         units, skip, geo, n, g_out)
-    rows = 64 if SPLIT_ROWS else 0
-    flags = [f | rows | sum(b for b, need in zip((2, 4, 8, 16),
-                                                 needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i])
-                            if need)
+    flags = [f | sum(b for b, need in zip((2, 4, 8, 16),
+                                          needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i]) if need)
              for i, f in enumerate(fixed)]
     mz = [t if t is not None else _EMPTY for t in saved[2::7]]
     gx, grads = native.fused_block_backward(
@@ -599,8 +598,7 @@ def _plan(units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
           like: Tensor) -> torch.ScriptObject:
     """The native plan of :func:`native.fused_block` for one block, input size, batch, dtype
     and form (cached on the geometry): what _native_forward and _native_backward pass."""
-    rows = 64 if SPLIT_ROWS else 0
-    key = (like.shape[0], like.dtype, like.device, pool, rows)
+    key = (like.shape[0], like.dtype, like.device, pool, SPLIT_ROWS)
     cache = geo.__dict__.setdefault("_native_plan", _PlanCache())
     if key not in cache:
         in_grid, geometry, flags, eps, upper = _native_forward_static(units, geo)
@@ -609,8 +607,7 @@ def _plan(units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
         gh, gw = geo.grids[-1]
         cache[key] = native.fused_plan(
             in_grid, geometry, flags, eps, upper, skip, pool, out_grid, inv_counts, per_pixel,
-            grids, [f | rows for f in back_flags], back_in, pool_in, gh.size * gw.size,
-            gh.patches * gw.patches)
+            grids, back_flags, back_in, pool_in, gh.size * gw.size, gh.patches * gw.patches)
     return cache[key]
 
 

@@ -53,6 +53,9 @@ LAST = (4, 8)
 METHODS = ("vanilla", "filtered", "lean", "fused")
 # cross_core_read_ratio above which a case ran with its threads on cores without a shared cache
 SPLIT_CACHE_RATIO = 1.3
+# Each benchmark optimizer's parameter flush (gradfilter.optim.FlushBeforeStep, attached in
+# build): its choice goes into the results
+FLUSH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def build(model_name: str, method: str, last: int, radius: int, example: torch.Tensor):
@@ -78,10 +81,6 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
     FLUSH[opt] = flush_before_step(opt)  # every method, as the trainer does
     return net, opt, info.blocks
 
-
-# Each benchmark optimizer's parameter flush (gradfilter.optim.FlushBeforeStep): its choice
-# goes into the results
-FLUSH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def paired_efficiency(vanilla: list[float], method: list[float],
