@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
   >> "$OUT/gpu.txt" 2>&1
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x -k "cuda" tests/test_ops_spec.py \
-  tests/test_ops_behaviour.py tests/test_lean.py 2>&1 | tail -25 > "$OUT/tests_cuda.txt"
+  tests/test_ops_behaviour.py tests/test_lean.py tests/test_blocks.py 2>&1 | tail -25 > "$OUT/tests_cuda.txt"
 echo "tests rc=${PIPESTATUS[0]}" >> "$OUT/tests_cuda.txt"
 timeout 150 python3 -m gradfilter.cli bench layers --device cuda --repeats 25 \
   --out "$OUT/layers_cuda.json" > "$OUT/layers_cuda.txt" 2>&1

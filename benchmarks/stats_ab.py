@@ -55,6 +55,7 @@ def _baseline_ops(rev: str):
                          check=True, capture_output=True, text=True).stdout
     src = src.replace("TORCH_LIBRARY(gradfilter,", "TORCH_LIBRARY(gfbase,")
     src = src.replace("TORCH_LIBRARY_IMPL(gradfilter,", "TORCH_LIBRARY_IMPL(gfbase,")
+    src = src.replace("torch.classes.gradfilter.", "torch.classes.gfbase.")  # the plan class
     path = Path(tempfile.mkdtemp()) / "kernels_base.cpp"
     path.write_text(src)
     load(name=f"gradfilter_stats_base_{rev}", sources=[str(path)],

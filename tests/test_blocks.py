@@ -383,19 +383,23 @@ COMPOSE = [  # model, last N, input size, radius, its stride-2 block, whether th
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("model_name,last,size,r,strided,strided_fused", COMPOSE)
 def test_fused_network_matches_per_layer_filtered_network(model_name, last, size, r, strided,
-                                                          strided_fused, dtype):
+                                                          strided_fused, dtype, device):
     """Between fused blocks and from the pooled head the gradient is patch-constant, so the
-    fused network's gradients are the per-layer filtered network's."""
+    fused network's gradients are the per-layer filtered network's. On a GPU (the fused blocks'
+    PyTorch form) in float64 only: TF32 convolutions would set the float32 tolerance."""
     from gradfilter.models import create_model
     from gradfilter.train import prepare_model
 
-    use_native = dtype == torch.float32
+    if device.type != "cpu" and dtype != torch.float64:
+        pytest.skip("float64 only off the CPU")
+    use_native = dtype == torch.float32 and device.type == "cpu"
     if use_native and not native_buildable():
         pytest.skip("no C++ toolchain for the kernels")
     torch.manual_seed(0)
     net = create_model(model_name, 10).to(dtype)
     x = torch.randn(2, 3, size, size, dtype=dtype)
     net, info = prepare_model(net, "gradfilter", r, last, x)
+    net, x = net.to(device), x.to(device)
     fused_net = copy.deepcopy(net)
     fused = fuse_blocks(fused_net, info.blocks, on_unsupported="skip")
     assert len(fused) >= 5 and strided in fused and set(fused) <= set(info.blocks)
@@ -407,7 +411,7 @@ def test_fused_network_matches_per_layer_filtered_network(model_name, last, size
         fused_net.global_pool.register_forward_pre_hook(
             lambda m, a: seen_head.__setitem__("fn", _node(a[0].grad_fn)))
     seen = _record_outputs(fused_net, fused)
-    labels = torch.tensor([3, 7])
+    labels = torch.tensor([3, 7], device=device)
     with native.use_native(use_native):
         ref = _model_grads(net, x, labels, seed=1)
         got = _model_grads(fused_net, x, labels, seed=1)
@@ -421,6 +425,31 @@ def test_fused_network_matches_per_layer_filtered_network(model_name, last, size
     for name in ref:
         err = _rel_err(got[name], ref[name])
         assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("model_name", ["mobilenet_v2", "tf_efficientnet_lite0"])
+def test_fused_network_runs_on_a_non_cpu_device(model_name):
+    """Off the CPU the fused blocks run their PyTorch form (the CUDA path; no GPU here): on the
+    meta device a fused network's forward and backward give meta gradients of the parameters'
+    shapes through fused nodes. A CPU tensor created inside that path and mixed with the map
+    would raise here (meta ops check devices), as it would on a GPU."""
+    from gradfilter.models import create_model
+    from gradfilter.train import prepare_model
+
+    torch.manual_seed(0)
+    net = create_model(model_name, 10)
+    net, info = prepare_model(net, "gradfilter", 4, 4, torch.randn(2, 3, 64, 64))
+    fused = fuse_blocks(net, info.blocks, on_unsupported="skip")
+    assert fused
+    net = net.to("meta").train()
+    seen = _record_outputs(net, [b for b in fused if b != "conv_head"])
+    x = torch.randn(2, 3, 64, 64, device="meta")
+    F.cross_entropy(net(x), torch.zeros(2, dtype=torch.long, device="meta")).backward()
+    assert seen and all(_node(fn) == FUSED_NODE for _, fn in seen.values())
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.device.type == "meta", name
+            assert p.grad.shape == p.shape, name
 
 
 # ----------------------------------------------------------------------------------------------

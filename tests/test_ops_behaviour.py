@@ -200,6 +200,19 @@ def test_autocast_cpu_bf16():
     assert conv.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
+def test_meta_device_shape_only_run():
+    """On the meta device (shape-only runs: deferred initialisation, memory planning) the
+    filtered conv behaves as nn.Conv2d does: forward and backward give meta tensors of the right
+    shapes. Autocast exists for no meta device type, so asking for it raised before."""
+    conv = gf.FilteredConv2d(4, 6, 3, stride=2, padding=1, radius=2, device="meta")
+    x = torch.randn(2, 4, 12, 12, device="meta", requires_grad=True)
+    y = conv(x)
+    assert y.device.type == "meta" and y.shape == (2, 6, 6, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and conv.weight.grad.shape == conv.weight.shape
+    assert conv.weight.grad.device.type == "meta"
+
+
 def test_torch_compile_runs():
     torch.manual_seed(0)
     model = nn.Sequential(gf.FilteredConv2d(3, 8, 3, padding=1, radius=2), nn.ReLU(),

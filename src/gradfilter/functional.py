@@ -715,7 +715,8 @@ def _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d:
     if unbatched:
         x = x.unsqueeze(0)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # autocast exists only for some device types (not 'meta', where shape-only runs go)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Convolutions run in the autocast dtype; cast as autocast would, then run unautocast so
         # the saved x̃ and the backward use that same dtype.
         dtype = torch.get_autocast_dtype(device_type)
