@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import native_buildable
 
 pytest.importorskip("torchvision")
 
@@ -19,6 +20,10 @@ def test_step_bench_case_reports_ratios_and_saved_bytes():
         phases = [row[f"{p}_ms_{m}"] for p in ("forward", "backward", "optimizer")]
         assert min(phases) > 0 and sum(phases) == pytest.approx(row[f"step_ms_{m}"], rel=0.5)
     assert row["forward_only_ms"] > 0
+    # each method's parameter flush: its choice, and at least the warm-up's probe
+    assert set(row["flush"]) == set(METHODS) == set(row["flush_probes"])
+    if native_buildable():  # without the kernels the flush turns itself off before probing
+        assert all(n >= 1 for n in row["flush_probes"].values())
     # the zero-backward bound: vanilla's own step minus its backward, over E's denominator
     no_backward = row["forward_ms_vanilla"] + row["optimizer_ms_vanilla"]
     window = row["step_ms_vanilla"] - row["forward_only_ms"]

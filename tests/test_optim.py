@@ -75,6 +75,34 @@ def test_auto_probes_again_and_follows_a_change(monkeypatch):
     assert flush.flushing is False
 
 
+def test_auto_probes_again_at_once_when_its_steps_drift(monkeypatch):
+    """Between periodic probes, steps of the chosen form that turn DRIFT_RATIO times slower than
+    the probe measured (over DRIFT_WINDOW steps) start a probe at once; smaller drift does not."""
+    from gradfilter.optim import DRIFT_RATIO, DRIFT_WINDOW
+
+    flush, step, calls, _ = _setup(monkeypatch, 1.0, 1.1, probe=2, reprobe=1000)
+    for _ in range(flush.settle_steps):
+        step()
+    assert flush.flushing is False and flush.probes == 1
+    flush._timer.plain = 1.1 * DRIFT_RATIO * 0.95  # slower, within the ratio: no probe
+    for _ in range(3 * DRIFT_WINDOW):
+        step()
+    assert flush.probes == 1 and flush.flushing is False and len(calls) == 1
+    flush._timer.plain = 3.8  # the VM moved its vCPUs: unflushed steps turn slow
+    taken = 0
+    while flush.probes == 1 and taken < 2 * DRIFT_WINDOW:
+        step()
+        taken += 1
+    # the window's median (its middle two's mean) turns slow once half of it is slow: then one
+    # unmeasured step and the two probe steps
+    assert taken == DRIFT_WINDOW // 2 + 1 + 2
+    assert flush.probes == 2 and flush.flushing is True
+    before = len(calls)
+    for _ in range(3):
+        step()
+    assert len(calls) - before == 3
+
+
 def test_always_and_never_do_not_probe(monkeypatch):
     for mode, n in (("always", 5), ("never", 0)):
         flush, step, calls, _ = _setup(monkeypatch, 1.0, 3.8, mode=mode)

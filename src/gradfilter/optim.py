@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 
 import torch
 
@@ -24,6 +25,12 @@ def fused_kwargs(params: list[torch.Tensor]) -> dict[str, bool]:
 # cache the flush costs 0.2-0.3 ms (15-25% of the step) and a noisy probe must not pick it; where
 # they do not, it saves 60-70% of the step.
 FLUSH_MARGIN = 0.9
+# auto probes again at once (not at the next periodic probe) when the median of its last
+# DRIFT_WINDOW steps exceeds DRIFT_RATIO times what its last probe measured for the form it
+# chose: the VM's placement can change within minutes, and an unflushed step that turns slow
+# takes 3-4x as long (bench step times 31-step cases inside one 500-step probe period).
+DRIFT_RATIO = 1.5
+DRIFT_WINDOW = 8
 
 
 class FlushBeforeStep:
@@ -41,9 +48,11 @@ class FlushBeforeStep:
 
     ``mode``: ``"auto"`` times ``probe`` steps alternating with and without the flush (after one
     unmeasured step), flushes from then on if the flushed ones took under ``FLUSH_MARGIN`` of
-    the others' time, and probes again every ``reprobe`` steps (the VM's placement can change);
-    ``"always"``; ``"never"``. Without the native kernels, off x86 or with no parameter on the
-    CPU, the first step that would flush turns the flush off (``mode`` becomes ``"never"``).
+    the others' time, and probes again every ``reprobe`` steps (the VM's placement can change),
+    or at once when its steps drift above the probe's time (``DRIFT_RATIO``); ``probes`` counts
+    the probes done; ``"always"``; ``"never"``. Without the native kernels, off x86 or with no
+    parameter on the CPU, the first step that would flush turns the flush off (``mode`` becomes
+    ``"never"``).
     ``remove()`` detaches the hooks."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, mode: str = "auto", probe: int = 6,
@@ -61,6 +70,10 @@ class FlushBeforeStep:
         self._now = False  # whether this step flushed
         self._t0 = 0.0
         self._probed: dict[bool, list[float]] = {True: [], False: []}
+        self._phase = 0  # the step that opens the current probe period
+        self._ref: float | None = None  # the chosen form's median step time in the last probe
+        self._recent: deque[float] = deque(maxlen=DRIFT_WINDOW)
+        self.probes = 0
         self._handles = [optimizer.register_step_pre_hook(self._before),
                          optimizer.register_step_post_hook(self._after)]
 
@@ -74,10 +87,11 @@ class FlushBeforeStep:
                 if p.device.type == "cpu"]
 
     def _probing(self) -> int | None:
-        """This step's index inside a probe window (step 1.. of every ``reprobe``), or None."""
+        """This step's index inside a probe window (steps 1.. of every ``reprobe`` from the
+        period's first step), or None."""
         if self.mode != "auto":
             return None
-        k = self.steps % self.reprobe - 1
+        k = (self.steps - self._phase) % self.reprobe - 1
         return k if 0 <= k < self.probe else None
 
     def _before(self, optimizer, args, kwargs) -> None:
@@ -92,13 +106,24 @@ class FlushBeforeStep:
                 self.mode, self.flushing, self._now = "never", False, False
 
     def _after(self, optimizer, args, kwargs) -> None:
+        took = self._timer() - self._t0
         k = self._probing()
         if k is not None:
-            self._probed[self._now].append(self._timer() - self._t0)
+            self._probed[self._now].append(took)
             if k == self.probe - 1:
-                self.flushing = (statistics.median(self._probed[True])
-                                 < FLUSH_MARGIN * statistics.median(self._probed[False]))
+                flushed = statistics.median(self._probed[True])
+                plain = statistics.median(self._probed[False])
+                self.flushing = flushed < FLUSH_MARGIN * plain
+                self._ref = flushed if self.flushing else plain
                 self._probed = {True: [], False: []}
+                self._recent.clear()
+                self.probes += 1
+        elif self.mode == "auto" and self._ref is not None:
+            self._recent.append(took)
+            if (len(self._recent) == DRIFT_WINDOW
+                    and statistics.median(self._recent) > DRIFT_RATIO * self._ref):
+                self._phase = self.steps + 1  # a new period: one unmeasured step, then a probe
+                self._recent.clear()
         self.steps += 1
 
     def remove(self) -> None:

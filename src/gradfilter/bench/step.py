@@ -171,6 +171,8 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
     row["forward_only_ms"] = med["forward_only"]
     # whether each method's optimizer flushed its parameters before its steps (auto's choice)
     row["flush"] = {m: FLUSH[opt].flushing for m, (_, opt) in nets.items()}
+    # how many probes each made (1 = only the warm-up's; more: its steps drifted mid-case)
+    row["flush_probes"] = {m: FLUSH[opt].probes for m, (_, opt) in nets.items()}
     bound = med["vanilla"] - med["forward_only"]
     for m in METHODS:
         for k, phase in enumerate(("forward", "backward", "optimizer")):
