@@ -824,6 +824,56 @@ def test_fused_block_copies_after_training_and_catches_in_place_weight_changes(u
             y.sum().backward()
 
 
+_LOAD_AND_TRAIN = """
+import sys, torch, torch.nn.functional as F
+import gradfilter.blocks, gradfilter.surgery
+model_path, data_path, out_path, fused_class = sys.argv[1:]
+assert not gradfilter.blocks._FUSED_CLASSES and not gradfilter.surgery._LEAN_BN_CLASSES
+net = torch.load(model_path, weights_only=False)
+assert type(net).__name__ == fused_class, type(net)
+net.train()  # BatchNorm stays pinned to eval (freeze's protocol) in the loaded model
+assert not any(m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+net.eval()
+x, y = torch.load(data_path)
+F.cross_entropy(net(x), y).backward()
+torch.save({n: p.grad for n, p in net.named_parameters() if p.requires_grad}, out_path)
+"""
+
+
+@pytest.mark.parametrize("model_name,fused_class", [("mobilenet_v2", "FusedMobileNetV2"),
+                                                    ("tf_efficientnet_lite0", "FusedEfficientNet")])
+def test_trained_fused_model_saved_whole_loads_in_a_fresh_process(tmp_path, model_name,
+                                                                   fused_class):
+    """``torch.save(model)`` of a slimmed, fused model (classes made at run time, native plans
+    cached) works, and a fresh process, where those classes do not exist yet, loads it and
+    computes the same gradients."""
+    import subprocess
+    import sys
+
+    from gradfilter.models import create_model
+    from gradfilter.train import prepare_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
+    net, info = prepare_model(create_model(model_name, 10), "gradfilter", 4, 4, x,
+                              lean="patch", fuse=True)
+    assert type(net).__name__ == fused_class and info.fused
+    net.eval()  # no dropout: both processes' steps are deterministic (fused blocks still run)
+    F.cross_entropy(net(x), y).backward()  # fills the geometry and native plan caches
+    net.zero_grad(set_to_none=True)
+    torch.save(net, tmp_path / "model.pt")
+    torch.save((x, y), tmp_path / "data.pt")
+    F.cross_entropy(net(x), y).backward()
+    want = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    subprocess.run([sys.executable, "-c", _LOAD_AND_TRAIN, str(tmp_path / "model.pt"),
+                    str(tmp_path / "data.pt"), str(tmp_path / "grads.pt"), fused_class],
+                   check=True)
+    got = torch.load(tmp_path / "grads.pt", weights_only=True)
+    assert want and set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_fused_block_saves_patch_resolution_tensors():
     """r=4 on a 14×14 map: the per-layer filtered block still keeps BatchNorm's and ReLU6's
     full-resolution maps; the fused one keeps patch-resolution sums only."""

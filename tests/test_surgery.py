@@ -1,5 +1,7 @@
 """apply / remove / freeze on real architectures, untouched (no per-architecture config)."""
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,16 @@ def test_apply_train_step_remove(name):
     model.train()  # BatchNorm stays in eval mode after freeze
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert bns and not any(m.training for m in bns)
+    # the whole model pickles (torch.save(model)); the copy's BatchNorm stays pinned, its own
+    twin = pickle.loads(pickle.dumps(model))
+    twin_bns = [m for m in twin.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    twin_bns[0].training = True
+    twin.train()
+    assert not any(m.training for m in twin_bns)
+    bns[0].training = True  # the original's pin acts on the original only
+    assert all(not b.training for b in twin_bns)
+    model.train()
+    assert not any(m.training for m in bns)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(4):

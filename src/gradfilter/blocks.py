@@ -587,11 +587,15 @@ def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
 
 
 class _PlanCache(dict):
-    """Native plans by batch, dtype and form. Plans are TorchScript objects, which do not copy:
-    a copied module's cache starts empty (its plans are rebuilt on use)."""
+    """Native plans by batch, dtype and form. Plans are TorchScript objects, which neither copy
+    nor pickle: a copied or unpickled module's cache starts empty (its plans are rebuilt on
+    use)."""
 
     def __deepcopy__(self, memo: dict) -> _PlanCache:
         return _PlanCache()
+
+    def __reduce__(self) -> tuple:  # pickled empty too
+        return _PlanCache, ()
 
 
 def _plan(units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
@@ -760,8 +764,23 @@ _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 def _fused_class(cls: type, mixin: type = FusedBlockMixin) -> type:
     if (cls, mixin) not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls, mixin] = type(f"Fused{cls.__name__}", (mixin, cls), {})
+        _FUSED_CLASSES[cls, mixin] = type(f"Fused{cls.__name__}", (mixin, cls),
+                                          {"__reduce_ex__": _reduce_fused})
     return _FUSED_CLASSES[cls, mixin]
+
+
+def _new_fused(cls: type, mixin: type) -> nn.Module:
+    """Unpickling a fused module: an empty instance of its fused class (made again where this
+    process has not made it yet); pickle then restores its state."""
+    fused = _fused_class(cls, mixin)
+    return fused.__new__(fused)
+
+
+def _reduce_fused(self: nn.Module, protocol: int) -> tuple:
+    """A fused module pickles by its mixin and plain class: its own class is made at run time,
+    so pickle could not find it by name (``torch.save(model)`` of a fused model failed)."""
+    mixin, cls = type(self).__bases__
+    return _new_fused, (cls, mixin), self.__getstate__()
 
 
 def fuse_blocks(model: nn.Module, names: str | Iterable[str],

@@ -7,7 +7,7 @@ references and ``state_dict`` keys stay exactly as they were.
 from __future__ import annotations
 
 import fnmatch
-import types
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -320,8 +320,22 @@ _LEAN_BN_CLASSES: dict[type, type] = {}
 
 def _lean_bn_class(cls: type) -> type:
     if cls not in _LEAN_BN_CLASSES:
-        _LEAN_BN_CLASSES[cls] = type(f"Lean{cls.__name__}", (LeanBatchNormMixin, cls), {})
+        _LEAN_BN_CLASSES[cls] = type(f"Lean{cls.__name__}", (LeanBatchNormMixin, cls),
+                                     {"__reduce_ex__": _reduce_lean_bn})
     return _LEAN_BN_CLASSES[cls]
+
+
+def _new_lean_bn(cls: type) -> nn.Module:
+    """Unpickling a lean BatchNorm: an empty instance of ``cls``'s lean class (made again where
+    this process has not made it yet); pickle then restores its state."""
+    lean = _lean_bn_class(cls)
+    return lean.__new__(lean)
+
+
+def _reduce_lean_bn(self: nn.Module, protocol: int) -> tuple:
+    """A lean BatchNorm pickles by its plain class: its own class is made at run time, so
+    pickle could not find it by name (``torch.save(model)`` of a slimmed model failed)."""
+    return _new_lean_bn, (type(self).__bases__[1],), self.__getstate__()
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -458,6 +472,8 @@ def freeze(
     if bn_eval:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train = types.MethodType(_stay_in_eval, m)
+                # a partial, not a bound method: it pickles (torch.save(model) of a frozen
+                # model loads again), and copies with its module
+                m.train = functools.partial(_stay_in_eval, m)
                 m.train()
     return names
