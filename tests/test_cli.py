@@ -95,6 +95,18 @@ def test_resume_after_interruption_matches_uninterrupted_run(full_run, tmp_path,
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
+def test_a_random_start_is_noted(tmp_path, capsys):
+    """Fine-tuning the last blocks of a network whose frozen layers are random is allowed but
+    never silent; a start from weights is not noted."""
+    assert main(_args(tmp_path / "random", epochs=1, method="vanilla")) == 0
+    assert "starts from random weights" in capsys.readouterr().err
+    start = tmp_path / "start.pt"
+    torch.save(_weights(tmp_path / "random"), start)
+    assert main(_args(tmp_path / "from", epochs=1, method="vanilla",
+                      extra=["--checkpoint", str(start)])) == 0
+    assert "random weights" not in capsys.readouterr().err
+
+
 def test_resume_extends_a_shorter_run(tmp_path, capsys):
     out = tmp_path / "extend"
     assert main(_args(out, epochs=1, method="vanilla")) == 0
