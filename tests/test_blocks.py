@@ -800,6 +800,35 @@ def test_remove_restores_the_block_and_outputs_match():
 
 
 @pytest.mark.parametrize("use_native", NATIVE)
+def test_fused_block_under_autocast_runs_per_layer(use_native):
+    """Under autocast a fused block runs per layer (its filtered convs cast as autocast would;
+    the fused node computes in the map's dtype and mixed it with float32 weights in its
+    backward): the unfused block's outputs and gradients exactly; without autocast, the node."""
+    gen = torch.Generator().manual_seed(7)
+    block = _randomise(InvertedResidual(8, 8, 1, 6), gen)
+    fused = _fused_copy(block, 4)
+    per_layer = nn.Sequential(copy.deepcopy(block))
+    gradfilter.apply(per_layer, radius=4)
+    gradfilter.freeze(per_layer, trainable=lambda n, m: True)
+    x = torch.randn(2, 8, 14, 14, generator=gen)
+    with _native_form(use_native):
+        plain = fused(x)
+        assert _node(plain.grad_fn) == FUSED_NODE
+        outs = []
+        for model in (fused, per_layer):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = model(x)
+            assert _node(y.grad_fn) != FUSED_NODE
+            y.float().square().sum().backward()
+            outs.append((y, {n: p.grad for n, p in model.named_parameters()}))
+    (y_f, g_f), (y_p, g_p) = outs
+    assert not torch.equal(y_f, plain)  # the convolutions ran in bfloat16
+    assert torch.equal(y_f, y_p) and set(g_f) == set(g_p)
+    for n in g_p:
+        assert g_f[n].dtype == torch.float32 and torch.equal(g_f[n], g_p[n]), n
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
 def test_fused_block_copies_after_training_and_catches_in_place_weight_changes(use_native):
     """A trained fused model (its geometry and native plan caches filled) deep-copies into one
     that computes the same gradients; a weight changed in place between forward and backward

@@ -558,11 +558,13 @@ def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
                pool: bool = False) -> Tensor | None:
     """The fused node's output for ``x`` (``pool``: its global average, (N, C)), or None where
     the unit chain must run per layer:
-    no-grad or nothing to differentiate, BatchNorm in training mode, a non-4-D or channels-last
-    map (the per-layer native kernels cover NHWC, the fused stats pass does not; its PyTorch
-    form made channels-last steps slower than lean ones), or stride-2 grids that do not line up
-    for this input size. ``grids``: the block's geometries by (radius, h, w), filled here."""
-    if x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled():
+    no-grad or nothing to differentiate, autocast (the per-layer filtered convs cast as autocast
+    would; the fused node computes in the map's dtype), BatchNorm in training mode, a non-4-D
+    or channels-last map (the per-layer native kernels cover NHWC, the fused stats pass does
+    not; its PyTorch form made channels-last steps slower than lean ones), or stride-2 grids
+    that do not line up for this input size. ``grids``: the block's geometries by (radius, h,
+    w), filled here."""
+    if x.dim() != 4 or not x.is_contiguous() or not torch.is_grad_enabled() or _autocast(x):
         return None
     params = _params(units)
     trains = x.requires_grad
@@ -584,6 +586,12 @@ def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
         return native.fused_block(x, [p for p in params if p is not None], stats,
                                   _plan(units, skip, geo, pool, x))
     return _FusedBlock.apply(x, units, skip, geo, pool, *params)
+
+
+def _autocast(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device type (some types, e.g. meta, have none)."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 class _PlanCache(dict):
