@@ -153,7 +153,9 @@ def _units(block: nn.Module) -> tuple[list[_Unit], bool] | str:
 def _sequential_unit(seq: nn.Sequential) -> _Unit | str:
     mods = list(seq)
     if len(mods) not in (2, 3):
-        return f"Sequential of {len(mods)} modules (conv, BatchNorm[, activation])"
+        kinds = ", ".join(type(m).__name__ for m in mods)
+        return (f"Sequential of {len(mods)} modules ({kinds}); a fusable one is conv, "
+                f"BatchNorm[, activation]")
     return _bn_unit(mods[0], mods[1], mods[2] if len(mods) == 3 else None)
 
 
