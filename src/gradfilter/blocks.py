@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from . import functional as GF
 from . import native
+from ._mixed import mixed_class
 from .nn import FilteredConv2d
 
 __all__ = ["fuse_blocks", "fusable", "FusedBlockMixin", "FusedHeadMixin", "FusedPoolMixin"]
@@ -769,28 +770,8 @@ def _pool_owner(model: nn.Module, name: str, block: nn.Module) -> nn.Module | No
     return owner
 
 
-_FUSED_CLASSES: dict[tuple[type, type], type] = {}
-
-
 def _fused_class(cls: type, mixin: type = FusedBlockMixin) -> type:
-    if (cls, mixin) not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls, mixin] = type(f"Fused{cls.__name__}", (mixin, cls),
-                                          {"__reduce_ex__": _reduce_fused})
-    return _FUSED_CLASSES[cls, mixin]
-
-
-def _new_fused(cls: type, mixin: type) -> nn.Module:
-    """Unpickling a fused module: an empty instance of its fused class (made again where this
-    process has not made it yet); pickle then restores its state."""
-    fused = _fused_class(cls, mixin)
-    return fused.__new__(fused)
-
-
-def _reduce_fused(self: nn.Module, protocol: int) -> tuple:
-    """A fused module pickles by its mixin and plain class: its own class is made at run time,
-    so pickle could not find it by name (``torch.save(model)`` of a fused model failed)."""
-    mixin, cls = type(self).__bases__
-    return _new_fused, (cls, mixin), self.__getstate__()
+    return mixed_class(mixin, cls, "Fused")
 
 
 def fuse_blocks(model: nn.Module, names: str | Iterable[str],

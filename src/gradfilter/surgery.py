@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import functional as GF
+from ._mixed import mixed_class
 from .nn import (
     FilteredConv1d,
     FilteredConv2d,
@@ -315,27 +316,10 @@ def apply(
 
 BN_MODES = ("exact", "patch", "frozen")
 _PACKED = {nn.ReLU: PackedReLU, nn.ReLU6: PackedReLU6}
-_LEAN_BN_CLASSES: dict[type, type] = {}
 
 
 def _lean_bn_class(cls: type) -> type:
-    if cls not in _LEAN_BN_CLASSES:
-        _LEAN_BN_CLASSES[cls] = type(f"Lean{cls.__name__}", (LeanBatchNormMixin, cls),
-                                     {"__reduce_ex__": _reduce_lean_bn})
-    return _LEAN_BN_CLASSES[cls]
-
-
-def _new_lean_bn(cls: type) -> nn.Module:
-    """Unpickling a lean BatchNorm: an empty instance of ``cls``'s lean class (made again where
-    this process has not made it yet); pickle then restores its state."""
-    lean = _lean_bn_class(cls)
-    return lean.__new__(lean)
-
-
-def _reduce_lean_bn(self: nn.Module, protocol: int) -> tuple:
-    """A lean BatchNorm pickles by its plain class: its own class is made at run time, so
-    pickle could not find it by name (``torch.save(model)`` of a slimmed model failed)."""
-    return _new_lean_bn, (type(self).__bases__[1],), self.__getstate__()
+    return mixed_class(LeanBatchNormMixin, cls, "Lean")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
