@@ -218,8 +218,8 @@ def finetune(
         # not an error (random-start runs are legitimate experiments), but never silent: the
         # frozen layers stay random, and a network fine-tuned on top of them learns little
         print(f"note: {model} starts from random weights (no --pretrained or --checkpoint); "
-              f"only the last {train_last} blocks and the classifier train, the frozen layers "
-              f"stay random", file=sys.stderr)
+              "only the trained blocks and the classifier learn, the frozen layers stay random",
+              file=sys.stderr)
     # Explicit about the classifier, never silent; a resumed run keeps its first start's list.
     config["reinit_head_keys"] = [] if ckpt is None else ckpt["config"].get("reinit_head_keys")
     if checkpoint is not None and ckpt is None:
