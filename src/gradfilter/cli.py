@@ -315,18 +315,21 @@ def _plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-budget", default=None,
                    help="bytes saved for backward per step, e.g. 20MB, 512KiB")
     p.add_argument("--time-budget", default=None, help="training step time, e.g. 300ms, 1.5s")
-    p.add_argument("--radii", default="2,4,7")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--radii", default="2,4,7", help="comma-separated radii to choose from")
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="classifier size of the model to plan for")
+    p.add_argument("--pretrained", action="store_true",
+                   help="plan on the built-in offline weights (tf_efficientnet_lite0 only)")
+    p.add_argument("--checkpoint", default=None, help="state_dict file to plan on")
     p.add_argument("--data", default=None,
                    help="measure fidelity on this data set's first batch (default: random)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed steps per calibration config")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for a model without weights and the synthetic batch")
-    p.add_argument("--out", default="plan.json")
+    p.add_argument("--out", default="plan.json",
+                   help="plan file to write (JSON; finetune --plan and gradfilter.apply read it)")
 
     def run(args: argparse.Namespace) -> int:
         from .plan.command import parse_shape, run_plan
