@@ -196,6 +196,26 @@ def test_compare_prints_table_and_writes_png(full_run, tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
 
 
+def test_compare_shortens_planned_radii_and_tells_like_runs_apart():
+    """A planned run's per-conv radii become one short label (table and plot), fused blocks are
+    named, and runs whose settings read the same are told apart by their folder."""
+    from gradfilter.compare import format_table, plot_labels
+
+    base = {"method": "gradfilter", "train_last": 3, "val_accuracy": 0.9, "step_time_ms": 30.0,
+            "saved_activation_bytes": 2**20, "lean": "patch", "fused_blocks": ["blocks.6.0"]}
+    rows = [{**base, "run": "runs/a", "radius": {"blocks.5.3.conv_pw": 7, "conv_head": 7}},
+            {**base, "run": "runs/b", "radius": {"blocks.5.3.conv_pw": 2, "conv_head": 7}},
+            {**base, "run": "runs/c", "radius": 4},
+            {**base, "run": "runs/d", "radius": 4}]
+    table = format_table(rows)
+    assert "plan 7" in table and "plan 2-7" in table and "conv_head" not in table
+    labels = plot_labels(rows)
+    assert labels[0] == "gradfilter r=plan 7 lean patch fused last 3"
+    assert labels[1] == "gradfilter r=plan 2-7 lean patch fused last 3"
+    assert labels[2:] == ["c: gradfilter r=4 lean patch fused last 3",
+                          "d: gradfilter r=4 lean patch fused last 3"]
+
+
 def test_finetune_input_grad_exact_is_recorded_and_applied(full_run, tmp_path):
     out = tmp_path / "exact"
     assert main(_args(out, epochs=1, extra=["--input-grad", "exact"])) == 0

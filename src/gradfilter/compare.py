@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare_runs", "format_table", "load_runs", "metric_key", "plot_rounds", "plot_runs",
-           "to_mib"]
+__all__ = ["compare_runs", "format_table", "load_runs", "metric_key", "plot_labels", "plot_rounds",
+           "plot_runs", "to_mib"]
 
 COLUMNS = ("run", "method", "radius", "train_last", "val_accuracy", "step_time_ms", "saved MiB")
 METRICS = {"val_accuracy": "val accuracy", "val_miou": "val mIoU"}  # metrics.json key: label
@@ -67,13 +67,24 @@ def _fmt(value: Any, spec: str = "") -> str:
     return format(value, spec)
 
 
+def _radius(value: Any) -> str | None:
+    """A run's radius as one short label: a planned run's per-conv radii ({conv: r}) become
+    "plan r" where they agree and "plan lo-hi" where they do not; None stays None."""
+    if isinstance(value, dict):
+        radii = sorted({int(r) for r in value.values()})
+        if not radii:
+            return "plan"
+        return f"plan {radii[0]}" if len(radii) == 1 else f"plan {radii[0]}-{radii[-1]}"
+    return None if value is None else str(value)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     key = metric_key(rows)
     body = [
         (
             row["run"],
             str(row["method"]),
-            _fmt(row.get("radius")),
+            _fmt(_radius(row.get("radius"))),
             _fmt(row.get("train_last")),
             "-" if row[key] is None else f"{100 * row[key]:.2f}%",
             _fmt(row["step_time_ms"], ".1f"),
@@ -90,12 +101,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _label(row: dict[str, Any]) -> str:
-    name = row["method"] if row.get("radius") is None else f"{row['method']} r={row['radius']}"
+    radius = _radius(row.get("radius"))
+    name = row["method"] if radius is None else f"{row['method']} r={radius}"
     if row.get("input_grad") == "exact":
         name += " exact gx"
     if row.get("lean"):
         name += f" lean {row['lean']}"
+    if row.get("fused_blocks"):
+        name += " fused"
     return f"{name} last {row['train_last']}" if row.get("train_last") is not None else name
+
+
+def plot_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """Each run's label in the plot; runs whose settings read the same get their folder's name
+    in front (runs that differ only in epochs, seed or data)."""
+    labels = [_label(row) for row in rows]
+    return [f"{Path(row['run']).name}: {label}" if labels.count(label) > 1 else label
+            for row, label in zip(rows, labels)]
 
 
 def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
@@ -108,14 +130,15 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str | None = 
     key = metric_key(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    labels = plot_labels(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     try:
-        for row in rows:
+        for row, label in zip(rows, labels):
             acc = 100 * row[key] if row[key] is not None else math.nan
             xs = (row["step_time_ms"], to_mib(row["saved_activation_bytes"]))
             for ax, x in zip(axes, xs):
-                ax.scatter([x], [acc], s=60, label=_label(row))
-                ax.annotate(_label(row), (x, acc), textcoords="offset points", xytext=(6, 4),
+                ax.scatter([x], [acc], s=60, label=label)
+                ax.annotate(label, (x, acc), textcoords="offset points", xytext=(6, 4),
                             fontsize=8)
         axes[0].set_xlabel("median training step (ms)")
         axes[1].set_xlabel("activations saved for backward per step (MiB)")
