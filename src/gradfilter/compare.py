@@ -114,10 +114,14 @@ def _label(row: dict[str, Any]) -> str:
 
 def plot_labels(rows: list[dict[str, Any]]) -> list[str]:
     """Each run's label in the plot; runs whose settings read the same get their folder's name
-    in front (runs that differ only in epochs, seed or data)."""
+    (or their place in ``rows``) in front (runs that differ only in epochs, seed or data)."""
     labels = [_label(row) for row in rows]
-    return [f"{Path(row['run']).name}: {label}" if labels.count(label) > 1 else label
-            for row, label in zip(rows, labels)]
+    out = []
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        if labels.count(label) > 1:
+            label = f"{Path(row['run']).name if row.get('run') else f'#{i + 1}'}: {label}"
+        out.append(label)
+    return out
 
 
 def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
@@ -169,7 +173,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     try:
-        for row in rows:
+        for row, label in zip(rows, plot_labels(rows)):
             log = row.get("rounds_log") or []
             rounds = [0] + [r["round"] for r in log]
             acc = [row.get("initial_val_accuracy")] + [r["val_accuracy"] for r in log]
@@ -178,8 +182,8 @@ def plot_rounds(rows: list[dict[str, Any]], path: str | Path) -> Path:
                 total += r["bytes_sent_by_clients"]
                 sent.append(to_mib(total))
             axes[0].plot(rounds, [math.nan if a is None else 100 * a for a in acc],
-                         marker="o", label=_label(row))
-            axes[1].plot(rounds, sent, marker="o", label=_label(row))
+                         marker="o", label=label)
+            axes[1].plot(rounds, sent, marker="o", label=label)
         axes[0].set_ylabel("global val accuracy (%)")
         axes[1].set_ylabel("MiB sent by clients (cumulative)")
         for ax in axes:
