@@ -111,6 +111,23 @@ def test_always_and_never_do_not_probe(monkeypatch):
         assert len(calls) == n, mode
 
 
+def test_the_flush_does_not_keep_its_optimizer_alive():
+    """The optimizer holds the flush through its hooks; the flush holds the optimizer only
+    weakly, so a registry keyed weakly on optimizers (bench step's) lets them go."""
+    import gc
+    import weakref
+
+    from gradfilter.bench.step import FLUSH
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    FLUSH[opt] = flush = flush_before_step(opt)
+    assert flush.optimizer is opt
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None and flush.optimizer is None and flush not in FLUSH.values()
+
+
 def test_bad_arguments_are_refused():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
     with pytest.raises(ValueError, match="mode must be"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections import deque
 
 import torch
@@ -63,7 +64,10 @@ class FlushBeforeStep:
             raise ValueError(f"probe must be an even number >= 2, got {probe}")
         if reprobe <= probe:
             raise ValueError(f"reprobe must exceed probe ({probe}), got {reprobe}")
-        self.optimizer, self.mode, self.probe, self.reprobe = optimizer, mode, probe, reprobe
+        # a weak reference: the optimizer holds this object through its hooks, and a registry
+        # keyed weakly on the optimizer (bench.step.FLUSH) must not keep it alive through this
+        self._optimizer = weakref.ref(optimizer)
+        self.mode, self.probe, self.reprobe = mode, probe, reprobe
         self._timer = timer
         self.steps = 0
         self.flushing = mode == "always"  # the current choice (auto: after the last probe)
@@ -82,9 +86,14 @@ class FlushBeforeStep:
         """Steps until ``auto`` has made its first choice (steps after that are steady)."""
         return 1 + self.probe if self.mode == "auto" else 0
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]
-                if p.device.type == "cpu"]
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer the hooks are on (None once it is gone)."""
+        return self._optimizer()
+
+    @staticmethod
+    def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        return [p for g in optimizer.param_groups for p in g["params"] if p.device.type == "cpu"]
 
     def _probing(self) -> int | None:
         """This step's index inside a probe window (steps 1.. of every ``reprobe`` from the
@@ -101,7 +110,7 @@ class FlushBeforeStep:
         if self._now:
             from . import native
 
-            params = self._params()  # none on the CPU (a GPU model): nothing to decide
+            params = self._params(optimizer)  # none on the CPU (a GPU model): nothing to decide
             if not (params and native.available() and native.flush_cache(params)):
                 self.mode, self.flushing, self._now = "never", False, False
 

@@ -82,7 +82,6 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
     return net, opt, info.blocks
 
 
-
 def paired_efficiency(vanilla: list[float], method: list[float],
                       forward_only: list[float]) -> tuple[float, float, float] | None:
     """Per-round E = (v − m) / (v − f) over the rounds whose window v − f is positive: (median,
