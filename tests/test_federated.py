@@ -107,7 +107,7 @@ def test_lean_and_fused_clients_train_the_same_parameters():
     base = {**TINY, "model": "tf_efficientnet_lite0", "image-size": 32, "train-last": 2}
     plain, _ = build_model(resolve_config(base))
     model, info = build_model(resolve_config({**base, "lean": "patch", "fuse-blocks": True}))
-    assert info.fused == ["blocks.6.0", "conv_head"] and info.slimmed
+    assert info.fused == ["blocks.6.0", "conv_head", "classifier"] and info.slimmed
     assert isinstance(model, FusedHeadMixin) and isinstance(model.blocks[6][0], FusedBlockMixin)
     assert set(trainable_state(model)) == set(trainable_state(plain))
     x = torch.randn(4, 3, 32, 32)

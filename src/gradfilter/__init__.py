@@ -3,6 +3,7 @@
 from .allocator import tune_cpu_allocator
 from .blocks import fuse_blocks
 from .functional import UnsupportedDilationError, conv1d, conv2d
+from .linear import fuse_linear
 from .memory import count_saved
 from .nn import FilteredConv1d, FilteredConv2d
 from .optim import FlushBeforeStep, flush_before_step
@@ -33,6 +34,7 @@ __all__ = [
     "count_saved",
     "freeze",
     "fuse_blocks",
+    "fuse_linear",
     "remove",
     "slim",
     "tune_cpu_allocator",

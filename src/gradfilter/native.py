@@ -37,6 +37,9 @@ __all__ = [
     "fused_block_backward",
     "fused_block_forward",
     "fused_plan",
+    "linear",
+    "linear_backward",
+    "linear_fast_path",
     "mask_apply",
     "masked_clamp",
     "patch_sum",
@@ -270,6 +273,27 @@ def fused_block(x: Tensor, params: list[Tensor], stats: list[Tensor],
     per unit its conv weight, then conv bias, BatchNorm γ, β where it has them; ``stats``: per
     unit its BatchNorm running mean and variance."""
     return _ops().fused_block(x, params, stats, plan)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` recording one C++ autograd node whose backward is
+    :func:`linear_backward` (``gradfilter.linear``)."""
+    return _ops().linear(x, weight, bias)
+
+
+def linear_backward(g: Tensor, x: Tensor, weight: Tensor, need_x: bool = True,
+                    need_w: bool = True,
+                    need_b: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(g·W, gᵀ·x, Σ_rows g) for 2-D g (B, O), x (B, I), weight (O, I): a Linear layer's
+    backward, both products in one pass over the weight where :func:`linear_fast_path` holds
+    (else ATen's products). Results not asked for come back None."""
+    return _ops().linear_backward(g, x, weight, need_x, need_w, need_b)
+
+
+def linear_fast_path(batch: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_backward` runs its one-pass kernel for this batch size and dtype
+    on this CPU (AVX-512F, float32, batch 1-64)."""
+    return bool(_ops().linear_fast_path(batch, dtype))
 
 
 def flush_cache(tensors: list[Tensor]) -> bool:

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1820,6 +1821,232 @@ at::Tensor fused_block(const at::Tensor& x, at::TensorList params, at::TensorLis
   return FusedBlockFn::apply(x, params, stats, plan);
 }
 
+// ---------------------------------------------------------------------------------------------
+// A Linear layer's backward for small batches (the classifier of a fine-tuned CNN): both
+// products in one pass over the weight. For g (B, O), x (B, I), W (O, I):
+//   gx = g · W (B, I),   gW = gᵀ · x (O, I),   gb = Σ_b g.
+// Each weight element is read once and each gradient element written once; both products use
+// the same broadcasts of g. MKL's two GEMMs (behind torch.mm) handle these shapes badly: with
+// B = 16, gW has an inner dimension of 16 and gx re-packs W, so at batch 16 they run at 70-80
+// GFLOP/s on this project's 2-core CPU, this pass at 150-180 (docs/performance.md).
+//
+// Threads split the columns (I) into 16-wide tiles, so no two write the same output. Within a
+// thread: blocks of kLinearRows weight rows (which stay in L2), and for each tile of such a
+// block, gx's NB × 16 accumulators stay in registers while the block's rows stream past, four
+// rows at a time (four independent gW accumulators).
+constexpr int64_t kLinearRows = 64;
+constexpr int64_t kLinearMaxBatch = 64;  // larger batches: MKL's GEMMs are at peak there
+
+#if defined(GF_HAVE_AVX2_TARGET)
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// Rows [o0, o1) of W, column tiles [t0, t1), batch rows [b0, b0 + NB). first: gW's rows start
+// at zero (the first batch chunk), else they accumulate. GX: also accumulate gx.
+template <int NB, bool GX>
+__attribute__((target("avx512f"))) void linear_rows_avx512(
+    const float* g, int64_t O, const float* x, const float* W, float* gW, float* gx, int64_t I,
+    int64_t o0, int64_t o1, int64_t t0, int64_t t1, int64_t b0, bool first, bool stream) {
+  const int64_t rem = I % 16;
+  const __mmask16 tail = rem ? static_cast<__mmask16>((1u << rem) - 1) : __mmask16(0xFFFF);
+  const int64_t tiles = (I + 15) / 16;
+  for (int64_t t = t0; t < t1; ++t) {
+    const __mmask16 m = t == tiles - 1 ? tail : __mmask16(0xFFFF);
+    const int64_t j = t * 16;
+    __m512 acc[NB];
+    if constexpr (GX)
+      for (int b = 0; b < NB; ++b) acc[b] = _mm512_maskz_loadu_ps(m, gx + (b0 + b) * I + j);
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+      float* r = gW + o * I + j;
+      const float* wr = W + o * I + j;
+      __m512 w0, w1, w2, w3;
+      if constexpr (GX) {
+        w0 = _mm512_maskz_loadu_ps(m, wr);
+        w1 = _mm512_maskz_loadu_ps(m, wr + I);
+        w2 = _mm512_maskz_loadu_ps(m, wr + 2 * I);
+        w3 = _mm512_maskz_loadu_ps(m, wr + 3 * I);
+      }
+      __m512 q0 = _mm512_setzero_ps(), q1 = q0, q2 = q0, q3 = q0;
+      if (!first) {
+        q0 = _mm512_maskz_loadu_ps(m, r);
+        q1 = _mm512_maskz_loadu_ps(m, r + I);
+        q2 = _mm512_maskz_loadu_ps(m, r + 2 * I);
+        q3 = _mm512_maskz_loadu_ps(m, r + 3 * I);
+      }
+#pragma GCC unroll 16
+      for (int b = 0; b < NB; ++b) {
+        const float* gb = g + (b0 + b) * O + o;
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + (b0 + b) * I + j);
+        const __m512 s0 = _mm512_set1_ps(gb[0]), s1 = _mm512_set1_ps(gb[1]);
+        const __m512 s2 = _mm512_set1_ps(gb[2]), s3 = _mm512_set1_ps(gb[3]);
+        q0 = _mm512_fmadd_ps(s0, xv, q0);
+        q1 = _mm512_fmadd_ps(s1, xv, q1);
+        q2 = _mm512_fmadd_ps(s2, xv, q2);
+        q3 = _mm512_fmadd_ps(s3, xv, q3);
+        if constexpr (GX) {
+          acc[b] = _mm512_fmadd_ps(s0, w0, acc[b]);
+          acc[b] = _mm512_fmadd_ps(s1, w1, acc[b]);
+          acc[b] = _mm512_fmadd_ps(s2, w2, acc[b]);
+          acc[b] = _mm512_fmadd_ps(s3, w3, acc[b]);
+        }
+      }
+      if (stream && m == __mmask16(0xFFFF)) {
+        _mm512_stream_ps(r, q0);
+        _mm512_stream_ps(r + I, q1);
+        _mm512_stream_ps(r + 2 * I, q2);
+        _mm512_stream_ps(r + 3 * I, q3);
+      } else {
+        _mm512_mask_storeu_ps(r, m, q0);
+        _mm512_mask_storeu_ps(r + I, m, q1);
+        _mm512_mask_storeu_ps(r + 2 * I, m, q2);
+        _mm512_mask_storeu_ps(r + 3 * I, m, q3);
+      }
+    }
+    for (; o < o1; ++o) {  // the block's last rows (O not a multiple of 4)
+      __m512 w0 = _mm512_setzero_ps();
+      if constexpr (GX) w0 = _mm512_maskz_loadu_ps(m, W + o * I + j);
+      __m512 q0 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, gW + o * I + j);
+      for (int b = 0; b < NB; ++b) {
+        const __m512 s0 = _mm512_set1_ps(g[(b0 + b) * O + o]);
+        q0 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m, x + (b0 + b) * I + j), q0);
+        if constexpr (GX) acc[b] = _mm512_fmadd_ps(s0, w0, acc[b]);
+      }
+      _mm512_mask_storeu_ps(gW + o * I + j, m, q0);
+    }
+    if constexpr (GX)
+      for (int b = 0; b < NB; ++b) _mm512_mask_storeu_ps(gx + (b0 + b) * I + j, m, acc[b]);
+  }
+}
+
+using LinearRowsFn = void (*)(const float*, int64_t, const float*, const float*, float*, float*,
+                              int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool);
+
+template <bool GX, int... NB>
+constexpr std::array<LinearRowsFn, sizeof...(NB)> linear_rows_table(
+    std::integer_sequence<int, NB...>) {
+  return {&linear_rows_avx512<NB + 1, GX>...};
+}
+
+// gW (O, I), and gx (B, I) where given, for float32 contiguous g, x, W with
+// B <= kLinearMaxBatch, on a CPU with AVX-512F. Threads split the rows of W (each streams its
+// own contiguous part) and sum their gx parts at the end.
+void linear_products_avx512(const float* g, const float* x, const float* W, float* gW,
+                            float* gx, int64_t B, int64_t O, int64_t I) {
+  static constexpr auto with_gx = linear_rows_table<true>(std::make_integer_sequence<int, 16>{});
+  static constexpr auto without = linear_rows_table<false>(std::make_integer_sequence<int, 16>{});
+  const int64_t tiles = (I + 15) / 16, blocks = (O + kLinearRows - 1) / kLinearRows;
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), blocks);
+  // gW written once (one batch chunk), 64-byte aligned rows: streaming stores skip reading each
+  // destination line first
+  const bool stream = B <= 16 && I % 16 == 0 && reinterpret_cast<uintptr_t>(gW) % 64 == 0;
+  std::vector<float> scratch(gx && parts > 1 ? (parts - 1) * B * I : 0, 0.0f);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* acc = gx == nullptr ? nullptr : p == 0 ? gx : scratch.data() + (p - 1) * B * I;
+      const int64_t k0 = blocks * p / parts, k1 = blocks * (p + 1) / parts;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t o0 = k * kLinearRows, o1 = std::min<int64_t>(O, o0 + kLinearRows);
+        for (int64_t b0 = 0; b0 < B; b0 += 16) {
+          const int nb = static_cast<int>(std::min<int64_t>(16, B - b0));
+          const LinearRowsFn fn = acc ? with_gx[nb - 1] : without[nb - 1];
+          fn(g, O, x, W, gW, acc, I, o0, o1, 0, tiles, b0, b0 == 0, stream);
+        }
+      }
+    }
+  });
+  if (stream) _mm_sfence();
+  for (int64_t p = 1; gx && p < parts; ++p) {
+    const float* part = scratch.data() + (p - 1) * B * I;
+    for (int64_t i = 0; i < B * I; ++i) gx[i] += part[i];
+  }
+}
+#endif
+
+// (gx, gW, gb) of y = x Wᵀ + b for g = ∂L/∂y; x (B, I) and g (B, O) already 2-D. Results not
+// asked for come back undefined. The one-pass kernel where it applies, else ATen's products.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_2d(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, bool need_x, bool need_w,
+    bool need_b) {
+  at::Tensor gx, gw, gb;
+  if (need_b) gb = g.sum(0);
+  if (!need_x && !need_w) return {gx, gw, gb};
+#if defined(GF_HAVE_AVX2_TARGET)
+  const bool fast = need_w && cpu_has_avx512f() && g.scalar_type() == at::kFloat &&
+                    x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                    g.size(0) <= kLinearMaxBatch && g.size(0) > 0;
+  if (fast) {
+    const at::Tensor gc = g.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
+    const int64_t B = gc.size(0), O = gc.size(1), I = xc.size(1);
+    gw = at::empty({O, I}, wc.options());
+    if (need_x) gx = at::zeros({B, I}, xc.options());
+    linear_products_avx512(gc.const_data_ptr<float>(), xc.const_data_ptr<float>(),
+                           wc.const_data_ptr<float>(), gw.mutable_data_ptr<float>(),
+                           need_x ? gx.mutable_data_ptr<float>() : nullptr, B, O, I);
+    return {gx, gw, gb};
+  }
+#endif
+  if (need_x) gx = at::mm(g, weight);
+  if (need_w) gw = at::mm(g.t(), x);
+  return {gx, gw, gb};
+}
+
+// The op behind gradfilter.native.linear_backward (tests call it against loop oracles).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, bool need_x, bool need_w,
+    bool need_b) {
+  TORCH_CHECK(g.dim() == 2 && x.dim() == 2 && weight.dim() == 2,
+              "gradfilter native linear_backward: g, x and weight must be 2-D");
+  TORCH_CHECK(g.size(0) == x.size(0) && g.size(1) == weight.size(0) &&
+                  x.size(1) == weight.size(1),
+              "gradfilter native linear_backward: shapes do not match: g ", g.sizes(), ", x ",
+              x.sizes(), ", weight ", weight.sizes());
+  return linear_backward_2d(g, x, weight, need_x, need_w, need_b);
+}
+
+bool linear_fast_path(int64_t batch, at::ScalarType dtype) {
+#if defined(GF_HAVE_AVX2_TARGET)
+  return cpu_has_avx512f() && dtype == at::kFloat && batch >= 1 && batch <= kLinearMaxBatch;
+#else
+  return false;
+#endif
+}
+
+// y = x Wᵀ + b recording one C++ autograd node whose backward is linear_backward_2d (any
+// leading dimensions of x flatten into the batch).
+struct LinearFn : public torch::autograd::Function<LinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    return at::linear(x, weight, bias);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "gradfilter: double backward through a native linear is not supported");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& weight = saved[1];
+    const int64_t I = weight.size(1), O = weight.size(0);
+    const at::Tensor g = grads[0].reshape({-1, O});
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    auto [gx, gw, gb] = linear_backward_2d(g, x.reshape({-1, I}), weight,
+                                           ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                           has_bias && ctx->needs_input_grad(2));
+    if (gx.defined()) gx = gx.view(x.sizes());
+    return {gx, gw, gb};
+  }
+};
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  return LinearFn::apply(x, weight, bias);
+}
+
 
 // ---------------------------------------------------------------------------------------------
 // Evicting tensors' memory from every cache level of every core (clflushopt, clflush where the
@@ -1884,6 +2111,10 @@ bool flush_cache(at::TensorList tensors) {
 
 TORCH_LIBRARY(gradfilter, m) {
   m.def("flush_cache(Tensor[] tensors) -> bool");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_backward(Tensor g, Tensor x, Tensor weight, bool need_x, bool need_w, "
+        "bool need_b) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_fast_path(int batch, ScalarType dtype) -> bool", TORCH_FN(linear_fast_path));
   m.class_<FusedPlan>("FusedPlan")
       .def(torch::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<double>, std::vector<double>, bool, bool,
@@ -1923,9 +2154,11 @@ TORCH_LIBRARY_IMPL(gradfilter, CPU, m) {
   m.impl("fused_block_forward", TORCH_FN(fused_block_forward));
   m.impl("filtered_backward", TORCH_FN(filtered_backward));
   m.impl("flush_cache", TORCH_FN(flush_cache));
+  m.impl("linear_backward", TORCH_FN(linear_backward));
 }
 
 // fused_block records its own autograd node (FusedBlockFn), so it sits above autograd
 TORCH_LIBRARY_IMPL(gradfilter, CompositeImplicitAutograd, m) {
   m.impl("fused_block", TORCH_FN(fused_block));
+  m.impl("linear", TORCH_FN(linear));
 }

@@ -12,7 +12,8 @@ eval mode):
 * ``fused``     ``lean`` plus :func:`gradfilter.fuse_blocks` on the trainable blocks it
   supports (inverted residuals and conv-BN-act blocks: the whole block's backward at patch
   resolution); the others stay ``lean`` (all of ResNet18's: its BasicBlock ends in a ReLU
-  after the skip sum).
+  after the skip sum). Its classifier's backward runs as one native pass over the weight
+  (:func:`gradfilter.fuse_linear`; not filtering, docs/performance.md says what it buys).
 
 One step is forward + cross-entropy + backward + SGD step; every method's optimizer carries
 :class:`gradfilter.optim.FlushBeforeStep` (as the trainer's does), whose choice is recorded
@@ -53,6 +54,9 @@ LAST = (4, 8)
 METHODS = ("vanilla", "filtered", "lean", "fused")
 # cross_core_read_ratio above which a case ran with its threads on cores without a shared cache
 SPLIT_CACHE_RATIO = 1.3
+# Whether the fused method's classifier runs its one-pass native backward (gradfilter.linear;
+# benchmarks/linear_ab.py turns it off to measure what it buys)
+FUSE_CLASSIFIER = True
 # Each benchmark optimizer's parameter flush (gradfilter.optim.FlushBeforeStep, attached in
 # build): its choice goes into the results
 FLUSH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -71,11 +75,14 @@ def build(model_name: str, method: str, last: int, radius: int, example: torch.T
     if method in ("lean", "fused"):
         slim(net, names=[f"{b}.*" for b in info.blocks] + info.blocks, bn="patch",
              radius=radius)
-    if method == "fused":  # where no block can be fused (ResNet's BasicBlock) this is lean
+    if method == "fused":  # where no block can be fused (ResNet's BasicBlock) these stay lean
         from ..blocks import fusable, fuse_blocks
+        from ..train.trainer import fuse_classifier
 
         if any(fusable(net.get_submodule(b)) is None for b in info.blocks):
             fuse_blocks(net, info.blocks, on_unsupported="skip")
+        if FUSE_CLASSIFIER:
+            fuse_classifier(net)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params))
     FLUSH[opt] = flush_before_step(opt)  # every method, as the trainer does

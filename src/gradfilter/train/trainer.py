@@ -79,7 +79,8 @@ class PrepareInfo:
     lean: str | None = None
     slimmed: list[str] = field(default_factory=list)  # ReLU/BatchNorm layers made lean
     input_grad: str | None = None  # filtered convs' input-gradient mode (gradfilter only)
-    fused: list[str] = field(default_factory=list)  # blocks whose backward runs fused
+    # blocks whose backward runs fused, and the classifier's fused Linear layers
+    fused: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +123,8 @@ def prepare_model(
     ``fuse`` (gradfilter only): run the backward of every trained block that
     :func:`gradfilter.fuse_blocks` supports at patch resolution as one node (the others stay
     per layer); the fused blocks' BatchNorm weight gradients are then exact whatever ``lean``.
+    The classifier's ``nn.Linear`` layers get their one-pass backward too
+    (:func:`fuse_classifier`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -167,7 +170,7 @@ def prepare_model(
     if fuse:
         from ..blocks import fuse_blocks
 
-        fused = fuse_blocks(model, blocks, on_unsupported="skip")
+        fused = fuse_blocks(model, blocks, on_unsupported="skip") + fuse_classifier(model)
     info = PrepareInfo(
         method=method,
         radius=(dict(radius) if isinstance(radius, Mapping) else radius)
@@ -182,6 +185,20 @@ def prepare_model(
         fused=fused,
     )
     return model, info
+
+
+def fuse_classifier(model: nn.Module) -> list[str]:
+    """:func:`gradfilter.fuse_linear` on the ``nn.Linear`` layers of ``model``'s classifier
+    (:func:`~gradfilter.models.registry.classifier_name`: the layer itself or inside it) that
+    it supports; returns their names (none: nothing changed)."""
+    from ..linear import _why_not, fuse_linear
+
+    head = classifier_name(model)
+    if head is None:
+        return []
+    names = [n for n, m in model.named_modules()
+             if (n == head or n.startswith(f"{head}.")) and _why_not(m) is None]
+    return fuse_linear(model, names) if names else []
 
 
 def _to(obj: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -1,0 +1,88 @@
+"""The trained classifier's backward in one native pass over its weight (:func:`fuse_linear`).
+
+Not gradient filtering: a fine-tuned CNN's classifier is a plain ``nn.Linear`` whose backward
+(``gx = g·W``, ``gW = gᵀ·x``, ``gb = Σ g``) is the same in every method. With a small batch it
+is a sizeable part of a filtered step, because filtering has removed most of the rest: on
+MobileNetV2 with its last 4 blocks trained, batch 16, its two GEMMs take ~1.1 ms of a 4.8 ms fused
+backward. They run badly there (MKL, 70–80 GFLOP/s on this project's 2-core CPU: ``gW``'s inner
+dimension is the batch, and ``gx`` re-packs the 5 MB weight), and they read the weight and write
+its gradient in separate passes. The native kernel (``kernels.cpp``, ``linear_backward``) does
+both products in one pass over the weight, sharing the broadcasts of ``g``, at 150–180 GFLOP/s
+(AVX-512F, batch ≤ 64, float32; elsewhere the node runs ATen's products, the same math).
+The forward is ``F.linear``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import native
+from ._mixed import mixed_class
+
+__all__ = ["FusedLinearMixin", "fuse_linear"]
+
+# False: fused Linear layers run nn.Linear's forward and backward (benchmarks/linear_ab.py)
+NATIVE = True
+
+
+class FusedLinearMixin:
+    """Mixed in front of an ``nn.Linear`` by :func:`fuse_linear`: with gradients on, a float32
+    CPU input and the native kernels built, the layer records one C++ autograd node whose
+    backward is the one-pass kernel; otherwise (no-grad, autocast, another dtype or device) it
+    is ``nn.Linear``'s own forward."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        w = self.weight
+        if (NATIVE and input.dtype is torch.float32 and w.dtype is torch.float32 and input.is_cpu
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and native.available()):
+            return torch.ops.gradfilter.linear(input, w, self.bias)
+        return F.linear(input, w, self.bias)
+
+
+def _why_not(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be fused (None: it can)."""
+    if isinstance(module, FusedLinearMixin):
+        return "already fused"
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear"
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} has its own forward"
+    return None
+
+
+def fuse_linear(model: nn.Module, names: str | Iterable[str],
+                on_unsupported: str = "error") -> list[str]:
+    """Run the backward of the named ``nn.Linear`` layers of ``model`` as one native pass
+    (module docstring); in place, returns the names fused. ``names``: layer names or glob
+    patterns. A layer named exactly that cannot be fused (not a plain ``nn.Linear``, already
+    fused) raises with the reason (``on_unsupported="error"``) or stays as it is (``"skip"``);
+    layers matched by a glob only are fused where they can be. :func:`gradfilter.remove` undoes
+    it; parameters, hooks and state-dict keys stay as they were."""
+    from .surgery import _match
+
+    if on_unsupported not in ("error", "skip"):
+        raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
+    patterns = [names] if isinstance(names, str) else list(names)
+    fused, refused = [], []
+    for name, mod in model.named_modules():
+        if not name or not _match(name, patterns):
+            continue
+        why = _why_not(mod)
+        if why is not None:
+            if name in patterns:
+                if on_unsupported == "error":
+                    raise ValueError(f"cannot fuse {name}: {why}")
+                refused.append(f"{name}: {why}")
+            continue
+        mod._gradfilter_original_class = type(mod)
+        mod.__class__ = mixed_class(FusedLinearMixin, type(mod), "Fused")
+        fused.append(name)
+    if not fused:
+        why = "".join(f"\n  {r}" for r in refused)
+        raise ValueError(f"fuse_linear: no nn.Linear matching {patterns} can be fused{why}")
+    return fused
