@@ -1,11 +1,12 @@
-"""The fused method's classifier with its one-pass native backward (``gradfilter.fuse_linear``)
-against ``nn.Linear``'s own (``gradfilter.linear.NATIVE = False``), in training steps.
+"""The fused method's classifier with its native forward and one-pass backward
+(``gradfilter.fuse_linear``) against ``nn.Linear``'s own (``gradfilter.linear.NATIVE = False``),
+in training steps.
 
 One fused model per case (as ``gradfilter bench step`` builds it: last N blocks trained, r=4,
 batch 16, 224², ResNet18's blocks lean); the frozen prefix runs once and each step starts at
 the first trained block (its noise would bury a sub-millisecond change); steps alternate
-between the two forms (order flipped each round): medians of the forward and backward, and the
-median per-round difference of the backward.
+between the two forms (order flipped each round): medians of the forward and backward, and
+their median per-round differences.
 
     .venv/bin/python benchmarks/linear_ab.py --out benchmarks/results/linear_ab_cpu.json
 """
@@ -43,9 +44,10 @@ def main() -> int:
     rows = [_case(m, last, args.repeats) for m, last in CASES]
     print(describe(machine_info()))
     for r in rows:
-        print(f"{r['model']:22s} last {r['last']}: backward {r['backward_ms_aten']:.2f} -> "
-              f"{r['backward_ms_native']:.2f} ms (paired: {r['backward_saved_ms_paired']:.2f} ms "
-              f"saved; nn.Linear -> one native pass)")
+        print(f"{r['model']:22s} last {r['last']}: forward {r['forward_ms_aten']:.2f} -> "
+              f"{r['forward_ms_native']:.2f} ms (paired {r['forward_saved_ms_paired']:.2f} ms "
+              f"saved), backward {r['backward_ms_aten']:.2f} -> {r['backward_ms_native']:.2f} ms "
+              f"(paired {r['backward_saved_ms_paired']:.2f} ms saved; nn.Linear -> native)")
     save(args.out, rows)
     return 0
 

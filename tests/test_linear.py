@@ -35,7 +35,7 @@ def _loop_products(g, x, w):
 # first past it; rows O: not a multiple of 4 (the kernel's tail rows), several 64-row blocks;
 # columns I: under one 16-wide tile, a partial last tile, whole tiles (streaming stores)
 CASES = [(1, 5, 3), (3, 7, 21), (16, 131, 48), (17, 130, 37), (33, 67, 64), (64, 9, 100),
-         (65, 11, 20)]
+         (65, 11, 20), (8, 14, 1300), (3, 7, 300)]
 
 
 @needs_native
@@ -47,6 +47,23 @@ def test_linear_backward_matches_loop_oracle(batch, rows, cols):
     got = native.linear_backward(g, x, w)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch,rows,cols", CASES)
+def test_linear_forward_matches_loop_oracle(batch, rows, cols, bias):
+    """The node's forward (its own kernel: 4 × 4 tiles of x's and W's rows, smaller ones at
+    the edges) against y[b, o] = Σ_i x[b, i] W[o, i] + b[o] in float64."""
+    torch.manual_seed(batch + rows * 7 + cols)
+    x, w = torch.randn(batch, cols), torch.randn(rows, cols)
+    b = torch.randn(rows) if bias else None
+    want = torch.zeros(batch, rows, dtype=torch.float64)
+    for o in range(rows):
+        want[:, o] = (x.double() * w[o].double()).sum(1) + (b[o].double() if bias else 0.0)
+    with torch.no_grad():
+        got = native.linear(x, w, b)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 @needs_native
@@ -105,7 +122,9 @@ def test_fused_linear_gradients_match_nn_linear_in_float64(shape, bias):
     out.backward(g)
     plain = plain.double()
     x64 = x.double().requires_grad_()
-    plain(x64).backward(g.double())
+    want = plain(x64)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    want.backward(g.double())
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1].weight.grad.double(), plain[1].weight.grad,
                                rtol=1e-5, atol=1e-5)

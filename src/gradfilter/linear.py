@@ -1,4 +1,4 @@
-"""The trained classifier's backward in one native pass over its weight (:func:`fuse_linear`).
+"""The trained classifier's forward and backward as native kernels (:func:`fuse_linear`).
 
 Not gradient filtering: a fine-tuned CNN's classifier is a plain ``nn.Linear`` whose backward
 (``gx = g·W``, ``gW = gᵀ·x``, ``gb = Σ g``) is the same in every method. With a small batch it
@@ -9,7 +9,8 @@ dimension is the batch, and ``gx`` re-packs the 5 MB weight), and they read the 
 its gradient in separate passes. The native kernel (``kernels.cpp``, ``linear_backward``) does
 both products in one pass over the weight, sharing the broadcasts of ``g``, at 150–180 GFLOP/s
 (AVX-512F, batch ≤ 64, float32; elsewhere the node runs ATen's products, the same math).
-The forward is ``F.linear``'s.
+The forward ``y = x·Wᵀ + b`` has its own kernel there too (4 × 4 tiles of x's and W's rows:
+0.2 ms instead of MKL's 0.35 ms for that classifier at batch 16, warm).
 """
 
 from __future__ import annotations
