@@ -141,3 +141,20 @@ def test_cli_allocator_flag_is_parsed_and_validated(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--allocator", "jemalloc", "demo"])
     assert "invalid choice: 'jemalloc'" in capsys.readouterr().err
+
+
+def test_only_the_fused_method_fuses_the_classifier(monkeypatch):
+    """bench step's fused method runs gradfilter.fuse_linear on the classifier; the others keep
+    nn.Linear (vanilla is plain PyTorch); FUSE_CLASSIFIER=False turns it off."""
+    from torch import nn
+
+    from gradfilter.bench import step
+    from gradfilter.linear import FusedLinearMixin
+
+    x = torch.randn(2, 3, 64, 64)
+    kinds = {m: isinstance(step.build("mobilenet_v2", m, 2, 4, x)[0].classifier[1],
+                           FusedLinearMixin) for m in step.METHODS}
+    assert kinds == {"vanilla": False, "filtered": False, "lean": False, "fused": True}
+    monkeypatch.setattr(step, "FUSE_CLASSIFIER", False)
+    net = step.build("mobilenet_v2", "fused", 2, 4, x)[0]
+    assert type(net.classifier[1]) is nn.Linear

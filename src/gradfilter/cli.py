@@ -105,7 +105,9 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fuse-blocks", action="store_true",
                    help="gradfilter: run each trained inverted-residual / conv-BN-act block's "
                         "backward at patch resolution as one node (faster and leaner; exact "
-                        "BatchNorm weight gradients in those blocks; docs/performance.md)")
+                        "BatchNorm weight gradients in those blocks; docs/performance.md); the "
+                        "classifier's nn.Linear runs as native kernels too "
+                        "(gradfilter.fuse_linear)")
     p.add_argument("--cache-features", action="store_true",
                    help="compute the frozen prefix's features once and train the last blocks "
                         "from that cache (inputs are never augmented here, so it is exact)")
