@@ -224,3 +224,16 @@ def test_finetune_input_grad_exact_is_recorded_and_applied(full_run, tmp_path):
     assert _metrics(full_run)["input_grad"] == "filtered"
     # exact input gradients need no extra saved tensors (the weight is a parameter)
     assert m["saved_activation_bytes"] == _metrics(full_run)["saved_activation_bytes"]
+
+
+def test_every_cli_option_says_what_it_does():
+    """Each option of each subcommand has help text (``gradfilter X --help`` is the manual)."""
+    import argparse
+
+    from gradfilter.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sp in subs.choices.items()
+               for a in sp._actions if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing

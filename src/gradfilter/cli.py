@@ -35,7 +35,7 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                    help="step: comma-separated model names")
     p.add_argument("--last", default="4,8", help="step: comma-separated 'last N blocks'")
     p.add_argument("--image-size", type=int, default=224, help="step: input size")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--channels-last", action="store_true",
                    help="step: run every model (vanilla included) in channels-last memory format")
     p.add_argument("--out", default=None, help="JSON file for the results (a PNG is written "
@@ -77,11 +77,14 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="digits, mnist5k, lfw_faces, "
                    "imagefolder:PATH, cifar10:PATH, cifar100:PATH; segmentation: "
                    "synthetic-seg, synthetic-seg-source, voc:PATH, cityscapes:PATH")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="side of the square inputs the images are resized to (default: 64)")
+    p.add_argument("--epochs", type=int, required=True, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, required=True, help="samples per training step")
+    p.add_argument("--lr", type=float, required=True, help="learning rate")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="adamw or sgd (momentum 0.9), cosine learning-rate schedule; PyTorch's "
+                        "fused step where it applies (default: adamw)")
     p.add_argument("--method", choices=["vanilla", "gradfilter"], default=None,
                    help="required unless --plan is given")
     p.add_argument("--radius", type=int, default=2, help="patch radius for gradfilter")
@@ -90,8 +93,9 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                         "unless --plan is given")
     p.add_argument("--plan", default=None,
                    help="plan.json from `gradfilter plan`: its blocks and per-conv radii")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split's shuffling and the initialisation (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (the last complete epoch)")
     p.add_argument("--lean", choices=["exact", "patch", "frozen"], default=None,
@@ -177,12 +181,14 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
 
 def _evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="validation accuracy of a model with saved weights")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the model name the checkpoint was trained as")
     p.add_argument("--checkpoint", required=True,
                    help="a finetune checkpoint.pt or a plain state_dict file")
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", required=True,
+                   help="the data set whose validation split is scored (as finetune --data)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="input size, as in training (default: 64)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
@@ -216,15 +222,16 @@ def _compare(sub: argparse._SubParsersAction) -> None:
 def _federated(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("federated", help="federated fine-tuning on Flower's simulation engine: "
                                          "K clients, only the trainable parameters travel")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a classification model (as finetune --model)")
     p.add_argument("--pretrained", action="store_true",
                    help="start from built-in offline weights (tf_efficientnet_lite0 only)")
     p.add_argument("--data", required=True, help="a built-in data set or kind:PATH")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64, help="input size (default: 64)")
     p.add_argument("--clients", type=int, required=True, help="number of clients (SuperNodes)")
-    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
-    p.add_argument("--method", choices=["vanilla", "gradfilter"], required=True)
+    p.add_argument("--method", choices=["vanilla", "gradfilter"], required=True,
+                   help="how every client backpropagates")
     p.add_argument("--radius", type=int, default=4, help="patch radius for gradfilter")
     p.add_argument("--train-last", type=int, required=True,
                    help="number of last blocks to train (plus the classifier)")
@@ -232,11 +239,14 @@ def _federated(sub: argparse._SubParsersAction) -> None:
                    help="lean ReLU/BatchNorm in the trained blocks (as finetune --lean)")
     p.add_argument("--fuse-blocks", action="store_true",
                    help="gradfilter: fused block backward (as finetune --fuse-blocks)")
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    p.add_argument("--local-epochs", type=int, default=1,
+                   help="passes over its own shard per client and round (default: 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="client batch size (default: 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="client learning rate (default: 1e-3)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="client optimizer (default: adamw)")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg",
+                   help="Flower's aggregation strategy (default: fedavg)")
     p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
     p.add_argument("--fraction-train", type=float, default=1.0,
                    help="fraction of clients sampled per round")
@@ -244,7 +254,8 @@ def _federated(sub: argparse._SubParsersAction) -> None:
                    help="seconds the server waits for replies; late clients count as failed")
     p.add_argument("--fault", default="",
                    help="inject failures, e.g. raise:1@2 (client 1 raises in round 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the partition, the clients' shuffling and the model (default: 0)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel client workers (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, fewer Flower logs")
@@ -279,19 +290,22 @@ def _federated(sub: argparse._SubParsersAction) -> None:
 def _inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="gradient fidelity per layer and radius on real batches: "
                                        "cosine to the exact gradients, energy kept, costs")
-    p.add_argument("--model", required=True)
-    p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--model", required=True, help="model name (as finetune --model)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="built-in offline weights (tf_efficientnet_lite0 only)")
+    p.add_argument("--checkpoint", default=None, help="state_dict or checkpoint.pt to load")
     p.add_argument("--data", required=True, help="data set whose training batches are used")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=64, help="input size (default: 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per batch (default: 16)")
+    p.add_argument("--batches", type=int, default=2,
+                   help="batches whose gradients are compared (default: 2)")
     p.add_argument("--layers", default=None,
                    help="comma-separated conv or block names / globs (default: every conv)")
     p.add_argument("--train-last", type=int, default=None,
                    help="inspect the convs of the last N blocks")
-    p.add_argument("--radii", default="2,4,7")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--radii", default="2,4,7",
+                   help="comma-separated patch radii to compare (default: 2,4,7)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default="runs/inspect/inspect.json",
                    help="JSON report (a PNG is written beside it)")
 
@@ -312,7 +326,7 @@ def _inspect(sub: argparse._SubParsersAction) -> None:
 def _plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="choose the blocks to train and each conv's radius under a "
                                     "memory / time budget; writes plan.json")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model name (as finetune --model)")
     p.add_argument("--input-shape", required=True, help="B,C,H,W of a training batch")
     p.add_argument("--memory-budget", default=None,
                    help="bytes saved for backward per step, e.g. 20MB, 512KiB")
