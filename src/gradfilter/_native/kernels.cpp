@@ -2099,49 +2099,35 @@ __attribute__((target("avx512f"))) void linear_forward_4x4_avx512(
     const __mmask16 m = j < full ? __mmask16(0xFFFF) : tail;
     const __m512 v0 = _mm512_maskz_loadu_ps(m, w0 + j), v1 = _mm512_maskz_loadu_ps(m, w1 + j);
     const __m512 v2 = _mm512_maskz_loadu_ps(m, w2 + j), v3 = _mm512_maskz_loadu_ps(m, w3 + j);
-    __m512 u = _mm512_maskz_loadu_ps(m, x0 + j);
-    a00 = _mm512_fmadd_ps(u, v0, a00);
-    a01 = _mm512_fmadd_ps(u, v1, a01);
-    a02 = _mm512_fmadd_ps(u, v2, a02);
-    a03 = _mm512_fmadd_ps(u, v3, a03);
-    u = _mm512_maskz_loadu_ps(m, x1 + j);
-    a10 = _mm512_fmadd_ps(u, v0, a10);
-    a11 = _mm512_fmadd_ps(u, v1, a11);
-    a12 = _mm512_fmadd_ps(u, v2, a12);
-    a13 = _mm512_fmadd_ps(u, v3, a13);
-    u = _mm512_maskz_loadu_ps(m, x2 + j);
-    a20 = _mm512_fmadd_ps(u, v0, a20);
-    a21 = _mm512_fmadd_ps(u, v1, a21);
-    a22 = _mm512_fmadd_ps(u, v2, a22);
-    a23 = _mm512_fmadd_ps(u, v3, a23);
-    u = _mm512_maskz_loadu_ps(m, x3 + j);
-    a30 = _mm512_fmadd_ps(u, v0, a30);
-    a31 = _mm512_fmadd_ps(u, v1, a31);
-    a32 = _mm512_fmadd_ps(u, v2, a32);
-    a33 = _mm512_fmadd_ps(u, v3, a33);
+// one row of x against the four weight rows: four accumulators a<R>0 .. a<R>3
+#define GF_LINEAR_ROW(R, xr)                               \
+  {                                                        \
+    const __m512 u = _mm512_maskz_loadu_ps(m, (xr) + j);   \
+    a##R##0 = _mm512_fmadd_ps(u, v0, a##R##0);             \
+    a##R##1 = _mm512_fmadd_ps(u, v1, a##R##1);             \
+    a##R##2 = _mm512_fmadd_ps(u, v2, a##R##2);             \
+    a##R##3 = _mm512_fmadd_ps(u, v3, a##R##3);             \
+  }
+    GF_LINEAR_ROW(0, x0)
+    GF_LINEAR_ROW(1, x1)
+    GF_LINEAR_ROW(2, x2)
+    GF_LINEAR_ROW(3, x3)
+#undef GF_LINEAR_ROW
   }
   const float c0 = bias ? bias[o] : 0.0f, c1 = bias ? bias[o + 1] : 0.0f;
   const float c2 = bias ? bias[o + 2] : 0.0f, c3 = bias ? bias[o + 3] : 0.0f;
   float* r = y + b0 * O + o;
-  r[0] = _mm512_reduce_add_ps(a00) + c0;
-  r[1] = _mm512_reduce_add_ps(a01) + c1;
-  r[2] = _mm512_reduce_add_ps(a02) + c2;
-  r[3] = _mm512_reduce_add_ps(a03) + c3;
-  r += O;
-  r[0] = _mm512_reduce_add_ps(a10) + c0;
-  r[1] = _mm512_reduce_add_ps(a11) + c1;
-  r[2] = _mm512_reduce_add_ps(a12) + c2;
-  r[3] = _mm512_reduce_add_ps(a13) + c3;
-  r += O;
-  r[0] = _mm512_reduce_add_ps(a20) + c0;
-  r[1] = _mm512_reduce_add_ps(a21) + c1;
-  r[2] = _mm512_reduce_add_ps(a22) + c2;
-  r[3] = _mm512_reduce_add_ps(a23) + c3;
-  r += O;
-  r[0] = _mm512_reduce_add_ps(a30) + c0;
-  r[1] = _mm512_reduce_add_ps(a31) + c1;
-  r[2] = _mm512_reduce_add_ps(a32) + c2;
-  r[3] = _mm512_reduce_add_ps(a33) + c3;
+  // row R of the tile: y[b0 + R, o .. o + 3]
+#define GF_LINEAR_STORE(R)                                 \
+  r[R * O + 0] = _mm512_reduce_add_ps(a##R##0) + c0;       \
+  r[R * O + 1] = _mm512_reduce_add_ps(a##R##1) + c1;       \
+  r[R * O + 2] = _mm512_reduce_add_ps(a##R##2) + c2;       \
+  r[R * O + 3] = _mm512_reduce_add_ps(a##R##3) + c3;
+  GF_LINEAR_STORE(0)
+  GF_LINEAR_STORE(1)
+  GF_LINEAR_STORE(2)
+  GF_LINEAR_STORE(3)
+#undef GF_LINEAR_STORE
 }
 
 using LinearForwardFn = void (*)(const float*, const float*, const float*, float*, float*,
