@@ -2028,8 +2028,8 @@ void linear_products_avx512(const float* g, const float* x, const float* W, floa
         }
       }
     }
+    if (stream) _mm_sfence();  // each thread publishes its streaming stores
   });
-  if (stream) _mm_sfence();
   for (int64_t p = 1; gx && p < parts; ++p) {
     const float* part = scratch.data() + (p - 1) * B * I;
     for (int64_t i = 0; i < B * I; ++i) gx[i] += part[i];
