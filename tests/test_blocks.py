@@ -373,6 +373,46 @@ def _record_outputs(net, names):
     return seen
 
 
+@pytest.mark.skipif(not native_buildable(), reason="no C++ toolchain for the kernels")
+def test_the_next_fused_block_takes_its_input_sums_only_from_an_unchanged_output():
+    """The native forward hands a fused block's output patch sums to the next fused block whose
+    input is that tensor (it skips summing its input map). A forward hook that scales the output
+    in place bumps its version: the next block must sum the changed map itself, or its x̃ and
+    so its weight gradients would be the unscaled ones. Checked against the per-layer filtered
+    network with the same hook, and by counting the hand-offs."""
+    from gradfilter.models import create_model
+    from gradfilter.train import prepare_model
+
+    torch.manual_seed(0)
+    x, labels = torch.randn(2, 3, 96, 96), torch.tensor([3, 7])
+    net, info = prepare_model(create_model("mobilenet_v2", 10), "gradfilter", 2, 4, x)
+    fused_net = copy.deepcopy(net)
+    fused = fuse_blocks(fused_net, info.blocks)
+    assert fused == info.blocks  # features.15 .. 18: three hand-offs per forward
+
+    def hand_offs(model):
+        before = native.fused_hand_offs()
+        grads = _model_grads(model, x, labels, seed=1)
+        return native.fused_hand_offs() - before, grads
+
+    with native.use_native(True):
+        count, _ = hand_offs(fused_net)
+        assert count == len(fused) - 1
+        previous = native.set_fused_hand_off(False)
+        try:
+            assert hand_offs(fused_net)[0] == 0
+        finally:
+            native.set_fused_hand_off(previous)
+        for model in (net, fused_net):
+            model.get_submodule(fused[1]).register_forward_hook(lambda m, a, o: o.mul_(1.5))
+        ref = _model_grads(net, x, labels, seed=1)
+        count, got = hand_offs(fused_net)
+    assert count == len(fused) - 2  # not into the block after the hooked one
+    for name in ref:  # tolerance relative to each gradient's scale (some are ~1e-5)
+        scale = ref[name].abs().max().item()
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
 COMPOSE = [  # model, last N, input size, radius, its stride-2 block, whether that one runs fused
     ("mobilenet_v2", 5, 128, 2, "features.14", True),  # 8×8 → 4×4: the grids line up
     ("mobilenet_v2", 5, 160, 4, "features.14", False),  # 10×10 → 5×5: they do not

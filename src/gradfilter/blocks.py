@@ -39,7 +39,10 @@ re-pooling runs (exact, like the rest).
 On the CPU with the native kernels each direction is one C++ call per block
 (``native.fused_block_forward`` / ``fused_block_backward``) under one C++ autograd node
 (``native.fused_block``); elsewhere the same steps run as a Python loop over the units
-(PyTorch ops, or the native kernels one by one with ``ONE_CALL_NATIVE = False``).
+(PyTorch ops, or the native kernels one by one with ``ONE_CALL_NATIVE = False``). The native
+forward hands each block's output patch sums to the next fused block whose input is that very
+tensor, unchanged (same TensorImpl and version), which then does not sum its input map again
+(``native.fused_hand_offs`` counts them).
 """
 
 from __future__ import annotations

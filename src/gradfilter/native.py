@@ -36,6 +36,7 @@ __all__ = [
     "fused_block",
     "fused_block_backward",
     "fused_block_forward",
+    "fused_hand_offs",
     "fused_plan",
     "linear",
     "linear_backward",
@@ -44,6 +45,7 @@ __all__ = [
     "masked_clamp",
     "patch_sum",
     "patch_sum_cm",
+    "set_fused_hand_off",
     "unit_backward",
     "unpool",
     "use_native",
@@ -273,6 +275,18 @@ def fused_block(x: Tensor, params: list[Tensor], stats: list[Tensor],
     per unit its conv weight, then conv bias, BatchNorm γ, β where it has them; ``stats``: per
     unit its BatchNorm running mean and variance."""
     return _ops().fused_block(x, params, stats, plan)
+
+
+def fused_hand_offs() -> int:
+    """How many fused-block forwards so far took their input's patch sums from the fused block
+    before them instead of summing the map (``fused_block_forward``'s hand-off: only when the
+    input is that block's output tensor, unchanged since)."""
+    return int(_ops().fused_hand_offs())
+
+
+def set_fused_hand_off(enabled: bool) -> bool:
+    """Turn that hand-off on or off (benchmarks/hand_off_ab.py); returns the previous setting."""
+    return bool(_ops().set_fused_hand_off(enabled))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

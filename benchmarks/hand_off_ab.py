@@ -1,0 +1,66 @@
+"""Fused blocks taking their input's patch sums from the fused block before them (the native
+forward's hand-off) against summing their input map (``native.set_fused_hand_off(False)``), in
+training steps.
+
+One fused model per case (as ``gradfilter bench step`` builds it: last N blocks trained, r=4,
+batch 16, 224²); the frozen prefix runs once and each step starts at the first trained block;
+steps alternate between the two forms (order flipped each round): medians of the forward and
+backward and their median per-round differences.
+
+    .venv/bin/python benchmarks/hand_off_ab.py --out benchmarks/results/hand_off_ab_cpu.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from gradfilter import native
+from gradfilter.bench.machine import describe, machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ab import (  # noqa: E402
+    FUSED_CASES,
+    fused_flag_steps,
+    paired_differences,
+    parse_args,
+    phase_medians,
+    save,
+)
+
+
+class _Switch:
+    """``enabled`` as an attribute, for fused_flag_steps' forms."""
+
+    @property
+    def enabled(self) -> bool:
+        previous = native.set_fused_hand_off(True)
+        native.set_fused_hand_off(previous)
+        return previous
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        native.set_fused_hand_off(value)
+
+
+def _case(model: str, last: int, repeats: int) -> dict:
+    times = fused_flag_steps(model, last, repeats, _Switch(), "enabled", cached=True,
+                             summed=False, handed=True)
+    return {"model": model, "last": last, **phase_medians(times),
+            **paired_differences(times, "summed", "handed")}
+
+
+def main() -> int:
+    args = parse_args(__doc__)
+    rows = [_case(m, last, args.repeats) for m, last in FUSED_CASES]
+    print(describe(machine_info()))
+    for r in rows:
+        print(f"{r['model']:22s} last {r['last']}: forward {r['forward_ms_summed']:.2f} -> "
+              f"{r['forward_ms_handed']:.2f} ms (paired {r['forward_saved_ms_paired']:.2f} ms "
+              f"saved; each block sums its input -> handed its sums)")
+    save(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
