@@ -58,8 +58,8 @@ def _why_not(module: nn.Module) -> str | None:
 
 def fuse_linear(model: nn.Module, names: str | Iterable[str],
                 on_unsupported: str = "error") -> list[str]:
-    """Run the backward of the named ``nn.Linear`` layers of ``model`` as one native pass
-    (module docstring); in place, returns the names fused. ``names``: layer names or glob
+    """Run the named ``nn.Linear`` layers of ``model`` as the native kernels (module
+    docstring); in place, returns the names fused. ``names``: layer names or glob
     patterns. A layer named exactly that cannot be fused (not a plain ``nn.Linear``, already
     fused) raises with the reason (``on_unsupported="error"``) or stays as it is (``"skip"``);
     layers matched by a glob only are fused where they can be. :func:`gradfilter.remove` undoes

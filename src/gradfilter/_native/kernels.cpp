@@ -1665,7 +1665,6 @@ struct ForwardHandOff {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> out{
       c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
           c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>())};
-  const c10::TensorImpl* impl = nullptr;
   uint32_t version = 0;
   std::vector<int64_t> grid;
   at::Tensor sums;
@@ -1713,7 +1712,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
   ForwardHandOff& hand = forward_hand_off();
   at::Tensor ys;
   if (hand_off_enabled.load(std::memory_order_relaxed) &&
-      hand.impl == x.unsafeGetTensorImpl() && !hand.out.expired() &&
+      hand.out._unsafe_get_target() == x.unsafeGetTensorImpl() && !hand.out.expired() &&
       hand.version == x._version() && hand.sums.scalar_type() == x.scalar_type() &&
       hand.sums.size(0) == x.size(1) && hand.sums.size(1) == N * in_grid[3] * in_grid[4] &&
       std::equal(hand.grid.begin(), hand.grid.end(), in_grid.begin(), in_grid.end())) {
@@ -1779,7 +1778,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
     hand.grid.assign(last + 8, last + 13);
     hand.out = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
         t.getIntrusivePtr());
-    hand.impl = t.unsafeGetTensorImpl();
     hand.version = t._version();
   }
   return {t, saved};
@@ -1956,10 +1954,10 @@ at::Tensor fused_block(const at::Tensor& x, at::TensorList params, at::TensorLis
 // B = 16, gW has an inner dimension of 16 and gx re-packs W, so at batch 16 they run at 70-80
 // GFLOP/s on this project's 2-core CPU, this pass at 150-180 (docs/performance.md).
 //
-// Threads split the columns (I) into 16-wide tiles, so no two write the same output. Within a
-// thread: blocks of kLinearRows weight rows (which stay in L2), and for each tile of such a
-// block, gx's NB × 16 accumulators stay in registers while the block's rows stream past, four
-// rows at a time (four independent gW accumulators).
+// Threads split the weight's rows into blocks of kLinearRows (each thread streams its own
+// contiguous part; they write disjoint rows of gW and sum their gx parts at the end). Within a
+// block, for each 16-wide column tile, gx's NB × 16 accumulators stay in registers while the
+// block's rows stream past, four rows at a time (four independent gW accumulators).
 constexpr int64_t kLinearRows = 64;
 constexpr int64_t kLinearMaxBatch = 64;  // larger batches: MKL's GEMMs are at peak there
 
@@ -1969,16 +1967,17 @@ bool cpu_has_avx512f() {
   return has;
 }
 
-// Rows [o0, o1) of W, column tiles [t0, t1), batch rows [b0, b0 + NB). first: gW's rows start
-// at zero (the first batch chunk), else they accumulate. GX: also accumulate gx.
+// Rows [o0, o1) of W, every column tile, batch rows [b0, b0 + NB). first: gW's rows start at
+// zero (the first batch chunk), else they accumulate. GX: also accumulate gx. stream: store gW
+// with streaming stores.
 template <int NB, bool GX>
 __attribute__((target("avx512f"))) void linear_rows_avx512(
     const float* g, int64_t O, const float* x, const float* W, float* gW, float* gx, int64_t I,
-    int64_t o0, int64_t o1, int64_t t0, int64_t t1, int64_t b0, bool first, bool stream) {
+    int64_t o0, int64_t o1, int64_t b0, bool first, bool stream) {
   const int64_t rem = I % 16;
   const __mmask16 tail = rem ? static_cast<__mmask16>((1u << rem) - 1) : __mmask16(0xFFFF);
   const int64_t tiles = (I + 15) / 16;
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = 0; t < tiles; ++t) {
     const __mmask16 m = t == tiles - 1 ? tail : __mmask16(0xFFFF);
     const int64_t j = t * 16;
     __m512 acc[NB];
@@ -2048,7 +2047,7 @@ __attribute__((target("avx512f"))) void linear_rows_avx512(
 }
 
 using LinearRowsFn = void (*)(const float*, int64_t, const float*, const float*, float*, float*,
-                              int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool);
+                              int64_t, int64_t, int64_t, int64_t, bool, bool);
 
 template <bool GX, int... NB>
 constexpr std::array<LinearRowsFn, sizeof...(NB)> linear_rows_table(
@@ -2063,7 +2062,7 @@ void linear_products_avx512(const float* g, const float* x, const float* W, floa
                             float* gx, int64_t B, int64_t O, int64_t I) {
   static constexpr auto with_gx = linear_rows_table<true>(std::make_integer_sequence<int, 16>{});
   static constexpr auto without = linear_rows_table<false>(std::make_integer_sequence<int, 16>{});
-  const int64_t tiles = (I + 15) / 16, blocks = (O + kLinearRows - 1) / kLinearRows;
+  const int64_t blocks = (O + kLinearRows - 1) / kLinearRows;
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), blocks);
   // gW written once (one batch chunk), 64-byte aligned rows: streaming stores skip reading each
   // destination line first
@@ -2078,7 +2077,7 @@ void linear_products_avx512(const float* g, const float* x, const float* W, floa
         for (int64_t b0 = 0; b0 < B; b0 += 16) {
           const int nb = static_cast<int>(std::min<int64_t>(16, B - b0));
           const LinearRowsFn fn = acc ? with_gx[nb - 1] : without[nb - 1];
-          fn(g, O, x, W, gW, acc, I, o0, o1, 0, tiles, b0, b0 == 0, stream);
+          fn(g, O, x, W, gW, acc, I, o0, o1, b0, b0 == 0, stream);
         }
       }
     }
@@ -2090,49 +2089,32 @@ void linear_products_avx512(const float* g, const float* x, const float* W, floa
   }
 }
 
-// y[b, o] = Σ_i x[b, i] W[o, i] (+ bias[o]) for NQ rows of W from row o, all rows of x: NB rows
-// of x at a time hold NB × NQ accumulators; the columns go in chunks of kLinearChunk, so the
-// chunk's NQ weight rows and all of x's (16 × 1 KB at batch 16) stay in L1 between the groups of
-// x's rows, and the weight streams from memory once. Partial sums wait in acc_buf between chunks
-// (B × NQ vectors).
-constexpr int64_t kLinearChunk = 256;
-
+// y[b, o] = Σ_i x[b, i] W[o, i] (+ bias[o]) for NQ rows of W from row o, all rows of x, NB rows
+// of x at a time (NB must divide B): NB × NQ accumulators across the columns, each reduced at
+// the end. Only the edges run here (the last rows of W, a batch not a multiple of 4); every
+// other tile is linear_forward_4x4_avx512's.
 template <int NB, int NQ>
 __attribute__((target("avx512f"))) void linear_forward_tile_avx512(
-    const float* x, const float* W, const float* bias, float* y, float* acc_buf, int64_t B,
-    int64_t O, int64_t I, int64_t o) {
+    const float* x, const float* W, const float* bias, float* y, int64_t B, int64_t O, int64_t I,
+    int64_t o) {
   const int64_t rem = I % 16, full = I - rem;
   const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1);
-  for (int64_t c0 = 0; c0 < I; c0 += kLinearChunk) {
-    const int64_t c1 = std::min<int64_t>(I, c0 + kLinearChunk);
-    for (int64_t b0 = 0; b0 < B; b0 += NB) {
-      __m512 acc[NB][NQ];
-      float* keep = acc_buf + b0 * NQ * 16;
-      for (int b = 0; b < NB; ++b)
-        for (int q = 0; q < NQ; ++q)
-          acc[b][q] = c0 ? _mm512_loadu_ps(keep + (b * NQ + q) * 16) : _mm512_setzero_ps();
-      for (int64_t j = c0; j < c1; j += 16) {
-        const __mmask16 m = j < full ? __mmask16(0xFFFF) : tail;
-        __m512 w[NQ];
-#pragma GCC unroll 4
-        for (int q = 0; q < NQ; ++q) w[q] = _mm512_maskz_loadu_ps(m, W + (o + q) * I + j);
-#pragma GCC unroll 4
-        for (int b = 0; b < NB; ++b) {
-          const __m512 xv = _mm512_maskz_loadu_ps(m, x + (b0 + b) * I + j);
-#pragma GCC unroll 4
-          for (int q = 0; q < NQ; ++q) acc[b][q] = _mm512_fmadd_ps(xv, w[q], acc[b][q]);
-        }
-      }
-      if (c1 < I) {
-        for (int b = 0; b < NB; ++b)
-          for (int q = 0; q < NQ; ++q) _mm512_storeu_ps(keep + (b * NQ + q) * 16, acc[b][q]);
-      } else {
-        for (int b = 0; b < NB; ++b)
-          for (int q = 0; q < NQ; ++q)
-            y[(b0 + b) * O + o + q] =
-                _mm512_reduce_add_ps(acc[b][q]) + (bias ? bias[o + q] : 0.0f);
+  for (int64_t b0 = 0; b0 < B; b0 += NB) {
+    __m512 acc[NB][NQ];
+    for (int b = 0; b < NB; ++b)
+      for (int q = 0; q < NQ; ++q) acc[b][q] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < I; j += 16) {
+      const __mmask16 m = j < full ? __mmask16(0xFFFF) : tail;
+      __m512 w[NQ];
+      for (int q = 0; q < NQ; ++q) w[q] = _mm512_maskz_loadu_ps(m, W + (o + q) * I + j);
+      for (int b = 0; b < NB; ++b) {
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + (b0 + b) * I + j);
+        for (int q = 0; q < NQ; ++q) acc[b][q] = _mm512_fmadd_ps(xv, w[q], acc[b][q]);
       }
     }
+    for (int b = 0; b < NB; ++b)
+      for (int q = 0; q < NQ; ++q)
+        y[(b0 + b) * O + o + q] = _mm512_reduce_add_ps(acc[b][q]) + (bias ? bias[o + q] : 0.0f);
   }
 }
 
@@ -2184,8 +2166,8 @@ __attribute__((target("avx512f"))) void linear_forward_4x4_avx512(
 #undef GF_LINEAR_STORE
 }
 
-using LinearForwardFn = void (*)(const float*, const float*, const float*, float*, float*,
-                                 int64_t, int64_t, int64_t, int64_t);
+using LinearForwardFn = void (*)(const float*, const float*, const float*, float*, int64_t,
+                                 int64_t, int64_t, int64_t);
 
 // y (B, O) = x Wᵀ + bias for float32 contiguous x (B, I), W (O, I), B <= kLinearMaxBatch, on a
 // CPU with AVX-512F; threads split the rows of W (the columns of y).
@@ -2200,18 +2182,26 @@ void linear_forward_avx512(const float* x, const float* W, const float* bias, fl
       &linear_forward_tile_avx512<1, 3>, &linear_forward_tile_avx512<1, 4>};
   const int64_t quads = (O + 3) / 4;
   at::parallel_for(0, quads, 16, [&](int64_t q0, int64_t q1) {
-    std::vector<float> acc_buf(B * 4 * 16);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t o = 4 * q, nq = std::min<int64_t>(4, O - o);
       if (nq == 4 && B % 4 == 0) {
         for (int64_t b0 = 0; b0 < B; b0 += 4) linear_forward_4x4_avx512(x, W, bias, y, O, I, o, b0);
       } else {  // the last rows of W, or a batch not a multiple of 4
-        (B % 4 == 0 ? by4 : by1)[nq - 1](x, W, bias, y, acc_buf.data(), B, O, I, o);
+        (B % 4 == 0 ? by4 : by1)[nq - 1](x, W, bias, y, B, O, I, o);
       }
     }
   });
 }
 #endif
+
+// Whether the native linear kernels run for this batch (leading dimensions flattened) and dtype.
+bool linear_fast_path(int64_t batch, at::ScalarType dtype) {
+#if defined(GF_HAVE_AVX2_TARGET)
+  return cpu_has_avx512f() && dtype == at::kFloat && batch >= 1 && batch <= kLinearMaxBatch;
+#else
+  return false;
+#endif
+}
 
 // (gx, gW, gb) of y = x Wᵀ + b for g = ∂L/∂y; x (B, I) and g (B, O) already 2-D. Results not
 // asked for come back undefined. The one-pass kernel where it applies, else ATen's products.
@@ -2233,9 +2223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_2d(
   }
   if (!need_x && !need_w) return {gx, gw, gb};
 #if defined(GF_HAVE_AVX2_TARGET)
-  const bool fast = need_w && cpu_has_avx512f() && g.scalar_type() == at::kFloat &&
-                    x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-                    g.size(0) <= kLinearMaxBatch && g.size(0) > 0;
+  const bool fast = need_w && linear_fast_path(g.size(0), g.scalar_type()) &&
+                    x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat;
   if (fast) {
     const at::Tensor gc = g.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
     const int64_t B = gc.size(0), O = gc.size(1), I = xc.size(1);
@@ -2265,13 +2254,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   return linear_backward_2d(g, x, weight, need_x, need_w, need_b);
 }
 
-bool linear_fast_path(int64_t batch, at::ScalarType dtype) {
-#if defined(GF_HAVE_AVX2_TARGET)
-  return cpu_has_avx512f() && dtype == at::kFloat && batch >= 1 && batch <= kLinearMaxBatch;
-#else
-  return false;
-#endif
-}
 
 // y = x Wᵀ + b: the one-pass kernel where it applies (float32, contiguous, batch of flattened
 // leading dimensions <= kLinearMaxBatch, AVX-512F), else at::linear.

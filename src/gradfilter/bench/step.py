@@ -12,8 +12,8 @@ eval mode):
 * ``fused``     ``lean`` plus :func:`gradfilter.fuse_blocks` on the trainable blocks it
   supports (inverted residuals and conv-BN-act blocks: the whole block's backward at patch
   resolution); the others stay ``lean`` (all of ResNet18's: its BasicBlock ends in a ReLU
-  after the skip sum). Its classifier's backward runs as one native pass over the weight
-  (:func:`gradfilter.fuse_linear`; not filtering, docs/performance.md says what it buys).
+  after the skip sum). Its classifier runs as native kernels (:func:`gradfilter.fuse_linear`;
+  not filtering, docs/performance.md says what it buys).
 
 One step is forward + cross-entropy + backward + SGD step; every method's optimizer carries
 :class:`gradfilter.optim.FlushBeforeStep` (as the trainer's does), whose choice is recorded
@@ -54,8 +54,9 @@ LAST = (4, 8)
 METHODS = ("vanilla", "filtered", "lean", "fused")
 # cross_core_read_ratio above which a case ran with its threads on cores without a shared cache
 SPLIT_CACHE_RATIO = 1.3
-# Whether the fused method's classifier runs its one-pass native backward (gradfilter.linear;
-# benchmarks/linear_ab.py turns it off to measure what it buys)
+# Whether build gives the fused method's classifier its native kernels (gradfilter.fuse_linear).
+# False builds it with nn.Linear, the form before session 16 (benchmarks/linear_ab.py instead
+# switches gradfilter.linear.NATIVE between steps of one model)
 FUSE_CLASSIFIER = True
 # Each benchmark optimizer's parameter flush (gradfilter.optim.FlushBeforeStep, attached in
 # build): its choice goes into the results

@@ -123,8 +123,7 @@ def prepare_model(
     ``fuse`` (gradfilter only): run the backward of every trained block that
     :func:`gradfilter.fuse_blocks` supports at patch resolution as one node (the others stay
     per layer); the fused blocks' BatchNorm weight gradients are then exact whatever ``lean``.
-    The classifier's ``nn.Linear`` layers get their one-pass backward too
-    (:func:`fuse_classifier`).
+    The classifier's ``nn.Linear`` layers run as native kernels too (:func:`fuse_classifier`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
