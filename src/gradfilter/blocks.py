@@ -789,28 +789,21 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
     :func:`gradfilter.remove` undoes it. Call after :func:`gradfilter.apply` (the blocks' convs
     must be filtered); BatchNorm must be in eval mode when training (:func:`gradfilter.freeze`
     pins it)."""
-    from .surgery import _match
+    from .surgery import _match, _Refusals
 
-    if on_unsupported not in ("error", "skip"):
-        raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
-    patterns = [names] if isinstance(names, str) else list(names)
-    fused, refused = [], []
+    refusals = _Refusals("fuse_blocks", "block", names, on_unsupported)
+    patterns = refusals.patterns
+    fused: list[str] = []
     inside: list[str] = []  # fused blocks (earlier calls included): their sub-modules are parts
     for name, mod in model.named_modules():
         if not name:
             continue
         if any(name.startswith(f"{b}.") for b in inside):
-            if name in patterns:
-                if on_unsupported == "error":
-                    raise ValueError(f"cannot fuse {name}: it is inside a fused block")
-                refused.append(f"{name}: inside a fused block")
+            refusals.refuse(name, "inside a fused block")
             continue
         if isinstance(mod, FusedBlockMixin):
             inside.append(name)
-            if name in patterns:
-                if on_unsupported == "error":
-                    raise ValueError(f"cannot fuse {name}: it is already fused")
-                refused.append(f"{name}: already fused")
+            refusals.refuse(name, "already fused")
             continue
         if not _match(name, patterns):
             continue
@@ -830,10 +823,7 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
                 fused.append(name)
                 continue
         if isinstance(found, str):
-            if name in patterns:
-                if on_unsupported == "error":
-                    raise ValueError(f"cannot fuse {name}: {found}")
-                refused.append(f"{name}: {found}")
+            refusals.refuse(name, found)
             continue
         mod._gradfilter_units = found
         mod._gradfilter_original_class = type(mod)
@@ -845,6 +835,5 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
             owner._gradfilter_original_class = type(owner)
             owner.__class__ = _fused_class(type(owner), FusedPoolMixin)
     if not fused:
-        why = "".join(f"\n  {r}" for r in refused)
-        raise ValueError(f"fuse_blocks: no block matching {patterns} can be fused{why}")
+        raise refusals.nothing_fused()
     return fused

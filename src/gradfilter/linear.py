@@ -64,26 +64,20 @@ def fuse_linear(model: nn.Module, names: str | Iterable[str],
     fused) raises with the reason (``on_unsupported="error"``) or stays as it is (``"skip"``);
     layers matched by a glob only are fused where they can be. :func:`gradfilter.remove` undoes
     it; parameters, hooks and state-dict keys stay as they were."""
-    from .surgery import _match
+    from .surgery import _match, _Refusals
 
-    if on_unsupported not in ("error", "skip"):
-        raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
-    patterns = [names] if isinstance(names, str) else list(names)
-    fused, refused = [], []
+    refusals = _Refusals("fuse_linear", "nn.Linear", names, on_unsupported)
+    fused: list[str] = []
     for name, mod in model.named_modules():
-        if not name or not _match(name, patterns):
+        if not name or not _match(name, refusals.patterns):
             continue
         why = _why_not(mod)
         if why is not None:
-            if name in patterns:
-                if on_unsupported == "error":
-                    raise ValueError(f"cannot fuse {name}: {why}")
-                refused.append(f"{name}: {why}")
+            refusals.refuse(name, why)
             continue
         mod._gradfilter_original_class = type(mod)
         mod.__class__ = mixed_class(FusedLinearMixin, type(mod), "Fused")
         fused.append(name)
     if not fused:
-        why = "".join(f"\n  {r}" for r in refused)
-        raise ValueError(f"fuse_linear: no nn.Linear matching {patterns} can be fused{why}")
+        raise refusals.nothing_fused()
     return fused

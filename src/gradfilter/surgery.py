@@ -163,6 +163,32 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+class _Refusals:
+    """What ``fuse_blocks`` / ``fuse_linear`` could not fuse: a module named exactly raises at
+    once with the reason (``on_unsupported="error"``) or is noted (``"skip"``); one matched by a
+    glob only is passed over silently. ``nothing_fused`` is the error when no module fused."""
+
+    def __init__(self, caller: str, what: str, names: str | Iterable[str],
+                 on_unsupported: str) -> None:
+        if on_unsupported not in ("error", "skip"):
+            raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
+        self.caller, self.what, self.on_unsupported = caller, what, on_unsupported
+        self.patterns = [names] if isinstance(names, str) else list(names)
+        self.noted: list[str] = []
+
+    def refuse(self, name: str, why: str) -> None:
+        if name not in self.patterns:
+            return
+        if self.on_unsupported == "error":
+            raise ValueError(f"cannot fuse {name}: {why}")
+        self.noted.append(f"{name}: {why}")
+
+    def nothing_fused(self) -> ValueError:
+        why = "".join(f"\n  {r}" for r in self.noted)
+        return ValueError(f"{self.caller}: no {self.what} matching {self.patterns} can be "
+                          f"fused{why}")
+
+
 def _radius_for(radius: RadiusSpec, name: str, module: nn.Module) -> int | None:
     if isinstance(radius, Mapping):
         if name in radius:
