@@ -65,6 +65,24 @@ def flag_forms(obj: Any, name: str, **values: Any) -> Iterator[dict[str, Callabl
         setattr(obj, name, before)
 
 
+class NativeSwitch:
+    """A native on/off setting (``set_fn(enabled) -> previous``, such as
+    ``native.set_fused_hand_off``) as an ``enabled`` attribute, for :func:`fused_flag_steps`."""
+
+    def __init__(self, set_fn: Callable[[bool], bool]) -> None:
+        self._set = set_fn
+
+    @property
+    def enabled(self) -> bool:
+        previous = self._set(True)
+        self._set(previous)
+        return previous
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._set(value)
+
+
 def vanilla_and_fused(model: str, last: int, x: torch.Tensor) -> tuple[tuple, tuple]:
     """The case's vanilla and fused (model, optimizer), built as ``gradfilter bench step``
     builds them (r=4), in training mode."""

@@ -21,6 +21,7 @@ from gradfilter.bench.machine import describe, machine_info
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ab import (  # noqa: E402
     FUSED_CASES,
+    NativeSwitch,
     fused_flag_steps,
     paired_differences,
     parse_args,
@@ -29,23 +30,10 @@ from _ab import (  # noqa: E402
 )
 
 
-class _Switch:
-    """``enabled`` as an attribute, for fused_flag_steps' forms."""
-
-    @property
-    def enabled(self) -> bool:
-        previous = native.set_fused_hand_off(True)
-        native.set_fused_hand_off(previous)
-        return previous
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        native.set_fused_hand_off(value)
-
-
 def _case(model: str, last: int, repeats: int) -> dict:
-    times = fused_flag_steps(model, last, repeats, _Switch(), "enabled", cached=True,
-                             summed=False, handed=True)
+    switch = NativeSwitch(native.set_fused_hand_off)
+    times = fused_flag_steps(model, last, repeats, switch, "enabled", cached=True, summed=False,
+                             handed=True)
     return {"model": model, "last": last, **phase_medians(times),
             **paired_differences(times, "summed", "handed")}
 

@@ -354,6 +354,81 @@ def test_stride2_cases_cover_both_paths():
 
 
 # ----------------------------------------------------------------------------------------------
+# Depthwise units whose conv runs inside the native statistics pass (float32, tiny maps)
+
+
+def _dw_same_block():
+    """A stride-1 depthwise unit with timm's TF 'same' padding (the conv pads the map itself:
+    explicit padding in the native plan)."""
+    conv = timm_layers.Conv2dSame(12, 12, 5, groups=12, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(12), nn.ReLU6())
+
+
+DW_BLOCKS = {
+    "ir_skip": lambda: InvertedResidual(4, 4, stride=1, expand_ratio=6),  # 24 channels, k=3
+    "dw3_bias_relu_12": lambda: Conv2dNormActivation(12, 12, kernel_size=3, groups=12,
+                                                     activation_layer=nn.ReLU, bias=True),
+    "timm_k5": lambda: timm_blocks.InvertedResidual(4, 4, dw_kernel_size=5, exp_ratio=4.0,
+                                                    act_layer=nn.ReLU6),
+    "dw5_same": _dw_same_block,
+}
+DW_CASES = [  # kind, h, w, r, whether the maps are tiny (≤ 256 pixels, ≤ 16 patches)
+    ("ir_skip", 7, 7, 4, True), ("ir_skip", 14, 14, 4, True), ("ir_skip", 9, 11, 2, False),
+    ("dw3_bias_relu_12", 16, 16, 4, True), ("dw3_bias_relu_12", 5, 13, 4, True),
+    ("dw3_bias_relu_12", 3, 9, 2, True), ("timm_k5", 7, 7, 4, True), ("timm_k5", 11, 6, 4, True),
+    ("dw5_same", 8, 10, 4, True), ("dw5_same", 16, 16, 2, False),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind,h,w,r,tiny", DW_CASES)
+def test_depthwise_conv_inside_the_native_stats_pass_matches_conv2d(kind, h, w, r, tiny,
+                                                                    threads):
+    """Float32 fused blocks whose depthwise units compute their conv inside the statistics pass
+    (tiny maps) give conv2d's outputs and gradients; on other maps that pass does not run."""
+    gen = torch.Generator().manual_seed(h * w + r)
+    block = _randomise(DW_BLOCKS[kind](), gen)
+    dw_units = sum(1 for c, _, _ in _units_of_any(block) if c.groups > 1)
+    assert dw_units == 1
+    model = _fused_copy(block, r)
+    x = torch.randn(3, _convs(block)[0].in_channels, h, w, generator=gen) * 2  # 3: odd runs
+    with torch.no_grad():
+        g_out = torch.randn(block(x).shape, generator=gen)
+    before = torch.get_num_threads(), native.set_fused_dw(True)
+    torch.set_num_threads(threads)
+    got = {}
+    try:
+        for inside in (False, True):
+            native.set_fused_dw(inside)
+            passes = native.fused_dw_passes()
+            xg = x.clone().requires_grad_()
+            with _native_form(True):
+                y = model(xg)
+                assert _node(y.grad_fn) == FUSED_NODE
+                y.backward(g_out)
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            got[inside] = (y.detach(), xg.grad, grads, native.fused_dw_passes() - passes)
+    finally:
+        torch.set_num_threads(before[0])
+        native.set_fused_dw(before[1])
+    assert got[False][3] == 0
+    assert got[True][3] == (dw_units if tiny else 0)
+    assert _rel_err(got[True][0], got[False][0]) < 1e-5
+    assert _rel_err(got[True][1], got[False][1]) < 1e-4
+    for name, ref in got[False][2].items():
+        assert _rel_err(got[True][2][name], ref) < 1e-4, name
+
+
+def _units_of_any(block):
+    """_units_of, and a plain nn.Sequential(conv, BatchNorm, activation) as one unit."""
+    if isinstance(block, nn.Sequential) and not isinstance(block, Conv2dNormActivation):
+        return [(block[0], block[1], block[2])]
+    return _units_of(block)[0]
+
+
+# ----------------------------------------------------------------------------------------------
 # Composition: fused blocks inside a prepared network, patch-constant gradients between them
 
 

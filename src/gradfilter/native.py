@@ -289,6 +289,18 @@ def set_fused_hand_off(enabled: bool) -> bool:
     return bool(_ops().set_fused_hand_off(enabled))
 
 
+def fused_dw_passes() -> int:
+    """How many fused-block depthwise units so far ran their conv inside their statistics pass
+    (``fused_block_forward`` on tiny maps: stride 1, float32, AVX2) instead of calling
+    ``conv2d`` and then reading its output back."""
+    return int(_ops().fused_dw_passes())
+
+
+def set_fused_dw(enabled: bool) -> bool:
+    """Turn that on or off (tests, A/B benchmarks); returns the previous setting."""
+    return bool(_ops().set_fused_dw(enabled))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)`` recording one C++ autograd node whose backward is
     :func:`linear_backward` (``gradfilter.linear``)."""

@@ -1067,13 +1067,88 @@ bool cpu_has_avx2() {
 }
 #endif
 
-// y null: the statistics only, nothing written to a map.
+// A stride-1 depthwise conv whose output z the stats pass computes itself, 8 planes at a time
+// into a per-thread buffer (a fused block's depthwise unit on a tiny map): z is never written to
+// memory and read back, and the conv takes no oneDNN call with its layout reorders. Input
+// (N, C, Hin, Win) contiguous float, weight (C, k·k), bias (C) or null, zero padding pt / pl
+// above / left of the input (the bottom / right padding follows from the output size).
+struct DwSource {
+  const float* x;
+  const float* w;
+  const float* bias;
+  int64_t Hin, Win, k, pt, pl;
+};
+
+#if defined(GF_HAVE_AVX2_TARGET)
+// One plane of a DwSource into its padded copy: pad holds dw_pad_rows(H, k) rows of S floats,
+// zero outside the input's rectangle (rows pt .., columns pl ..), which this call fills; S >=
+// round_up(W + k - 1, 8) + 8 so that every 8-wide load stays inside the row. Each input row in
+// 8-wide pieces: masked loads (zeros past the row), whole stores (the zeros land on the right
+// padding). All 8 planes are copied before any is convolved: a load that straddles a store
+// still in flight waits for it (store-to-load forwarding fails on partial overlap), which took
+// the convolution from ~40 to ~100 cycles a plane.
+__attribute__((target("avx2"))) void dw_pad_plane_avx2(const DwSource& d, const float* xin,
+                                                      int64_t H, int64_t W, float* pad,
+                                                      int64_t S) {
+  const int64_t rows = std::min(d.Hin, H + d.k - 1 - d.pt);
+  const int64_t cols = std::min(d.Win, W + d.k - 1 - d.pl);  // the columns any output reads
+  for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+    const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols - c0)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int64_t r = 0; r < rows; ++r)
+      _mm256_storeu_ps(pad + (d.pt + r) * S + d.pl + c0,
+                       _mm256_maskload_ps(xin + r * d.Win + c0, mk));
+  }
+}
+
+// One plane's depthwise conv from its padded copy (dw_pad_plane_avx2) into z (H × W, row-major;
+// up to 7 floats past its end are written and must be room the caller owns). Eight output rows
+// at a time, one accumulator each: eight independent FMA chains per tap.
+__attribute__((target("avx2,fma"))) void dw_plane_avx2(const float* pad, int64_t S, int64_t k,
+                                                       const float* w, float bias, int64_t H,
+                                                       int64_t W, float* z) {
+  const int64_t NV = (W + 7) / 8;
+  const __m256 vb = _mm256_set1_ps(bias);
+  // the last vector first: its lanes past the row land on the next row's start, which the
+  // next row's store (one vector) or the first vector's (several) then rewrites
+  for (int64_t v = NV - 1; v >= 0; --v)
+    for (int64_t oh0 = 0; oh0 < H; oh0 += 8) {
+      __m256 a0 = vb, a1 = vb, a2 = vb, a3 = vb, a4 = vb, a5 = vb, a6 = vb, a7 = vb;
+      for (int64_t i = 0; i < k; ++i) {
+        const float* base = pad + (oh0 + i) * S + 8 * v;
+        for (int64_t j = 0; j < k; ++j) {
+          const __m256 wv = _mm256_broadcast_ss(w + i * k + j);
+          const float* q = base + j;
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q), wv, a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + S), wv, a1);
+          a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 2 * S), wv, a2);
+          a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 3 * S), wv, a3);
+          a4 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 4 * S), wv, a4);
+          a5 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 5 * S), wv, a5);
+          a6 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 6 * S), wv, a6);
+          a7 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 7 * S), wv, a7);
+        }
+      }
+      // rows past the plane are not stored
+      const __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+      for (int64_t r = 0; r < 8 && oh0 + r < H; ++r)
+        _mm256_storeu_ps(z + (oh0 + r) * W + 8 * v, acc[r]);
+    }
+}
+
+// Rows of dw_plane_avx2's padded input: its 8-row groups read k - 1 rows past the last group.
+constexpr int64_t dw_pad_rows(int64_t H, int64_t k) { return (H + 7) / 8 * 8 + k - 1; }
+#endif
+
+// y null: the statistics only, nothing written to a map. dw (float, AVX2 only): z is null and
+// each item computes its planes' z from dw first.
 template <typename scalar_t>
 void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_t* shift,
                          scalar_t* y, void* count_out, bool count_u8, scalar_t* mz_sum,
                          scalar_t* y_sum,
                          int64_t N, int64_t C, int64_t H, int64_t W, int64_t k, int64_t top,
-                         int64_t left, int64_t Ph, int64_t Pw, double upper) {
+                         int64_t left, int64_t Ph, int64_t Pw, double upper,
+                         const DwSource* dw = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool act = !std::isnan(upper);
   const acc_t hi = act ? static_cast<acc_t>(upper) : std::numeric_limits<acc_t>::infinity();
@@ -1116,6 +1191,10 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
     // the narrow-plane path keeps its patch-row sums (Ph × 384 floats) where the planes' go
     const int64_t planes_buf = wide_rows ? 0 : std::max<int64_t>(3 * B * HW, Ph * 384);
     std::vector<acc_t> buf(planes_buf + 3 * W + 24 + 3 * B * P);
+    // dw: the 8 planes' z (+ 8 floats of room for the last row's stores) and the padded input
+    const int64_t dw_stride = dw ? (W + dw->k - 1 + 7) / 8 * 8 + 8 : 0;
+    const int64_t dw_pad = dw ? dw_pad_rows(H, dw->k) * dw_stride : 0;  // floats per plane
+    std::vector<float> dw_buf(dw ? B * HW + 8 + B * dw_pad : 0, 0.0f);
     acc_t* ty = buf.data();        // [B][HW]
     acc_t* tmz = ty + B * HW;      // [B][HW]
     acc_t* tm = tmz + B * HW;      // [B][HW]
@@ -1144,9 +1223,25 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
       const int64_t grp = cur_run % 2 ? groups - 1 - cur_g : cur_g;
       const int64_t c0 = grp * B, cnt = std::min(B, C - c0);
       for (int64_t j = 0; j < cnt; ++j) {
-        zp[j] = z + (n * C + c0 + j) * HW;
         yp[j] = y != nullptr ? y + (n * C + c0 + j) * HW : nullptr;
+        zp[j] = dw ? nullptr : z + (n * C + c0 + j) * HW;
       }
+#if defined(GF_HAVE_AVX2_TARGET)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (dw) {  // the planes' z into the buffer: every plane padded first, then convolved
+          float* pads = dw_buf.data() + B * HW + 8;
+          const int64_t in_hw = dw->Hin * dw->Win, kk = dw->k * dw->k;
+          for (int64_t j = 0; j < cnt; ++j)
+            dw_pad_plane_avx2(*dw, dw->x + (n * C + c0 + j) * in_hw, H, W, pads + j * dw_pad,
+                              dw_stride);
+          for (int64_t j = 0; j < cnt; ++j) {
+            zp[j] = dw_buf.data() + j * HW;
+            dw_plane_avx2(pads + j * dw_pad, dw_stride, dw->k, dw->w + (c0 + j) * kk,
+                          dw->bias ? dw->bias[c0 + j] : 0.0f, H, W, dw_buf.data() + j * HW);
+          }
+        }
+      }
+#endif
       const int64_t o0 = (c0 * N + n) * P, step = N * P;  // plane j's sums: o0 + j * step
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -1294,6 +1389,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
                                   ys.mutable_data_ptr<scalar_t>(), N, C, H, W, k, top, left, ph, pw,
                                   upper);
   });
+  return {y, count, mz, ys};
+}
+
+std::atomic<int64_t> dw_in_stats_passes{0};  // depthwise units whose conv ran in the stats pass
+std::atomic<bool> dw_in_stats_enabled{true};  // off: every unit calls at::conv2d (A/B, tests)
+
+int64_t fused_dw_passes() { return dw_in_stats_passes.load(); }
+
+bool set_fused_dw(bool enabled) { return dw_in_stats_enabled.exchange(enabled); }
+
+// Whether a fused unit's conv can run inside its stats pass (DwSource): float32 on a CPU with
+// AVX2 and FMA, contiguous input, depthwise with a square kernel, stride 1, a tiny output map.
+bool dw_in_stats(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t groups,
+                 int64_t H, int64_t W, int64_t ph, int64_t pw) {
+#if defined(GF_HAVE_AVX2_TARGET)
+  static const bool fma = __builtin_cpu_supports("fma");
+  return dw_in_stats_enabled.load(std::memory_order_relaxed) && fma && cpu_has_avx2() &&
+         x.device().is_cpu() && x.scalar_type() == at::kFloat &&
+         weight.scalar_type() == at::kFloat && x.dim() == 4 && x.is_contiguous() &&
+         stride == 1 && groups == x.size(1) && weight.dim() == 4 &&
+         weight.size(0) == groups && weight.size(1) == 1 && weight.size(2) == weight.size(3) &&
+         tiny_planes(H, W, ph, pw);
+#else
+  return false;
+#endif
+}
+
+// stats_pass over the output of a depthwise conv of x (dw_in_stats holds), computed inside the
+// pass: pt / pl zero rows / columns above / left of x, output H × W.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stats_pass(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    int64_t pt, int64_t pl, int64_t H, int64_t W, const at::Tensor& scale,
+    const at::Tensor& shift, double upper, int64_t k, int64_t top, int64_t left, int64_t ph,
+    int64_t pw, bool count_u8, bool store) {
+  TORCH_CHECK(!count_u8 || k * k <= 255,
+              "gradfilter native fused_block_forward: byte counts need k*k <= 255, got k=", k);
+  check_geometry(k, ph, "height");
+  check_geometry(k, pw, "width");
+  const int64_t N = x.size(0), C = x.size(1), kw = weight.size(2);
+  TORCH_CHECK(pt >= 0 && pl >= 0 && H + kw - 1 >= pt + 1 && W + kw - 1 >= pl + 1,
+              "gradfilter native fused_block_forward: bad depthwise geometry");
+  const at::Tensor w = weight.detach().contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) b = bias->detach().to(at::kFloat).contiguous();
+  const at::TensorOptions opt = x.options();
+  at::Tensor y = store ? at::empty({N, C, H, W}, opt) : at::Tensor();
+  at::Tensor mz = at::empty({C, N, ph, pw}, opt), ys = at::empty_like(mz);
+  at::Tensor count = count_u8 ? at::empty_like(mz, mz.options().dtype(at::kByte)) : at::empty_like(mz);
+  const DwSource d{x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                   b.defined() ? b.const_data_ptr<float>() : nullptr, x.size(2), x.size(3), kw,
+                   pt, pl};
+  bn_act_stats_kernel<float>(nullptr, sc.const_data_ptr<float>(), sh.const_data_ptr<float>(),
+                             store ? y.mutable_data_ptr<float>() : nullptr, count.data_ptr(),
+                             count_u8, mz.mutable_data_ptr<float>(), ys.mutable_data_ptr<float>(),
+                             N, C, H, W, k, top, left, ph, pw, upper, &d);
+  dw_in_stats_passes.fetch_add(1, std::memory_order_relaxed);
   return {y, count, mz, ys};
 }
 
@@ -1739,23 +1890,40 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
                .sum({3, 5})
                .reshape({C, N * ph * pw});
     }
-    at::Tensor in = t;
-    if (g[3] || g[4] || g[5] || g[6]) in = at::constant_pad_nd(t, {g[3], g[4], g[5], g[6]});
     std::optional<at::Tensor> cb;
     if (f & 4) cb = conv_bias[i];
-    const at::Tensor z = at::conv2d(in, conv_weight[i], cb, {g[0], g[0]}, {g[1], g[2]}, {1, 1},
-                                    g[7]).contiguous();
     std::optional<at::Tensor> gamma, beta;
     if (f & 8) gamma = bn_weight[i];
     if (f & 16) beta = bn_bias[i];
     auto [scale, shift, inv_std] = bn_affine(bn_mean[i], bn_var[i], gamma, beta, eps[i],
-                                             z.scalar_type());
+                                             t.scalar_type());
     // a pooled block's last unit: only its patch sums are used; its y is not written
     const bool last_pooled = pool && i == U - 1;
-    auto [y, count, mz, ysum] = stats_pass(z, scale, shift, upper[i], g[8], g[9], g[10], g[11],
-                                           g[12], (f & 2) != 0, !last_pooled,
-                                           "fused_block_forward");
-    const int64_t C = z.size(1);
+    const at::Tensor& w = conv_weight[i];
+    const int64_t C = w.size(0), kh = w.size(2);
+    // the output size of a stride-1 conv (padding symmetric g[1], g[2] plus explicit g[3..6])
+    const int64_t pt = g[1] + g[5], pl = g[2] + g[3];
+    const int64_t H1 = t.size(2) + pt + g[1] + g[6] - kh + 1;
+    const int64_t W1 = t.size(3) + pl + g[2] + g[4] - w.size(3) + 1;
+    at::Tensor y, count, mz, ysum;
+    int64_t Hz, Wz;
+    if (g[0] == 1 && dw_in_stats(t, w, g[0], g[7], H1, W1, g[11], g[12])) {
+      std::tie(y, count, mz, ysum) = dw_stats_pass(t, w, cb, pt, pl, H1, W1, scale, shift,
+                                                   upper[i], g[8], g[9], g[10], g[11], g[12],
+                                                   (f & 2) != 0, !last_pooled);
+      Hz = H1;
+      Wz = W1;
+    } else {
+      at::Tensor in = t;
+      if (g[3] || g[4] || g[5] || g[6]) in = at::constant_pad_nd(t, {g[3], g[4], g[5], g[6]});
+      const at::Tensor z = at::conv2d(in, w, cb, {g[0], g[0]}, {g[1], g[2]}, {1, 1}, g[7])
+                               .contiguous();
+      std::tie(y, count, mz, ysum) = stats_pass(z, scale, shift, upper[i], g[8], g[9], g[10],
+                                                g[11], g[12], (f & 2) != 0, !last_pooled,
+                                                "fused_block_forward");
+      Hz = z.size(2);
+      Wz = z.size(3);
+    }
     saved.push_back(xt);
     saved.push_back(count.view({C, -1}));
     saved.push_back((f & 1) ? mz.view({C, -1}) : at::Tensor());
@@ -1763,7 +1931,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
     saved.push_back(inv_std);
     ys = ysum.view({C, -1});
     if (last_pooled) {  // the global average: the sum of the patch sums over H·W
-      const int64_t k = g[8], H = z.size(2), W = z.size(3);
+      const int64_t k = g[8], H = Hz, W = Wz;
       TORCH_CHECK(g[9] >= 0 && g[10] >= 0 && g[11] * k - g[9] >= H && g[12] * k - g[10] >= W,
                   "gradfilter native fused_block_forward: pooling needs a grid that covers the map");
       return {ys.view({C, N, -1}).sum(2).t().div(static_cast<double>(H * W)).contiguous(), saved};
@@ -2384,6 +2552,8 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("linear_fast_path(int batch, ScalarType dtype) -> bool", TORCH_FN(linear_fast_path));
   m.def("fused_hand_offs() -> int", TORCH_FN(fused_hand_offs));
   m.def("set_fused_hand_off(bool enabled) -> bool", TORCH_FN(set_fused_hand_off));
+  m.def("fused_dw_passes() -> int", TORCH_FN(fused_dw_passes));
+  m.def("set_fused_dw(bool enabled) -> bool", TORCH_FN(set_fused_dw));
   m.class_<FusedPlan>("FusedPlan")
       .def(torch::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<double>, std::vector<double>, bool, bool,
