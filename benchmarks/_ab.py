@@ -83,6 +83,36 @@ class NativeSwitch:
         self._set(value)
 
 
+def native_switch_main(doc: str, set_fn: Callable[[bool], bool], off: str, on: str,
+                       change: str, counter: Callable[[], int] | None = None) -> int:
+    """The main of an A/B script over one native on/off setting (``set_fn``, see
+    :class:`NativeSwitch`): every fused case (:data:`FUSED_CASES`) in training steps that
+    alternate the forms ``off`` and ``on`` (frozen prefix cached), each case's forward and
+    backward medians and paired savings printed (``change`` says what ``on`` changes) and saved
+    to ``--out``; ``counter``: a native count of the ``on`` form's uses, recorded per case."""
+    from gradfilter.bench.machine import describe
+
+    args = parse_args(doc)
+    rows = []
+    for model, last in FUSED_CASES:
+        before = counter() if counter else 0
+        times = fused_flag_steps(model, last, args.repeats, NativeSwitch(set_fn), "enabled",
+                                 cached=True, **{off: False, on: True})
+        row = {"model": model, "last": last, **phase_medians(times),
+               **paired_differences(times, off, on)}
+        if counter:
+            row["uses"] = counter() - before
+        rows.append(row)
+    print(describe(machine_info()))
+    for r in rows:
+        uses = f"; {r['uses']} uses" if counter else ""
+        print(f"{r['model']:22s} last {r['last']}: forward {r[f'forward_ms_{off}']:.2f} -> "
+              f"{r[f'forward_ms_{on}']:.2f} ms (paired {r['forward_saved_ms_paired']:.2f} ms "
+              f"saved; {change}{uses})")
+    save(args.out, rows)
+    return 0
+
+
 def vanilla_and_fused(model: str, last: int, x: torch.Tensor) -> tuple[tuple, tuple]:
     """The case's vanilla and fused (model, optimizer), built as ``gradfilter bench step``
     builds them (r=4), in training mode."""
