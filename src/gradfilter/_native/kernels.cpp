@@ -1135,10 +1135,10 @@ __attribute__((target("avx2,fma"))) void dw_plane_avx2(const float* pad, int64_t
         _mm256_storeu_ps(z + (oh0 + r) * W + 8 * v, acc[r]);
     }
 }
+#endif
 
 // Rows of dw_plane_avx2's padded input: its 8-row groups read k - 1 rows past the last group.
 constexpr int64_t dw_pad_rows(int64_t H, int64_t k) { return (H + 7) / 8 * 8 + k - 1; }
-#endif
 
 // y null: the statistics only, nothing written to a map. dw (float, AVX2 only): z is null and
 // each item computes its planes' z from dw first.
@@ -1399,16 +1399,17 @@ int64_t fused_dw_passes() { return dw_in_stats_passes.load(); }
 
 bool set_fused_dw(bool enabled) { return dw_in_stats_enabled.exchange(enabled); }
 
-// Whether a fused unit's conv can run inside its stats pass (DwSource): float32 on a CPU with
-// AVX2 and FMA, contiguous input, depthwise with a square kernel, stride 1, a tiny output map.
-bool dw_in_stats(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t groups,
-                 int64_t H, int64_t W, int64_t ph, int64_t pw) {
+// Whether a fused unit's stride-1 conv can run inside its stats pass (DwSource): float32 on a
+// CPU with AVX2 and FMA, contiguous input, depthwise with a square kernel, a tiny output map
+// (H × W, which the caller derived for stride 1).
+bool dw_in_stats(const at::Tensor& x, const at::Tensor& weight, int64_t groups, int64_t H,
+                 int64_t W, int64_t ph, int64_t pw) {
 #if defined(GF_HAVE_AVX2_TARGET)
   static const bool fma = __builtin_cpu_supports("fma");
   return dw_in_stats_enabled.load(std::memory_order_relaxed) && fma && cpu_has_avx2() &&
          x.device().is_cpu() && x.scalar_type() == at::kFloat &&
          weight.scalar_type() == at::kFloat && x.dim() == 4 && x.is_contiguous() &&
-         stride == 1 && groups == x.size(1) && weight.dim() == 4 &&
+         H >= 1 && W >= 1 && groups == x.size(1) && weight.dim() == 4 &&
          weight.size(0) == groups && weight.size(1) == 1 && weight.size(2) == weight.size(3) &&
          tiny_planes(H, W, ph, pw);
 #else
@@ -1907,7 +1908,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
     const int64_t W1 = t.size(3) + pl + g[2] + g[4] - w.size(3) + 1;
     at::Tensor y, count, mz, ysum;
     int64_t Hz, Wz;
-    if (g[0] == 1 && dw_in_stats(t, w, g[0], g[7], H1, W1, g[11], g[12])) {
+    if (g[0] == 1 && dw_in_stats(t, w, g[7], H1, W1, g[11], g[12])) {
       std::tie(y, count, mz, ysum) = dw_stats_pass(t, w, cb, pt, pl, H1, W1, scale, shift,
                                                    upper[i], g[8], g[9], g[10], g[11], g[12],
                                                    (f & 2) != 0, !last_pooled);
