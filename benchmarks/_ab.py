@@ -83,21 +83,23 @@ class NativeSwitch:
         self._set(value)
 
 
-def native_switch_main(doc: str, set_fn: Callable[[bool], bool], off: str, on: str,
-                       change: str, counter: Callable[[], int] | None = None) -> int:
-    """The main of an A/B script over one native on/off setting (``set_fn``, see
-    :class:`NativeSwitch`): every fused case (:data:`FUSED_CASES`) in training steps that
-    alternate the forms ``off`` and ``on`` (frozen prefix cached), each case's forward and
-    backward medians and paired savings printed (``change`` says what ``on`` changes) and saved
-    to ``--out``; ``counter``: a native count of the ``on`` form's uses, recorded per case."""
+def flag_ab_main(doc: str, obj: Any, name: str, off: str, on: str, change: str,
+                 cases: list[tuple[str, int]] = FUSED_CASES, cached: bool = True,
+                 counter: Callable[[], int] | None = None) -> int:
+    """The main of an A/B script over one module flag (``obj.name``, False in form ``off``,
+    True in form ``on``; a native on/off setting through :class:`NativeSwitch`): each case's
+    fused model in training steps alternating the two forms (:func:`fused_flag_steps`), its
+    forward and backward medians and paired savings printed (``change`` says what ``on``
+    changes) and saved to ``--out``; ``counter``: a native count of the ``on`` form's uses,
+    recorded per case as ``uses``."""
     from gradfilter.bench.machine import describe
 
     args = parse_args(doc)
     rows = []
-    for model, last in FUSED_CASES:
+    for model, last in cases:
         before = counter() if counter else 0
-        times = fused_flag_steps(model, last, args.repeats, NativeSwitch(set_fn), "enabled",
-                                 cached=True, **{off: False, on: True})
+        times = fused_flag_steps(model, last, args.repeats, obj, name, cached=cached,
+                                 **{off: False, on: True})
         row = {"model": model, "last": last, **phase_medians(times),
                **paired_differences(times, off, on)}
         if counter:
@@ -107,8 +109,9 @@ def native_switch_main(doc: str, set_fn: Callable[[bool], bool], off: str, on: s
     for r in rows:
         uses = f"; {r['uses']} uses" if counter else ""
         print(f"{r['model']:22s} last {r['last']}: forward {r[f'forward_ms_{off}']:.2f} -> "
-              f"{r[f'forward_ms_{on}']:.2f} ms (paired {r['forward_saved_ms_paired']:.2f} ms "
-              f"saved; {change}{uses})")
+              f"{r[f'forward_ms_{on}']:.2f} ms (paired {r['forward_saved_ms_paired']:+.2f} ms "
+              f"saved), backward {r[f'backward_ms_{off}']:.2f} -> {r[f'backward_ms_{on}']:.2f} "
+              f"ms (paired {r['backward_saved_ms_paired']:+.2f} ms saved) ({change}{uses})")
     save(args.out, rows)
     return 0
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from gradfilter import native
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import native_switch_main  # noqa: E402
+from _ab import NativeSwitch, flag_ab_main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(native_switch_main(
-        __doc__, native.set_fused_dw, "conv2d", "in_stats",
-        "conv2d then the stats pass -> the conv inside it", native.fused_dw_passes))
+    raise SystemExit(flag_ab_main(
+        __doc__, NativeSwitch(native.set_fused_dw), "enabled", "conv2d", "in_stats",
+        "conv2d then the stats pass -> the conv inside it", counter=native.fused_dw_passes))

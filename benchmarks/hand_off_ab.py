@@ -18,9 +18,9 @@ from pathlib import Path
 from gradfilter import native
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ab import native_switch_main  # noqa: E402
+from _ab import NativeSwitch, flag_ab_main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(native_switch_main(
-        __doc__, native.set_fused_hand_off, "summed", "handed",
-        "each block sums its input -> handed its sums", native.fused_hand_offs))
+    raise SystemExit(flag_ab_main(
+        __doc__, NativeSwitch(native.set_fused_hand_off), "enabled", "summed", "handed",
+        "each block sums its input -> handed its sums", counter=native.fused_hand_offs))

@@ -364,6 +364,13 @@ def _dw_same_block():
     return nn.Sequential(conv, nn.BatchNorm2d(12), nn.ReLU6())
 
 
+def _units_of_any(block):
+    """_units_of, and a plain nn.Sequential(conv, BatchNorm, activation) as one unit."""
+    if isinstance(block, nn.Sequential) and not isinstance(block, Conv2dNormActivation):
+        return [(block[0], block[1], block[2])]
+    return _units_of(block)[0]
+
+
 DW_BLOCKS = {
     "ir_skip": lambda: InvertedResidual(4, 4, stride=1, expand_ratio=6),  # 24 channels, k=3
     "dw3_bias_relu_12": lambda: Conv2dNormActivation(12, 12, kernel_size=3, groups=12,
@@ -419,13 +426,6 @@ def test_depthwise_conv_inside_the_native_stats_pass_matches_conv2d(kind, h, w, 
     assert _rel_err(got[True][1], got[False][1]) < 1e-4
     for name, ref in got[False][2].items():
         assert _rel_err(got[True][2][name], ref) < 1e-4, name
-
-
-def _units_of_any(block):
-    """_units_of, and a plain nn.Sequential(conv, BatchNorm, activation) as one unit."""
-    if isinstance(block, nn.Sequential) and not isinstance(block, Conv2dNormActivation):
-        return [(block[0], block[1], block[2])]
-    return _units_of(block)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1360,6 +1360,26 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
   });
 }
 
+// The stats pass's argument checks and its outputs for an (N, C, H, W) map with `opt`'s dtype:
+// y (where store, else undefined), the mask counts, Σ m·z and Σ y, each (C, N, ph, pw).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_outputs(
+    int64_t N, int64_t C, int64_t H, int64_t W, const at::Tensor& scale, const at::Tensor& shift,
+    double upper, int64_t k, int64_t ph, int64_t pw, bool count_u8, bool store,
+    const at::TensorOptions& opt, const char* name) {
+  TORCH_CHECK(!count_u8 || k * k <= 255,
+              "gradfilter native ", name, ": byte counts need k*k <= 255, got k=", k);
+  check_geometry(k, ph, "height");
+  check_geometry(k, pw, "width");
+  TORCH_CHECK(std::isnan(upper) || upper > 0,
+              "gradfilter native ", name, ": upper bound must be > 0 or NaN, got ", upper);
+  TORCH_CHECK(scale.numel() == C && shift.numel() == C,
+              "gradfilter native ", name, ": scale and shift need ", C, " values");
+  at::Tensor y = store ? at::empty({N, C, H, W}, opt) : at::Tensor();
+  at::Tensor mz = at::empty({C, N, ph, pw}, opt), ys = at::empty_like(mz);
+  at::Tensor count = count_u8 ? at::empty_like(mz, mz.options().dtype(at::kByte)) : at::empty_like(mz);
+  return {y, count, mz, ys};
+}
+
 // The stats pass with its checks; store false: the statistics only (y is not written and is
 // returned undefined).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
@@ -1367,20 +1387,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
     int64_t k, int64_t top, int64_t left, int64_t ph, int64_t pw, bool count_u8, bool store,
     const char* name) {
   TORCH_CHECK(z.dim() == 4, "gradfilter native ", name, ": expected a 4-D map, got ", z.dim(), "-D");
-  TORCH_CHECK(!count_u8 || k * k <= 255,
-              "gradfilter native ", name, ": byte counts need k*k <= 255, got k=", k);
-  check_geometry(k, ph, "height");
-  check_geometry(k, pw, "width");
-  TORCH_CHECK(std::isnan(upper) || upper > 0,
-              "gradfilter native ", name, ": upper bound must be > 0 or NaN, got ", upper);
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
-  TORCH_CHECK(scale.numel() == C && shift.numel() == C,
-              "gradfilter native ", name, ": scale and shift need ", C, " values");
   const at::Tensor src = z.contiguous();
+  auto [y, count, mz, ys] = stats_outputs(N, C, H, W, scale, shift, upper, k, ph, pw, count_u8,
+                                          store, src.options(), name);
   const at::Tensor sc = scale.to(z.scalar_type()).contiguous(), sh = shift.to(z.scalar_type()).contiguous();
-  at::Tensor y = store ? at::empty_like(src) : at::Tensor();
-  at::Tensor mz = at::empty({C, N, ph, pw}, src.options()), ys = at::empty_like(mz);
-  at::Tensor count = count_u8 ? at::empty_like(mz, mz.options().dtype(at::kByte)) : at::empty_like(mz);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gf_bn_act_stats", [&] {
     bn_act_stats_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
                                   sh.const_data_ptr<scalar_t>(),
@@ -1424,20 +1435,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stats_pass(
     int64_t pt, int64_t pl, int64_t H, int64_t W, const at::Tensor& scale,
     const at::Tensor& shift, double upper, int64_t k, int64_t top, int64_t left, int64_t ph,
     int64_t pw, bool count_u8, bool store) {
-  TORCH_CHECK(!count_u8 || k * k <= 255,
-              "gradfilter native fused_block_forward: byte counts need k*k <= 255, got k=", k);
-  check_geometry(k, ph, "height");
-  check_geometry(k, pw, "width");
   const int64_t N = x.size(0), C = x.size(1), kw = weight.size(2);
   TORCH_CHECK(pt >= 0 && pl >= 0 && H + kw - 1 >= pt + 1 && W + kw - 1 >= pl + 1,
               "gradfilter native fused_block_forward: bad depthwise geometry");
+  auto [y, count, mz, ys] = stats_outputs(N, C, H, W, scale, shift, upper, k, ph, pw, count_u8,
+                                          store, x.options(), "fused_block_forward");
   const at::Tensor w = weight.detach().contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   at::Tensor b;
   if (bias.has_value()) b = bias->detach().to(at::kFloat).contiguous();
-  const at::TensorOptions opt = x.options();
-  at::Tensor y = store ? at::empty({N, C, H, W}, opt) : at::Tensor();
-  at::Tensor mz = at::empty({C, N, ph, pw}, opt), ys = at::empty_like(mz);
-  at::Tensor count = count_u8 ? at::empty_like(mz, mz.options().dtype(at::kByte)) : at::empty_like(mz);
   const DwSource d{x.const_data_ptr<float>(), w.const_data_ptr<float>(),
                    b.defined() ? b.const_data_ptr<float>() : nullptr, x.size(2), x.size(3), kw,
                    pt, pl};
@@ -2422,7 +2427,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
               x.sizes(), ", weight ", weight.sizes());
   return linear_backward_2d(g, x, weight, need_x, need_w, need_b);
 }
-
 
 // y = x Wᵀ + b: the one-pass kernel where it applies (float32, contiguous, batch of flattened
 // leading dimensions <= kLinearMaxBatch, AVX-512F), else at::linear.
