@@ -1,4 +1,5 @@
-# The two quick-start commands: `make demo` (main job) and `make test`. Both create or reuse .venv.
+# The two quick-start commands: `make demo` (main job) and `make test`. Both create or reuse .venv,
+# pinned to the development environment's torch (constraints.txt; the library takes ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,10 +7,10 @@ STAMP := $(VENV)/.gradfilter-installed
 
 .PHONY: demo test test-all lint bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

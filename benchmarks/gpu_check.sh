@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU session script (run on a lent H100/H200 through the device tool, from the repo root):
-# CUDA correctness (the test suite, whose `device` fixture adds "cuda") and the GPU benchmarks.
-# Outputs land in $OUT (default benchmarks/results/gpu) and are committed from there.
+# CUDA check, run from the repository root on a machine with an NVIDIA GPU (at most ~11 min): the CUDA
+# cases of the test suite (its `device` fixture adds "cuda"), the per-layer and end-to-end step
+# benchmarks on the GPU and a profiler table of the filtered conv (reproduce/gpu_profile.py).
+# Outputs go to $OUT (default benchmarks/results/gpu).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -16,6 +17,5 @@ timeout 150 python3 -m gradfilter.cli bench layers --device cuda --repeats 25 \
   --out "$OUT/layers_cuda.json" > "$OUT/layers_cuda.txt" 2>&1
 timeout 240 python3 -m gradfilter.cli bench step --device cuda --repeats 15 \
   --out "$OUT/step_cuda.json" > "$OUT/step_cuda.txt" 2>&1
-
-timeout 60 python3 benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
+timeout 60 python3 benchmarks/reproduce/gpu_profile.py > "$OUT/profile.txt" 2>&1
 cat "$OUT"/tests_cuda.txt "$OUT"/layers_cuda.txt "$OUT"/step_cuda.txt

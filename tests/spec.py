@@ -1,4 +1,4 @@
-"""Slow float64 reference of DESIGN §1, written with explicit patch and tap loops.
+"""Slow float64 reference of docs/spec.md §2–§6, written with explicit patch and tap loops.
 
 Independent of gradfilter.functional: it shares no code with the fast path and follows the
 specification text literally (patch grids, means over real pixels, sums, tap offsets).
@@ -29,7 +29,8 @@ def _tap_offsets(k: int, d: int, r: int, s: int) -> list[int]:
 
 
 def patch_tensors(x, gy, stride, radius):
-    """(ḡ, x̃) of §1.2–§1.3: gy's mean over the real pixels of each output patch, and x's sum over
+    """(ḡ, x̃) of docs/spec.md §4.1 and §3: gy's mean over the real pixels of each output patch,
+    and x's sum over
     each stride-scaled input patch, both on the centred grids (float64)."""
     x, gy = x.double(), gy.double()
     n, cin, h, wd = x.shape
@@ -53,7 +54,8 @@ def patch_tensors(x, gy, stride, radius):
 
 
 def filtered_grads(x, w, gy, stride, dilation, groups, radius):
-    """(gx, gW, gb) of the filtered convolution, by the letter of DESIGN §1 (2-D, float64)."""
+    """(gx, gW, gb) of the filtered convolution, by the letter of docs/spec.md §2–§6 (2-D,
+    float64)."""
     x, w, gy = x.double(), w.double(), gy.double()
     n, cin, h, wd = x.shape
     cout, cpg, kh, kw = w.shape

@@ -94,7 +94,7 @@ def test_cached_finetune_trains_exactly_like_uncached(tmp_path, model_name, pret
     from gradfilter.train.runner import finetune
 
     common = dict(model=model_name, pretrained=pretrained, data="digits", epochs=1,
-                  batch_size=64, lr=1e-3, method="gradfilter", radius=2, train_last=2,
+                  batch_size=64, lr=1e-3, method="filtered", radius=2, train_last=2,
                   image_size=32, quiet=True, optimizer="sgd")
     plain = finetune(out=tmp_path / "plain", **common)
     cached = finetune(out=tmp_path / "cached", cache_features=True, **common)
@@ -118,8 +118,8 @@ def test_channels_last_finetune_trains_like_the_plain_layout(tmp_path):
     from gradfilter.train.runner import finetune
 
     common = dict(model="resnet18", data="digits", epochs=1, batch_size=64, lr=1e-3,
-                  method="gradfilter", radius=2, train_last=2, image_size=32, quiet=True,
-                  optimizer="sgd", lean="patch")
+                  method="lean", radius=2, train_last=2, image_size=32, quiet=True,
+                  optimizer="sgd")
     plain = finetune(out=tmp_path / "plain", **common)
     cl = finetune(out=tmp_path / "cl", channels_last=True, **common)
     assert cl["channels_last"] and not plain["channels_last"]

@@ -20,7 +20,7 @@ METRIC_KEYS = {
 CKPT_KEYS = {"format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "history"}
 
 
-def _args(out, *, epochs=2, method="gradfilter", extra=()):
+def _args(out, *, epochs=2, method="filtered", extra=()):
     return [
         "finetune", "--model", "resnet18", "--data", "digits", "--image-size", "32",
         "--epochs", str(epochs), "--batch-size", "64", "--lr", "1e-3", "--method", method,
@@ -50,14 +50,14 @@ def test_finetune_writes_metrics_and_loadable_checkpoint(full_run):
     assert METRIC_KEYS <= set(m)
     assert m["epochs"] == 2 and len(m["history"]) == 2
     assert [h["epoch"] for h in m["history"]] == [1, 2]
-    assert m["method"] == "gradfilter" and m["radius"] == 2 and m["train_last"] == 1
+    assert m["method"] == "filtered" and m["radius"] == 2 and m["train_last"] == 1
     assert m["blocks"] == ["layer4.1"] and m["model"] == "resnet18" and m["data"] == "digits"
     assert 0.0 <= m["val_accuracy"] <= 1.0
     assert m["step_time_ms"] > 0 and m["saved_activation_bytes"] > 0
     assert m["machine"]["torch"] == torch.__version__
     ckpt = torch.load(full_run / "checkpoint.pt", weights_only=True)
     assert CKPT_KEYS <= set(ckpt)
-    assert ckpt["epoch"] == 2 and ckpt["config"]["method"] == "gradfilter"
+    assert ckpt["epoch"] == 2 and ckpt["config"]["method"] == "filtered"
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
     assert not list(full_run.glob(".*.tmp"))  # no temp files left behind
 
@@ -117,7 +117,7 @@ def test_resume_extends_a_shorter_run(tmp_path, capsys):
     assert "epochs=2" in capsys.readouterr().err  # noted: the schedule was for 1 epoch
 
     # A config that matters (method here) must match the checkpoint's.
-    assert main(_args(out, epochs=3, method="gradfilter", extra=["--resume"])) == 2
+    assert main(_args(out, epochs=3, method="filtered", extra=["--resume"])) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "method" in err
 
@@ -186,7 +186,7 @@ def test_compare_prints_table_and_writes_png(full_run, tmp_path, capsys):
     assert main(["compare", str(full_run), str(other), "--out", str(png)]) == 0
     out = capsys.readouterr().out
     for word in ("method", "radius", "train_last", "val_accuracy", "step_time_ms", "saved MiB",
-                 "gradfilter", "vanilla"):
+                 "filtered", "vanilla"):
         assert word in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -201,8 +201,8 @@ def test_compare_shortens_planned_radii_and_tells_like_runs_apart():
     named, and runs whose settings read the same are told apart by their folder."""
     from gradfilter.compare import format_table, plot_labels
 
-    base = {"method": "gradfilter", "train_last": 3, "val_accuracy": 0.9, "step_time_ms": 30.0,
-            "saved_activation_bytes": 2**20, "lean": "patch", "fused_blocks": ["blocks.6.0"]}
+    base = {"method": "fused", "train_last": 3, "val_accuracy": 0.9, "step_time_ms": 30.0,
+            "saved_activation_bytes": 2**20, "lean": "exact", "fused_blocks": ["blocks.6.0"]}
     rows = [{**base, "run": "runs/a", "radius": {"blocks.5.3.conv_pw": 7, "conv_head": 7}},
             {**base, "run": "runs/b", "radius": {"blocks.5.3.conv_pw": 2, "conv_head": 7}},
             {**base, "run": "runs/c", "radius": 4},
@@ -210,10 +210,11 @@ def test_compare_shortens_planned_radii_and_tells_like_runs_apart():
     table = format_table(rows)
     assert "plan 7" in table and "plan 2-7" in table and "conv_head" not in table
     labels = plot_labels(rows)
-    assert labels[0] == "gradfilter r=plan 7 lean patch fused last 3"
-    assert labels[1] == "gradfilter r=plan 2-7 lean patch fused last 3"
-    assert labels[2:] == ["c: gradfilter r=4 lean patch fused last 3",
-                          "d: gradfilter r=4 lean patch fused last 3"]
+    assert labels[0] == "fused r=plan 7 lean exact last 3"
+    assert labels[1] == "fused r=plan 2-7 lean exact last 3"
+    assert labels[2:] == ["c: fused r=4 lean exact last 3", "d: fused r=4 lean exact last 3"]
+    legacy = {**base, "method": "gradfilter", "lean": "patch", "radius": 4}  # a 0.1 run
+    assert plot_labels([legacy]) == ["gradfilter r=4 lean patch fused last 3"]
 
 
 def test_finetune_input_grad_exact_is_recorded_and_applied(full_run, tmp_path):

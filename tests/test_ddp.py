@@ -124,7 +124,7 @@ def test_finetune_under_torchrun_two_processes(tmp_path):
     done = subprocess.run(
         [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "gradfilter.cli",
          "finetune", "--model", "test_efficientnet", "--data", "digits", "--image-size", "16",
-         "--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--method", "gradfilter",
+         "--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--method", "filtered",
          "--radius", "2", "--train-last", "1", "--quiet", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Gradient-fidelity diagnostics: energy kept against an independent patch-loop oracle, cosine
-exactly 1 where the filtered gradient is exact, DESIGN §1 costs checked by hand and against the
+exactly 1 where the filtered gradient is exact, docs/spec.md §4 costs checked by hand and against
+the
 bytes autograd really saves."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from gradfilter.diagnostics import conv_costs, energy_kept, inspect, select_conv
 
 
 def _energy_oracle(g: torch.Tensor, r: int) -> float:
-    """||P g||^2 / ||g||^2 with explicit loops over the centred r x r patch grid (DESIGN §1.1)."""
+    """||P g||^2 / ||g||^2 with explicit loops over the centred r x r patch grid (docs/spec.md
+    §2.1)."""
     g = g.double()
     h, w = g.shape[-2:]
     ph, pw = -(-h // r), -(-w // r)
@@ -125,7 +127,8 @@ def test_inspect_exact_cases_and_model_untouched():
 
 
 def test_inspect_real_pretrained_fidelity_falls_with_radius():
-    """DESIGN §2 fidelity oracle on real weights and real digits: energy kept by the patch means
+    """docs/spec.md §11 fidelity oracle on real weights and real digits: energy kept by the patch
+    means
     never grows from r=2 to r=4 on nested grids, and is below 1."""
     from torch.utils.data import DataLoader
 
@@ -192,7 +195,7 @@ def _exact_x_gy(model, x, y):
 @pytest.mark.parametrize("r", [2, 4])
 def test_descent_weight_matches_hand_computed_projection(r):
     """<filtered gW, exact gW>/||exact gW||^2 of a 1x1 conv on maps that r tiles: the filtered
-    gW is sum over patches of mean(gy) x patch-sum(x) (DESIGN §1.5), computed here with
+    gW is sum over patches of mean(gy) x patch-sum(x) (docs/spec.md §4.3), computed here with
     avg_pool2d."""
     torch.manual_seed(0)
     model = _OneByOne()
@@ -210,7 +213,7 @@ def test_descent_weight_matches_hand_computed_projection(r):
 @pytest.mark.parametrize("r", [2, 4])
 def test_block_transmission_matches_hand_computed_input_gradient(r):
     """Block filtered alone: its input gradient is W^T applied to the patch means of gy,
-    repeated over each patch (DESIGN §1.6), against the exact W^T gy; a block without convs
+    repeated over each patch (docs/spec.md §4.4), against the exact W^T gy; a block without convs
     transmits exactly 1; the model is not modified."""
     from gradfilter.diagnostics import block_transmission
 

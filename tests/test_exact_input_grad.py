@@ -1,7 +1,7 @@
 """``input_grad="exact"``: filtered weight gradients, exact input gradients, same saved tensors.
 
 Oracles: the input gradient of plain ``F.conv2d``/``F.conv1d`` under autograd, and the float64
-spec of DESIGN §1 (tests/spec.py) for the weight and bias gradients.
+spec of docs/spec.md §4 (tests/spec.py) for the weight and bias gradients.
 """
 
 import pytest
@@ -97,21 +97,27 @@ def test_apply_sets_and_remove_clears_the_mode():
     assert type(model[2]) is nn.Conv2d and "input_grad" not in model[2].__dict__
 
 
-def test_resume_treats_old_checkpoints_as_filtered(tmp_path):
-    keys = dict(model="m", data="d", image_size=8, num_classes=2, method="gradfilter", radius=2,
-                train_last=1, optimizer="adamw", lean=None, epochs=1, batch_size=2, lr=1e-3)
-    # a checkpoint saved before ``input_grad`` and ``fuse`` existed: filtered, not fused
-    command = {**keys, "input_grad": "filtered", "fuse": False}
-    _check_resume_config(tmp_path / "c.pt", keys, command)
+def test_resume_reads_version_0_1_checkpoints(tmp_path):
+    """0.1 runs say method "gradfilter" (with lean and fuse entries) and may lack input_grad:
+    they resume as the method they were (filtered, lean or fused), with filtered input grads."""
+    keys = dict(model="m", data="d", image_size=8, num_classes=2, radius=2, train_last=1,
+                optimizer="adamw", epochs=1, batch_size=2, lr=1e-3)
+    old = {**keys, "method": "gradfilter", "lean": None}
+    command = {**keys, "method": "filtered", "lean": None, "input_grad": "filtered"}
+    _check_resume_config(tmp_path / "c.pt", old, command)
     with pytest.raises(ValueError, match="input_grad: checkpoint 'filtered', command 'exact'"):
-        _check_resume_config(tmp_path / "c.pt", keys, {**command, "input_grad": "exact"})
-    with pytest.raises(ValueError, match="fuse: checkpoint False, command True"):
-        _check_resume_config(tmp_path / "c.pt", keys, {**command, "fuse": True})
+        _check_resume_config(tmp_path / "c.pt", old, {**command, "input_grad": "exact"})
+    fused = {**old, "lean": "patch", "fuse": True}
+    _check_resume_config(tmp_path / "c.pt", fused, {**command, "method": "fused",
+                                                     "lean": "patch"})
+    with pytest.raises(ValueError, match="method: checkpoint 'fused', command 'lean'"):
+        _check_resume_config(tmp_path / "c.pt", fused, {**command, "method": "lean",
+                                                         "lean": "patch"})
 
 
 def test_compare_labels_name_the_mode():
     from gradfilter.compare import _label
 
-    row = {"method": "gradfilter", "radius": 4, "train_last": 5, "input_grad": "exact"}
-    assert _label(row) == "gradfilter r=4 exact gx last 5"
-    assert _label({**row, "input_grad": "filtered"}) == "gradfilter r=4 last 5"
+    row = {"method": "filtered", "radius": 4, "train_last": 5, "input_grad": "exact"}
+    assert _label(row) == "filtered r=4 exact gx last 5"
+    assert _label({**row, "input_grad": "filtered"}) == "filtered r=4 last 5"

@@ -212,11 +212,11 @@ def test_lean_prepare_saves_8x_less_in_trainable_blocks():
 
     x = torch.randn(4, 3, 96, 96)
     saved = {}
-    for method, lean_mode in [("vanilla", None), ("gradfilter", None), ("gradfilter", "patch")]:
+    for method, lean_mode in [("vanilla", None), ("filtered", None), ("lean", "patch")]:
         model, info = prepare_model(_mobilenet(), method, 4, 4, x[:2], lean=lean_mode)
         model.train()
         with count_saved(model.parameters(), model=model) as s:
             model(x).sum()
         saved[(method, lean_mode)] = s.bytes_under(info.blocks)
-    assert saved[("vanilla", None)] / saved[("gradfilter", None)] < 2
-    assert saved[("vanilla", None)] / saved[("gradfilter", "patch")] >= 8
+    assert saved[("vanilla", None)] / saved[("filtered", None)] < 2
+    assert saved[("vanilla", None)] / saved[("lean", "patch")] >= 8

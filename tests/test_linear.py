@@ -11,7 +11,7 @@ from conftest import native_buildable
 from torch import nn
 
 import gradfilter
-from gradfilter import linear, native
+from gradfilter import native
 
 needs_native = pytest.mark.skipif(not native_buildable(), reason="no C++ toolchain for the kernels")
 
@@ -161,17 +161,6 @@ def test_other_inputs_run_nn_linear():
         assert fused(torch.randn(4, 37)).grad_fn is None
 
 
-@needs_native
-def test_native_switch_off_runs_nn_linear():
-    _, fused = _pair()
-    linear.NATIVE = False
-    try:
-        out = fused(torch.randn(4, 37))
-    finally:
-        linear.NATIVE = True
-    assert "LinearFn" not in out.grad_fn.name()
-
-
 def test_fuse_linear_refuses_what_it_cannot_fuse():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="cannot fuse 0: Conv2d is not an nn.Linear"):
@@ -210,26 +199,25 @@ def test_whole_model_pickles_with_a_fused_linear():
 
 
 @needs_native
-def test_prepare_model_fuse_fuses_the_classifier():
-    """prepare_model(fuse=True) gives the classifier its one-pass backward; the step's
-    gradients equal those of the same model without it (nn.Linear's backward)."""
+def test_fused_method_leaves_the_classifier_alone_and_fuse_linear_keeps_its_gradients():
+    """No method fuses the classifier (vanilla would not have it); fuse_linear on a fused
+    model's classifier gives the step nn.Linear's gradients (the native path off)."""
     from gradfilter.models import create_model
     from gradfilter.train import prepare_model
 
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([1, 2, 3, 4])
-    net, info = prepare_model(create_model("mobilenet_v2", 10), "gradfilter", 4, 2, x,
-                              lean="patch", fuse=True)
-    assert info.fused[-1] == "classifier.1" and "FusedLinear" in type(net.classifier[1]).__name__
+    net, info = prepare_model(create_model("mobilenet_v2", 10), "fused", 4, 2, x)
+    assert type(net.classifier[1]) is nn.Linear and "classifier.1" not in info.fused
+    assert gradfilter.fuse_linear(net, "classifier.1") == ["classifier.1"]
     net.eval()
     grads = []
     for on in (True, False):
-        linear.NATIVE = on
-        try:
+        with native.use_native(on):
             net.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-        finally:
-            linear.NATIVE = True
+            out = net(x)
+            assert ("LinearFn" in out.grad_fn.name()) == on
+            F.cross_entropy(out, y).backward()
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)

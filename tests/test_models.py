@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,8 +105,13 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
         create_model("resnet18", num_classes=10, checkpoint=tmp_path / "absent.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable PyTorch state_dict"):
+    with pytest.raises(ValueError, match="bad.pt is corrupt or not a PyTorch weights file"):
         create_model("resnet18", num_classes=10, checkpoint=bad)
+    unsafe = tmp_path / "unsafe.pt"  # arbitrary objects: refused, never loaded unsafely
+    torch.save({"weight": torch.zeros(2), "config": argparse.Namespace(a=1)}, unsafe)
+    with pytest.raises(ValueError, match="holds objects other than tensors") as err:
+        create_model("resnet18", num_classes=10, checkpoint=unsafe)
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_checkpoint_of_another_model_raises(tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradfilter import functional as GF
-from gradfilter import native
+from gradfilter import native, patches
 
 needs_native = pytest.mark.skipif(not native_buildable(), reason="no C++ toolchain for the kernels")
 
@@ -72,10 +72,10 @@ def test_tiny_gemm_pool_and_unpool_match_loops(grid):
     n, c, h, w, kh, kw, top, left, ph, pw = grid
     x = torch.randn(n, c, h, w, dtype=torch.float64)
     with native.use_native(False):
-        sums = GF._fast_patch_sum(x, kh, kw, top, left, ph, pw)
-    if GF._tiny(h * w, ph * pw):
+        sums = patches.fast_patch_sum(x, kh, kw, top, left, ph, pw)
+    if patches._tiny(h * w, ph * pw):
         torch.testing.assert_close(sums, _loop_patch_sum(x, kh, kw, top, left, ph, pw))
-        k = GF._pool_matrix(h, w, kh, kw, top, left, ph, pw, torch.float64)
+        k = patches._pool_matrix(h, w, kh, kw, top, left, ph, pw, torch.float64)
         g = torch.randn(n * c, ph * pw, dtype=torch.float64)
         up = (g @ k.t()).view(n, c, h, w)
         assert torch.equal(up, _loop_unpool(g.view(n, c, ph, pw), h, w, kh, kw, top, left))

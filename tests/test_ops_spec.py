@@ -1,4 +1,5 @@
-"""The fast filtered conv against the float64 spec of DESIGN §1 (tests/spec.py), and oracles."""
+"""The fast filtered conv against the float64 spec of docs/spec.md §4 (tests/spec.py), and
+oracles."""
 
 import math
 
@@ -94,7 +95,7 @@ def test_anisotropic_radius_and_stride(rh, rw, sh, sw):
 
 @pytest.mark.parametrize("dilation,radius", [(2, 2), (4, 2), (4, 4), (6, 3), (2, 1)])
 def test_atrous_keeps_taps(dilation, radius):
-    """DESIGN §1.8: d >= r keeps each tap at its own patch offset."""
+    """docs/spec.md §6: d >= r keeps each tap at its own patch offset."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 2, 16, 14, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -123,7 +124,7 @@ def test_conv1d_matches_spec_on_height_one():
 
 
 # ---------------------------------------------------------------------------------------------
-# DC oracle: constant x and gy per channel -> filtered == exact autograd (DESIGN §2)
+# DC oracle: constant x and gy per channel -> filtered == exact autograd (docs/spec.md §11)
 
 
 def _cell_mean(t, s):
@@ -139,8 +140,9 @@ def test_dc_oracle(stride, groups, cin, cout, radius, k, dilation):
     """Ho divisible by r, and every tap sees the same pixels in both: gW is exact, and gx is exact
     in the interior once averaged over the stride's s×s cells.
 
-    Summed taps (§1.4): a 'valid' conv whose input patch grid lies on real pixels.
-    Kept taps (§1.8, d >= r·s): a 'same' conv whose grid is the image; shifted taps see zeros
+    Summed taps (docs/spec.md §4.2): a 'valid' conv whose input patch grid lies on real pixels.
+    Kept taps (docs/spec.md §6, d >= r·s): a 'same' conv whose grid is the image; shifted taps see
+    zeros
     outside it, as the exact conv's padding does.
     """
     span = dilation * (k - 1) + 1
@@ -214,7 +216,8 @@ def test_radius_larger_than_map_is_one_patch():
 
 
 def _wide_oracle(x, w, gy, r):
-    """§1 for a stride-1, 'same'-size conv with summed taps, in float64: the spec's patch loops
+    """docs/spec.md §4 for a stride-1, 'same'-size conv with summed taps, in float64: the spec's
+    patch loops
     for ḡ and x̃, einsum for the products (its per-channel loops are too slow at 256 channels)."""
     h, wd = x.shape[-2:]
     gbar, xt = patch_tensors(x, gy, (1, 1), (r, r))

@@ -88,7 +88,7 @@ def test_mismatched_classifier_errors_unless_reinit_head(tmp_path):
 def _cli(out, checkpoint, *extra):
     return ["finetune", "--model", "fcn_resnet18", "--data", "synthetic-seg", "--image-size",
             "32", "--epochs", "1", "--batch-size", "100", "--lr", "1e-3", "--method",
-            "gradfilter", "--radius", "2", "--train-last", "2", "--quiet", "--checkpoint",
+            "filtered", "--radius", "2", "--train-last", "2", "--quiet", "--checkpoint",
             str(checkpoint), "--out", str(out), *extra]
 
 

@@ -1,4 +1,5 @@
-"""Semantic segmentation: models, atrous convs against the §1.8 spec and the DC oracle, data
+"""Semantic segmentation: models, atrous convs against the docs/spec.md §6 spec and the DC oracle,
+data
 (synthetic-seg, voc:), mIoU, and the CLI end to end."""
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def test_each_head_trains_filtered(name, pretrained, train_last, seg_batch):
     torch.manual_seed(0)
     model = create_model(name, NUM_CLASSES, pretrained=pretrained)
     x, y = seg_batch
-    model, info = prepare_model(model, "gradfilter", 2, train_last, x)
+    model, info = prepare_model(model, "filtered", 2, train_last, x)
     assert info.blocks == block_names(model)[-train_last:]
     assert info.blocks[-1] == "decoder.classifier"
     filtered = [n for n, m in model.named_modules() if isinstance(m, FilteredConv2d)]
@@ -111,11 +112,11 @@ def test_unknown_model_and_missing_weights_are_clear_errors():
 
 
 def test_unsupported_dilation_is_an_error_or_a_reported_skip():
-    """r=3 cannot represent the dilation-2/4 convs of a dilated ResNet-18 (DESIGN §1.8)."""
+    """r=3 cannot represent the dilation-2/4 convs of a dilated ResNet-18 (docs/spec.md §6)."""
     model = create_model("deeplabv3_resnet18", NUM_CLASSES)
     x, _ = _batch()
     with pytest.raises(ValueError, match="dilation"):
-        prepare_model(model, "gradfilter", 3, 10, x)
+        prepare_model(model, "filtered", 3, 10, x)
     report = gf.apply(model, radius=3, names=["encoder.layer4.*", "decoder.*"], example_input=x,
                       on_unsupported="skip")
     skipped = dict(report.skipped)
@@ -127,7 +128,7 @@ def test_unsupported_dilation_is_an_error_or_a_reported_skip():
 
 
 # ---------------------------------------------------------------------------------------------
-# The atrous convolutions the models use, against the §1.8 spec and the DC oracle
+# The atrous convolutions the models use, against the docs/spec.md §6 spec and the DC oracle
 
 # (kernel, dilation, depthwise) of every dilated conv in the OS-8 models built here.
 ATROUS_CONFIGS = [
@@ -178,7 +179,7 @@ def test_atrous_config_matches_spec(k, d, depthwise, radius):
 @pytest.mark.parametrize("radius", [2, 4])
 @pytest.mark.parametrize("k,d,depthwise", ATROUS_CONFIGS)
 def test_atrous_config_dc_oracle(k, d, depthwise, radius):
-    """Constant x and gy per channel: filtered == exact autograd gradients (DESIGN §2).
+    """Constant x and gy per channel: filtered == exact autograd gradients (docs/spec.md §11).
 
     Kept taps (d >= r): a 'same' conv on a map the patches tile exactly is exact everywhere.
     Summed taps (d < r): a 'valid' conv is exact in the interior.
@@ -302,7 +303,7 @@ def test_voc_missing_parts_are_one_clear_error(tmp_path):
 # CLI
 
 
-def _finetune(out, *, model="fcn_resnet18", data="synthetic-seg", method="gradfilter"):
+def _finetune(out, *, model="fcn_resnet18", data="synthetic-seg", method="filtered"):
     return ["finetune", "--model", model, "--data", data, "--image-size", "32", "--epochs", "1",
             "--batch-size", "100", "--lr", "1e-3", "--method", method, "--radius", "2",
             "--train-last", "4", "--quiet", "--out", str(out)]

@@ -1,5 +1,6 @@
 """apply / remove / freeze on real architectures, untouched (no per-architecture config)."""
 
+import copy
 import pickle
 
 import pytest
@@ -226,3 +227,101 @@ def test_apply_takes_a_plan_file_or_dict(tmp_path):
         gf.apply(model, plan={"blocks": []})
     with pytest.raises(ValueError, match="cannot read plan"):
         gf.apply(model, plan=tmp_path / "missing.json")
+
+
+def _mixed_modes(model: nn.Module, seed: int) -> dict[str, bool]:
+    """Put ``model`` in training mode with every BatchNorm and a random third of the other
+    modules in eval mode (the usual fine-tuning set-up, plus noise); return the modes."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) or torch.rand((), generator=gen) < 1 / 3:
+            m.training = False
+    return {n: m.training for n, m in model.named_modules()}
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {n: m.training for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "tf_efficientnet_lite0"])
+def test_every_conversion_verb_leaves_each_modules_mode_as_it_found_it(name):
+    """apply (with the traced example, lean and fuse), slim, fuse_blocks, fuse_linear, remove
+    and freeze(bn_eval=False) keep every module's train/eval flag; freeze(bn_eval=True)
+    changes only the BatchNorm layers and what they hold (timm's act/drop; its job)."""
+    make, size, _ = MODELS[name]
+    x = torch.randn(2, 3, size, size)
+    fusable_blocks = {"mobilenet_v2": ["features.17", "features.18"],
+                      "tf_efficientnet_lite0": ["blocks.6.0"], "resnet18": []}[name]
+    head = {"mobilenet_v2": "classifier.1", "tf_efficientnet_lite0": "classifier",
+            "resnet18": "fc"}[name]
+    model = make()
+    want = _mixed_modes(model, seed=1)
+    report = gf.apply(model, radius=2, last=4, example_input=x)
+    assert report.names and _modes(model) == want, "apply"
+    assert gf.slim(model, names=[f"{n.rpartition('.')[0]}.*" for n in report.names])
+    assert _modes(model) == want, "slim"
+    if fusable_blocks:
+        gf.apply(model, radius=2, names=[f"{b}.*" for b in fusable_blocks])
+        assert gf.fuse_blocks(model, fusable_blocks) == fusable_blocks
+        assert _modes(model) == want, "fuse_blocks"
+    assert gf.fuse_linear(model, head) == [head]
+    assert _modes(model) == want, "fuse_linear"
+    assert gf.remove(model)
+    assert _modes(model) == want, "remove"
+    gf.freeze(model, [head], bn_eval=False)
+    assert _modes(model) == want, "freeze(bn_eval=False)"
+
+    fresh = make()
+    want = _mixed_modes(fresh, seed=2)
+    report = gf.apply(fresh, radius=2, last=8, lean="patch", fuse=True, example_input=x)
+    assert report.lean and _modes(fresh) == want, "apply(lean, fuse)"
+    assert bool(report.fused) == bool(fusable_blocks)
+    gf.freeze(fresh, [head], bn_eval=True)
+    changed = {n for n, m in fresh.named_modules() if m.training != want[n]}
+    bns = [n for n, m in fresh.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(any(n == b or n.startswith(f"{b}.") for b in bns) for n in changed)
+
+
+def _step_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "tf_efficientnet_lite0", "resnet18"])
+def test_one_call_equals_the_expert_verbs_in_order(name):
+    """apply(lean=, fuse=) gives the model that apply → slim → fuse_blocks build by hand: the
+    same classes everywhere, the same saved bytes and the same gradients."""
+    make, size, _ = MODELS[name]
+    blocks = {"mobilenet_v2": ["features.15", "features.16", "features.17", "features.18"],
+              "tf_efficientnet_lite0": ["blocks.5.3", "blocks.6.0", "conv_head"],
+              "resnet18": ["layer4.0", "layer4.1"]}[name]
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([1, 3])
+    one = make().eval()
+    by_hand = copy.deepcopy(one)
+    scope = [f"{b}.*" for b in blocks] + blocks
+    report = gf.apply(one, radius=2, names=scope, lean="patch", fuse=True, example_input=x)
+    names = gf.apply(by_hand, radius=2, names=scope, example_input=x).names
+    lean = gf.slim(by_hand, names=[f"{b}.*" for b in blocks], bn="patch", radius=2)
+    fusable = [b for b in blocks if name != "resnet18"]
+    fused = gf.fuse_blocks(by_hand, fusable) if fusable else []
+    assert report.names == names and sorted(report.lean) == sorted(lean)
+    assert report.fused == fused and bool(fused) == (name != "resnet18")
+    assert [type(m).__name__ for m in one.modules()] == [
+        type(m).__name__ for m in by_hand.modules()]
+    saved = []
+    for model in (one, by_hand):
+        with gf.count_saved(model.parameters(), model=model) as s:
+            F.cross_entropy(model(x), y)
+        saved.append(s.bytes)
+    assert saved[0] == saved[1]
+    got, want = _step_grads(one, x, y), _step_grads(by_hand, x, y)
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    gf.remove(one)
+    assert not any("Filtered" in type(m).__name__ or "Fused" in type(m).__name__
+                   or "Lean" in type(m).__name__ or "Packed" in type(m).__name__
+                   for m in one.modules())

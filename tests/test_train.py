@@ -44,7 +44,7 @@ def lite0_pretrained() -> nn.Module:
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("method,radius", [("gradfilter", 2), ("vanilla", 4)])
+@pytest.mark.parametrize("method,radius", [("filtered", 2), ("vanilla", 4)])
 @pytest.mark.parametrize("train_last", [1, 4])
 def test_prepare_filters_and_freezes_only_last_blocks(lite0_random, method, radius, train_last):
     model = copy.deepcopy(lite0_random)
@@ -61,13 +61,13 @@ def test_prepare_filters_and_freezes_only_last_blocks(lite0_random, method, radi
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d):
             continue
-        if method == "gradfilter" and name in expected_filtered:
+        if method == "filtered" and name in expected_filtered:
             assert isinstance(module, FilteredConv2d), name
             assert module.radius == radius
         else:
             assert not isinstance(module, (FilteredConv2d, FilteredConv1d)), name
             assert type(module) is convs_before[name], name
-    if method == "gradfilter":
+    if method == "filtered":
         assert set(info.report.names) == expected_filtered
         assert info.radius == radius
     else:
@@ -89,7 +89,7 @@ def test_prepare_conv_tail_block_is_filtered(lite0_random):
     """EfficientNet's ``conv_head`` is a block that is itself a conv."""
     model = copy.deepcopy(lite0_random)
     assert block_names(model)[-1] == "conv_head"
-    model, info = prepare_model(model, "gradfilter", 4, 1, torch.randn(1, 3, 64, 64))
+    model, info = prepare_model(model, "filtered", 4, 1, torch.randn(1, 3, 64, 64))
     assert info.report.names == ["conv_head"]
     assert isinstance(model.conv_head, FilteredConv2d)
 
@@ -97,7 +97,7 @@ def test_prepare_conv_tail_block_is_filtered(lite0_random):
 @pytest.mark.parametrize("kwargs,match", [
     ({"method": "magic", "train_last": 2}, "method"),
     ({"method": "vanilla", "train_last": 0}, "train_last"),
-    ({"method": "gradfilter", "train_last": 10_000}, "train_last"),
+    ({"method": "filtered", "train_last": 10_000}, "train_last"),
 ])
 def test_prepare_rejects_bad_arguments(lite0_random, kwargs, match):
     model = copy.deepcopy(lite0_random)
@@ -124,7 +124,7 @@ def short_finetunes(lite0_pretrained):
     train_loader, val_loader = _digits_loaders(64, 320, 200)
     example = next(iter(val_loader))[0][:2]
     results = {}
-    for method, radius in [("vanilla", None), ("gradfilter", 2)]:
+    for method, radius in [("vanilla", None), ("filtered", 2)]:
         torch.manual_seed(0)
         model = copy.deepcopy(lite0_pretrained)
         model, info = prepare_model(model, method, radius or 0, 4, example)
@@ -133,7 +133,7 @@ def short_finetunes(lite0_pretrained):
     return results
 
 
-@pytest.mark.parametrize("method", ["vanilla", "gradfilter"])
+@pytest.mark.parametrize("method", ["vanilla", "filtered"])
 def test_short_finetune_beats_chance(short_finetunes, method):
     metrics = short_finetunes[method]
     assert set(metrics) == TRAIN_KEYS
@@ -146,7 +146,7 @@ def test_short_finetune_beats_chance(short_finetunes, method):
 
 
 def test_filtering_saves_fewer_activation_bytes(short_finetunes):
-    assert (short_finetunes["gradfilter"]["saved_activation_bytes"]
+    assert (short_finetunes["filtered"]["saved_activation_bytes"]
             < short_finetunes["vanilla"]["saved_activation_bytes"])
 
 
@@ -249,16 +249,17 @@ def test_demo_table_and_machine_info():
     rows = [
         {"method": "vanilla", "radius": None, "val_accuracy": 0.99, "step_time_ms": 200.0,
          "backward_time_ms": 100.0, "saved_activation_bytes": 4 * 2**20},
-        {"method": "gradfilter", "radius": 4, "val_accuracy": 0.97, "step_time_ms": 150.0,
+        {"method": "filtered", "radius": 4, "val_accuracy": 0.97, "step_time_ms": 150.0,
          "backward_time_ms": 30.0, "saved_activation_bytes": 2**20},
-        {"method": "gradfilter", "radius": 4, "lean": "patch", "val_accuracy": 0.96,
+        {"method": "lean", "radius": 4, "lean": "patch", "val_accuracy": 0.96,
          "step_time_ms": 150.0, "backward_time_ms": 30.0, "saved_activation_bytes": 2**19},
     ]
     table = demo._table(rows)
-    assert "4.00x less" in table and "97.00%" in table and "gradfilter" in table
-    assert "gradfilter+lean" in table and "8.00x less" in table
-    rows.append({**rows[2], "fused_blocks": ["blocks.6.0"], "saved_activation_bytes": 2**18})
-    assert "gradfilter+lean+fused" in demo._table(rows) and "16.00x less" in demo._table(rows)
+    assert "4.00x less" in table and "97.00%" in table and "filtered" in table
+    assert "lean" in table and "8.00x less" in table
+    rows.append({**rows[2], "method": "fused", "fused_blocks": ["blocks.6.0"],
+                 "saved_activation_bytes": 2**18})
+    assert "fused" in demo._table(rows) and "16.00x less" in demo._table(rows)
 
 
 @pytest.mark.slow
@@ -268,9 +269,8 @@ def test_run_demo_end_to_end(tmp_path, lite0_pretrained):
     assert run_demo(epochs=1, quiet=True, out=str(tmp_path)) == 0
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert [(r["method"], r["radius"], r["lean"], bool(r["fused_blocks"])) for r in rows] == [
-        ("vanilla", None, None, False), ("gradfilter", 2, None, False),
-        ("gradfilter", 4, None, False), ("gradfilter", 4, "patch", False),
-        ("gradfilter", 4, "patch", True),
+        ("vanilla", None, None, False), ("filtered", 2, None, False),
+        ("filtered", 4, None, False), ("lean", 4, "patch", False), ("fused", 4, "patch", True),
     ]
     assert all(r["val_accuracy"] > 0.5 for r in rows)
     assert rows[1]["saved_activation_bytes"] < rows[0]["saved_activation_bytes"]

@@ -17,7 +17,7 @@ from .surgery import (
     slim,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ConversionReport",

@@ -2,7 +2,7 @@
 
 Inside a block of filtered convolutions (MobileNetV2 / EfficientNet-Lite ``InvertedResidual``:
 1×1 conv, BatchNorm, ReLU6, depthwise conv, BatchNorm, ReLU6, 1×1 conv, BatchNorm, skip), the
-gradient leaving a filtered conv is constant on each r×r patch (DESIGN §1.6). The eval-mode
+gradient leaving a filtered conv is constant on each r×r patch (docs/spec.md §4.4). The eval-mode
 BatchNorm and ReLU/ReLU6 between the convs are per-pixel masks and per-channel affines, and the
 next conv only needs the patch *means* of what they produce. With ``g`` one value per patch:
 
@@ -38,8 +38,8 @@ re-pooling runs (exact, like the rest).
 
 On the CPU with the native kernels each direction is one C++ call per block
 (``native.fused_block_forward`` / ``fused_block_backward``) under one C++ autograd node
-(``native.fused_block``); elsewhere the same steps run as a Python loop over the units
-(PyTorch ops, or the native kernels one by one with ``ONE_CALL_NATIVE = False``). The native
+(``native.fused_block``); elsewhere (GPU, ``GRADFILTER_NATIVE=0``) the same steps run as a
+Python autograd Function looping over the units with PyTorch ops, the reference path. The native
 forward hands each block's output patch sums to the next fused block whose input is that very
 tensor, unchanged (same TensorImpl and version), which then does not sum its input map again
 (``native.fused_hand_offs`` counts them).
@@ -57,12 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as GF
-from . import native
+from . import geometry as GF
+from . import native, patches
 from ._mixed import mixed_class
 from .nn import FilteredConv2d
+from .selection import Refusals, match
 
-__all__ = ["fuse_blocks", "fusable", "FusedBlockMixin", "FusedHeadMixin", "FusedPoolMixin"]
+__all__ = ["FusedBlockMixin", "FusedHeadMixin", "FusedPoolMixin", "enclosing_blocks", "fusable",
+           "fuse_blocks"]
 
 _NO_ACT = math.nan  # the stats kernel's "no activation"
 
@@ -174,30 +176,21 @@ def fusable(block: nn.Module) -> str | None:
 
 
 def _grid(h: int, w: int, radius: int) -> tuple[GF.AxisGeometry, GF.AxisGeometry]:
-    """The stride-1 patch grid of an h×w map (output grid = input grid, DESIGN §1.1)."""
+    """The stride-1 patch grid of an h×w map (output grid = input grid, docs/spec.md §2.1)."""
     return (GF.axis_geometry(h, h, 1, 1, 1, radius), GF.axis_geometry(w, w, 1, 1, 1, radius))
 
 
 def _patch_sums_cm(t: Tensor, gh: GF.AxisGeometry, gw: GF.AxisGeometry,
-                   use_native: bool = False, means: bool = False) -> Tensor:
+                   means: bool = False) -> Tensor:
     """Sums of t over the grid's patches (with ``means``: averages over each patch's real
-    pixels), channel-major: (C, N·Ph·Pw). One native call, or four PyTorch ops."""
+    pixels), channel-major: (C, N·Ph·Pw)."""
     c = t.shape[1]
-    if use_native:
-        inv = GF._inverse_counts(gh, gw, t.device, t.dtype) if means else None
-        return native.patch_sum_cm(t, gh.radius, gw.radius, gh.out_pad, gw.out_pad, gh.patches,
-                                   gw.patches, 1.0, inv)[0].view(c, -1)
-    sums = GF.patch_mean_output(t, gh, gw)[0].transpose(0, 1).reshape(c, -1)
+    sums = patches.patch_mean_output(t, gh, gw)[0].transpose(0, 1).reshape(c, -1)
     return sums / _per_pixel((gh, gw), t.shape[0], t) if means else sums
 
 
-def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype,
-               use_native: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(scale γ/σ, shift β − μγ/σ, 1/σ) of an eval-mode BatchNorm (one native call, or six
-    PyTorch ops)."""
-    if use_native:
-        return native.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
-                                dtype)
+def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale γ/σ, shift β − μγ/σ, 1/σ) of an eval-mode BatchNorm."""
     inv_std = torch.rsqrt(bn.running_var + bn.eps).to(dtype)
     mean = bn.running_mean.to(dtype)
     scale = inv_std if bn.weight is None else bn.weight * inv_std
@@ -206,19 +199,11 @@ def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype,
 
 
 def _unit_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, gh: GF.AxisGeometry,
-                gw: GF.AxisGeometry,
-                use_native: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                gw: GF.AxisGeometry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mask count, masked sum of z, sum of y); the sums channel-major (C, N·P), the count
-    in one byte each where a patch has at most 255 pixels. ``use_native``: the caller's
-    ``native.applies`` (None: ask here)."""
-    c = z.shape[1]
+    in one byte each where a patch has at most 255 pixels (:func:`native.bn_act_stats` is the
+    native path's one-pass form)."""
     small = gh.radius * gw.radius <= 255
-    if use_native is None:
-        use_native = native.applies(z)
-    if use_native and z.is_contiguous():
-        y, count, mz, ys = native.bn_act_stats(z, scale, shift, upper, gh.radius, gh.out_pad,
-                                               gw.out_pad, gh.patches, gw.patches, small)
-        return y, count.view(c, -1), mz.view(c, -1), ys.view(c, -1)
     v = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     if math.isnan(upper):
         y, mask, masked_z = v, torch.ones_like(v), z
@@ -242,27 +227,6 @@ def _params(units: list[_Unit]) -> list[Tensor | None]:
 
 Grid = tuple[GF.AxisGeometry, GF.AxisGeometry]
 
-# With the native kernels, a fused block's forward and backward are one C++ call each
-# (fused_block_forward / fused_block_backward). False runs the same steps as a Python loop over
-# the units calling the native kernels one by one: the form before those calls, kept for
-# in-process A/B benchmarks (benchmarks/fused_native_ab.py) and tested like the others.
-ONE_CALL_NATIVE = True
-# A fused block before the model's global average pooling pools inside the fused node
-# (FusedHeadMixin, FusedPoolMixin). False keeps the map and PyTorch's pooling: the form before,
-# for in-process A/B benchmarks (benchmarks/pool_ab.py).
-POOL_IN_FUSED = True
-# The one-call native backward computes its weight-gradient and g̃x products with the output's
-# rows cut into one run per thread, as the passes that read them next (the next unit's channel
-# loop, the copy that spreads a k×k kernel's gradient) cut their work (kernels.cpp, mm_rows).
-# False: one multi-threaded product each, the form before (benchmarks/rows_ab.py).
-SPLIT_ROWS = True
-# With the one-call native kernels, a fused block's autograd node is a C++ one
-# (native.fused_block): no Python runs between the module call and the kernels, either way.
-# False: the Python autograd Function (_FusedBlock) around the same two calls, the form before,
-# for in-process A/B benchmarks (benchmarks/cpp_node_ab.py).
-CPP_NODE = True
-
-
 @dataclass(frozen=True)
 class _Geometry:
     """Patch grids of a fused block for one input size: the stride-1 grid at the input
@@ -276,7 +240,7 @@ class _Geometry:
 
 def _geometry(units: list[_Unit], h: int, w: int) -> _Geometry | None:
     """The block's grids for an h×w input, or None where a stride-2 conv's input patches
-    (2r×2r, DESIGN §1.3) are not unions of 2×2 patches of the grid before it."""
+    (2r×2r, docs/spec.md §2.2) are not unions of 2×2 patches of the grid before it."""
     radius = units[0].conv.radius
     cur = _grid(h, w, radius)
     grid_in, grids, strided = cur, [], []
@@ -345,7 +309,7 @@ def _per_pixel(grid: Grid, n: int, like: Tensor) -> Tensor:
 @functools.lru_cache(maxsize=256)
 def _per_pixel_cached(gh: GF.AxisGeometry, gw: GF.AxisGeometry, n: int, device: torch.device,
                       dtype: torch.dtype) -> Tensor:
-    counts = GF._inverse_counts(gh, gw, device, dtype).reciprocal()
+    counts = patches.inverse_counts(gh, gw, device, dtype).reciprocal()
     return counts.reshape(1, 1, -1).expand(1, n, -1).reshape(1, -1)
 
 
@@ -372,26 +336,24 @@ _PARAMS = 5  # _FusedBlock's arguments before the units' parameters
 
 
 class _FusedBlock(torch.autograd.Function):
-    """A fused block as one autograd node: ``pool`` returns the global average of its output
-    (N, C) instead of the map (a block that feeds a global-average-pooling head; no skip)."""
+    """A fused block as one autograd node, in PyTorch ops (the reference path; the native path
+    is :func:`native.fused_block`): ``pool`` returns the global average of its output (N, C)
+    instead of the map (a block that feeds a global-average-pooling head; no skip)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
                 *params: Tensor | None):
         n = x.shape[0]
-        use_native = native.applies(x)
         ctx.meta = (units, skip, geo, n, pool)
-        if use_native and ONE_CALL_NATIVE:
-            return _native_forward(ctx, x, units, skip, geo, pool, params)
-        ys = _patch_sums_cm(x, *geo.grid_in, use_native)  # the first conv's x̃ (not coarsened)
+        ys = _patch_sums_cm(x, *geo.grid_in)  # the first conv's x̃ (not coarsened)
         prev = geo.grid_in
         saved: list[Tensor | None] = []
         t = x
         for i, u in enumerate(units):
             xt = _coarsen(ys, prev, geo.grids[i]) if geo.strided[i] else ys
             z = _conv_forward(u.conv, t)
-            scale, shift, inv_std = _bn_affine(u.bn, z.dtype, use_native)
-            t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, *geo.grids[i], use_native)
+            scale, shift, inv_std = _bn_affine(u.bn, z.dtype)
+            t, count, mz, ys = _unit_stats(z, scale, shift, u.upper, *geo.grids[i])
             prev = geo.grids[i]
             if not ctx.needs_input_grad[_PARAMS + 2 + 4 * i]:  # BatchNorm weight frozen:
                 mz = None  # Σ m·z unused
@@ -409,22 +371,17 @@ class _FusedBlock(torch.autograd.Function):
         units, skip, geo, n, pool = ctx.meta
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        use_native = native.applies(g_out)
         if pool:  # the mean's gradient is g/(H·W) at every pixel: so are its patch means
             g_out = _pooled_patch_means(g_out, geo.grids[-1])
-        if use_native and ONE_CALL_NATIVE:
-            return _native_backward(g_out, units, skip, geo, n, saved, needs)
-        g = g_out.flatten(1) if pool else _patch_sums_cm(g_out, *geo.grids[-1], use_native,
-                                                         means=True)
+        g = g_out.flatten(1) if pool else _patch_sums_cm(g_out, *geo.grids[-1], means=True)
         grads: list[Tensor | None] = [None] * (4 * len(units))
-        unit_backward = native.unit_backward if use_native else _unit_backward
         for i in reversed(range(len(units))):
             u, grid = units[i], geo.grids[i]
             per_pixel = _per_pixel(grid, n, g)
             xt, count, mz, scale, inv_std, mean, weight = saved[7 * i: 7 * i + 7]
             need_w, need_b, need_gamma, need_beta = needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i]
-            gscale = 0.25 if geo.strided[i] else 1.0  # DESIGN §1: the 1/(sh·sw) stride scale
-            gbar, g_gamma, g_beta, g_bias = unit_backward(
+            gscale = 0.25 if geo.strided[i] else 1.0  # docs/spec.md §5: the stride scale
+            gbar, g_gamma, g_beta, g_bias = _unit_backward(
                 g, count, mz if need_gamma else None, scale, inv_std, mean, per_pixel, gscale)
             grads[4 * i + 1: 4 * i + 4] = (g_bias if need_b else None,
                                            g_gamma if need_gamma else None,
@@ -445,7 +402,7 @@ class _FusedBlock(torch.autograd.Function):
         if needs[0]:
             c, (gh, gw) = g.shape[0], geo.grid_in
             gxt = g.view(c, n, gh.patches, gw.patches).transpose(0, 1)
-            gx = GF.unpool_input(gxt, gh, gw)
+            gx = patches.unpool_input(gxt, gh, gw)
             if skip:
                 gx = gx.add_(g_out)
         return (gx, None, None, None, None, *grads)
@@ -495,68 +452,29 @@ def _native_forward_static(units: list[_Unit], geo: _Geometry) -> tuple:
     return cache["_native_forward"]
 
 
-def _native_forward(ctx, x: Tensor, units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
-                    params: tuple[Tensor | None, ...]) -> Tensor:
-    """_FusedBlock.forward in one native call (the same steps)."""
-    in_grid, geometry, fixed, eps, upper = _native_forward_static(units, geo)
-    needs = ctx.needs_input_grad
-    flags = [f | int(needs[_PARAMS + 2 + 4 * i])  # γ trains: keep Σ m·z
-             for i, f in enumerate(fixed)]
-    given = [_EMPTY if p is None else p for p in params]
-    out, flat = native.fused_block_forward(
-        x, in_grid, given[0::4], given[1::4], [u.bn.running_mean for u in units],
-        [u.bn.running_var for u in units], given[2::4], given[3::4], eps, upper, geometry,
-        flags, skip, pool)
-    saved: list[Tensor | None] = []
-    for i, u in enumerate(units):
-        saved += [*flat[5 * i: 5 * i + 5], u.bn.running_mean, u.conv.weight]
-    ctx.save_for_backward(*saved)
-    return out
-
-
 def _native_static(units: list[_Unit], skip: bool, geo: _Geometry, n: int,
                    like: Tensor) -> tuple:
-    """The fixed arguments of :func:`native.fused_block_backward` for one block, batch size,
-    dtype and product form (``SPLIT_ROWS``; cached on the geometry)."""
-    rows = 64 if SPLIT_ROWS else 0
-    key = (n, like.dtype, like.device, rows)
+    """The fixed arguments of :func:`native.fused_block_backward` for one block, batch size
+    and dtype (cached on the geometry)."""
+    key = (n, like.dtype, like.device)
     cache = geo.__dict__.setdefault("_native_static", {})  # frozen dataclass: no attribute set
     if key not in cache:
         gh, gw = geo.grids[-1]
         out_grid = [gh.radius, gh.out_pad, gw.out_pad, gh.patches, gw.patches]
-        inv_counts = GF._inverse_counts(gh, gw, like.device, like.dtype)
+        inv_counts = patches.inverse_counts(gh, gw, like.device, like.dtype)
         per_pixel = [_per_pixel(grid, n, like) for grid in geo.grids]
         grids, flags = [], []
         for i, u in enumerate(units):
             fine = geo.grids[i - 1] if i else geo.grid_in
             grids += [geo.grids[i][0].patches, geo.grids[i][1].patches, fine[0].patches,
                       fine[1].patches]
-            flags.append(int(geo.strided[i]) | (32 if u.conv.groups > 1 else 0) | rows)
+            flags.append(int(geo.strided[i]) | (32 if u.conv.groups > 1 else 0))
         ih, iw = geo.grid_in
         in_grid = [0, int(skip), ih.size, iw.size, ih.in_patch, iw.in_patch, ih.in_pad,
                    iw.in_pad]
-        pool_in = GF._tiny_matrix(ih.size, iw.size, ih, iw, like.dtype)
+        pool_in = patches.tiny_matrix(ih.size, iw.size, ih, iw, like.dtype)
         cache[key] = (out_grid, inv_counts, per_pixel, grids, flags, in_grid, pool_in)
     return cache[key]
-
-
-def _native_backward(g_out: Tensor, units: list[_Unit], skip: bool, geo: _Geometry, n: int,
-                     saved: tuple[Tensor, ...], needs: tuple[bool, ...]) -> tuple:
-    """_FusedBlock.backward in one native call (the same steps)."""
-    out_grid, inv_counts, per_pixel, grids, fixed, in_grid, pool_in = _native_static(
-        units, skip, geo, n, g_out)
-    flags = [f | sum(b for b, need in zip((2, 4, 8, 16),
-                                          needs[_PARAMS + 4 * i: _PARAMS + 4 + 4 * i]) if need)
-             for i, f in enumerate(fixed)]
-    mz = [t if t is not None else _EMPTY for t in saved[2::7]]
-    gx, grads = native.fused_block_backward(
-        g_out, out_grid, inv_counts, list(saved[0::7]), list(saved[1::7]), mz,
-        list(saved[3::7]), list(saved[4::7]), list(saved[5::7]), list(saved[6::7]), per_pixel,
-        flags, grids, [int(needs[0])] + in_grid[1:], pool_in)
-    return (gx, None, None, None, None, *grads)
-
-
-_EMPTY = torch.empty(0)
 
 
 def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
@@ -587,7 +505,7 @@ def _run_fused(x: Tensor, units: list[_Unit], skip: bool,
     geo = grids[key]
     if geo is None:
         return None
-    if CPP_NODE and ONE_CALL_NATIVE and native.applies(x):
+    if native.applies(x):
         stats = [t for u in units for t in (u.bn.running_mean, u.bn.running_var)]
         return native.fused_block(x, [p for p in params if p is not None], stats,
                                   _plan(units, skip, geo, pool, x))
@@ -614,9 +532,9 @@ class _PlanCache(dict):
 
 def _plan(units: list[_Unit], skip: bool, geo: _Geometry, pool: bool,
           like: Tensor) -> torch.ScriptObject:
-    """The native plan of :func:`native.fused_block` for one block, input size, batch, dtype
-    and form (cached on the geometry): what _native_forward and _native_backward pass."""
-    key = (like.shape[0], like.dtype, like.device, pool, SPLIT_ROWS)
+    """The native plan of :func:`native.fused_block` for one block, input size, batch and dtype
+    (cached on the geometry)."""
+    key = (like.shape[0], like.dtype, like.device, pool)
     cache = geo.__dict__.setdefault("_native_plan", _PlanCache())
     if key not in cache:
         in_grid, geometry, flags, eps, upper = _native_forward_static(units, geo)
@@ -692,8 +610,7 @@ class FusedHeadMixin:
         return self.bn2(self.conv_head(x)) if out is None else out
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.grad_checkpointing or not POOL_IN_FUSED
-                or not self.__dict__.get("_gradfilter_pool")
+        if (self.grad_checkpointing or not self.__dict__.get("_gradfilter_pool")
                 or not _global_average(self.global_pool) or _hooked(self.global_pool)):
             return super().forward(x)
         x = self._trunk(x)
@@ -715,7 +632,7 @@ class FusedPoolMixin:
     def _forward_impl(self, x: Tensor) -> Tensor:
         feats = self.features
         head = feats[-1] if len(feats) else None
-        if not POOL_IN_FUSED or not isinstance(head, FusedBlockMixin) or _hooked(feats, head):
+        if not isinstance(head, FusedBlockMixin) or _hooked(feats, head):
             return super()._forward_impl(x)
         for m in itertools.islice(feats, len(feats) - 1):
             x = m(x)
@@ -789,9 +706,7 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
     :func:`gradfilter.remove` undoes it. Call after :func:`gradfilter.apply` (the blocks' convs
     must be filtered); BatchNorm must be in eval mode when training (:func:`gradfilter.freeze`
     pins it)."""
-    from .surgery import _match, _Refusals
-
-    refusals = _Refusals("fuse_blocks", "block", names, on_unsupported)
+    refusals = Refusals("fuse_blocks", "block", names, on_unsupported)
     patterns = refusals.patterns
     fused: list[str] = []
     inside: list[str] = []  # fused blocks (earlier calls included): their sub-modules are parts
@@ -805,7 +720,7 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
             inside.append(name)
             refusals.refuse(name, "already fused")
             continue
-        if not _match(name, patterns):
+        if not match(name, patterns):
             continue
         found = _units(mod)
         head = _head_units(model, name, mod) if isinstance(found, str) else None
@@ -837,3 +752,34 @@ def fuse_blocks(model: nn.Module, names: str | Iterable[str],
     if not fused:
         raise refusals.nothing_fused()
     return fused
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def enclosing_blocks(model: nn.Module, convs: Iterable[str]) -> list[str]:
+    """The blocks :func:`fuse_blocks` can fuse around the filtered convs named ``convs``, in
+    module order, each once. For each conv, its enclosing modules are looked at from the
+    outermost (the model itself excluded): the first whose convs are all filtered and which is a
+    supported block is chosen; plain containers (``nn.Sequential``, ``nn.ModuleList``,
+    ``nn.ModuleDict``) are looked into; any other module that cannot be fused ends the search
+    (a ResNet ``BasicBlock``: its parts stay per layer, as the block's own gradients are not
+    patch-constant inside). A timm EfficientNet's ``conv_head`` is chosen itself (it fuses with
+    ``bn2``)."""
+    chosen: set[str] = set()
+    for conv in convs:
+        parts = conv.split(".")
+        for depth in range(1, len(parts)):
+            name = ".".join(parts[:depth])
+            block = model.get_submodule(name)
+            inner = [m for m in block.modules() if isinstance(m, nn.Conv2d | nn.Conv1d)]
+            if all(isinstance(m, FilteredConv2d) for m in inner) and fusable(block) is None:
+                chosen.add(name)
+                break
+            if type(block) not in _CONTAINERS:
+                break
+        else:
+            head = _head_units(model, conv, model.get_submodule(conv))
+            if head is not None and not isinstance(head, str):
+                chosen.add(conv)
+    return [name for name, _ in model.named_modules() if name in chosen]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .methods import METHODS
+
 
 def _demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="fine-tune pretrained EfficientNet-Lite0 on digits: "
@@ -79,18 +81,23 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                    "synthetic-seg, synthetic-seg-source, voc:PATH, cityscapes:PATH")
     p.add_argument("--image-size", type=int, default=64,
                    help="side of the square inputs the images are resized to (default: 64)")
-    p.add_argument("--epochs", type=int, required=True, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, required=True, help="samples per training step")
-    p.add_argument("--lr", type=float, required=True, help="learning rate")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="passes over the training split (default: 3)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per training step (default: 32)")
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate (default: 5e-4)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="adamw or sgd (momentum 0.9), cosine learning-rate schedule; PyTorch's "
                         "fused step where it applies (default: adamw)")
-    p.add_argument("--method", choices=["vanilla", "gradfilter"], default=None,
-                   help="required unless --plan is given")
-    p.add_argument("--radius", type=int, default=2, help="patch radius for gradfilter")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="vanilla (plain backprop), filtered (filtered convs, the paper), lean "
+                        "(+ lean ReLU/BatchNorm), fused (+ fused blocks) (default: fused; "
+                        "with --plan: filtered)")
+    p.add_argument("--radius", type=int, default=2,
+                   help="patch radius of the filtered methods (default: 2)")
     p.add_argument("--train-last", type=int, default=None,
-                   help="number of last blocks to train (plus the classifier); required "
-                        "unless --plan is given")
+                   help="number of last blocks to train, plus the classifier (default: 4; "
+                        "with --plan: the plan's)")
     p.add_argument("--plan", default=None,
                    help="plan.json from `gradfilter plan`: its blocks and per-conv radii")
     p.add_argument("--seed", type=int, default=0,
@@ -99,19 +106,15 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (the last complete epoch)")
     p.add_argument("--lean", choices=["exact", "patch", "frozen"], default=None,
-                   help="also slim the trained blocks' ReLU/ReLU6 (bit masks, exact) and "
-                        "BatchNorm: exact (saves x only for its weight grad), patch (weight "
-                        "grad from patch sums at --radius), frozen (weight frozen, saves nothing)")
+                   help="BatchNorm mode of the lean layers (ReLU/ReLU6 keep bit masks, exact): "
+                        "exact (saves x only for its weight grad), patch (weight grad from "
+                        "patch sums at --radius; the lean and fused methods' default), frozen "
+                        "(weight frozen, saves nothing); with vanilla or filtered it adds lean "
+                        "layers to them")
     p.add_argument("--input-grad", choices=["filtered", "exact"], default="filtered",
-                   help="gradfilter: the input gradient the filtered convs pass down, from the "
-                        "patch-mean output gradient (filtered, the paper) or exact (same memory, "
-                        "vanilla backward-input cost, for tasks whose accuracy needs it)")
-    p.add_argument("--fuse-blocks", action="store_true",
-                   help="gradfilter: run each trained inverted-residual / conv-BN-act block's "
-                        "backward at patch resolution as one node (faster and leaner; exact "
-                        "BatchNorm weight gradients in those blocks; docs/performance.md); the "
-                        "classifier's nn.Linear runs as native kernels too "
-                        "(gradfilter.fuse_linear)")
+                   help="filtered methods: the input gradient the filtered convs pass down, from "
+                        "the patch-mean output gradient (filtered, the paper) or exact (same "
+                        "memory, vanilla backward-input cost, for tasks whose accuracy needs it)")
     p.add_argument("--cache-features", action="store_true",
                    help="compute the frozen prefix's features once and train the last blocks "
                         "from that cache (inputs are never augmented here, so it is exact)")
@@ -135,16 +138,17 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
             if plan.model and plan.model != args.model:
                 raise ValueError(f"--plan {args.plan} was made for {plan.model}, "
                                  f"not {args.model}")
-            if method not in (None, "gradfilter") or train_last not in (None, plan.train_last):
-                raise ValueError("--plan sets --method gradfilter and --train-last "
+            if method == "vanilla" or train_last not in (None, plan.train_last):
+                raise ValueError("--plan sets a filtered method and --train-last "
                                  f"{plan.train_last}; drop the conflicting flag")
-            radius, method, train_last = dict(plan.layers), "gradfilter", plan.train_last
+            radius, method, train_last = dict(plan.layers), method or "filtered", plan.train_last
             if tuple(plan.input_shape[-2:]) != (args.image_size, args.image_size):
                 print(f"note: the plan was made for {plan.input_shape[-2]}x"
                       f"{plan.input_shape[-1]} inputs, training at {args.image_size}",
                       file=sys.stderr)
-        elif method is None or train_last is None:
-            raise ValueError("--method and --train-last are required (or give --plan)")
+        else:
+            method = method or "fused"
+            train_last = 4 if train_last is None else train_last
         try:
             m = finetune(
                 model=args.model, data=args.data, out=args.out, epochs=args.epochs,
@@ -155,7 +159,6 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 device=args.device, cache_features=args.cache_features,
                 cache_dtype=args.cache_dtype, lean=args.lean, reinit_head=args.reinit_head,
                 input_grad=args.input_grad, channels_last=args.channels_last,
-                fuse=args.fuse_blocks,
             )
             shutdown()  # under torchrun: leave the process group cleanly
         except KeyboardInterrupt:
@@ -230,15 +233,14 @@ def _federated(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, required=True, help="number of clients (SuperNodes)")
     p.add_argument("--rounds", type=int, required=True, help="federated rounds")
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
-    p.add_argument("--method", choices=["vanilla", "gradfilter"], required=True,
-                   help="how every client backpropagates")
-    p.add_argument("--radius", type=int, default=4, help="patch radius for gradfilter")
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="how every client backpropagates (as finetune --method)")
+    p.add_argument("--radius", type=int, default=4,
+                   help="patch radius of the filtered methods (default: 4)")
     p.add_argument("--train-last", type=int, required=True,
                    help="number of last blocks to train (plus the classifier)")
     p.add_argument("--lean", choices=["exact", "patch", "frozen"], default=None,
-                   help="lean ReLU/BatchNorm in the trained blocks (as finetune --lean)")
-    p.add_argument("--fuse-blocks", action="store_true",
-                   help="gradfilter: fused block backward (as finetune --fuse-blocks)")
+                   help="lean BatchNorm mode (as finetune --lean)")
     p.add_argument("--local-epochs", type=int, default=1,
                    help="passes over its own shard per client and round (default: 1)")
     p.add_argument("--batch-size", type=int, default=32, help="client batch size (default: 32)")
@@ -269,7 +271,7 @@ def _federated(sub: argparse._SubParsersAction) -> None:
             "image-size": args.image_size, "num-clients": args.clients, "rounds": args.rounds,
             "partition": args.partition, "method": args.method, "radius": args.radius,
             "train-last": args.train_last, "lean": args.lean or "",
-            "fuse-blocks": args.fuse_blocks, "local-epochs": args.local_epochs,
+            "local-epochs": args.local_epochs,
             "batch-size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
             "strategy": args.strategy, "proximal-mu": args.proximal_mu,
             "fraction-train": args.fraction_train, "round-timeout": args.round_timeout,

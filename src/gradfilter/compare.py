@@ -105,9 +105,10 @@ def _label(row: dict[str, Any]) -> str:
     name = row["method"] if radius is None else f"{row['method']} r={radius}"
     if row.get("input_grad") == "exact":
         name += " exact gx"
-    if row.get("lean"):
+    default_lean = "patch" if row["method"] in ("lean", "fused") else None
+    if row.get("lean") and row.get("lean") != default_lean:
         name += f" lean {row['lean']}"
-    if row.get("fused_blocks"):
+    if row.get("fused_blocks") and row["method"] != "fused":  # runs of version 0.1
         name += " fused"
     return f"{name} last {row['train_last']}" if row.get("train_last") is not None else name
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .bench.machine import machine_info
 from .compare import to_mib
+from .machine import machine_info
 from .train import seed_everything
 
 MODEL = "tf_efficientnet_lite0"
@@ -34,11 +34,9 @@ OPTIMIZER = "adamw"
 LR = 5e-4  # 1e-3 is on the edge of diverging for filtered runs; 3e-3 diverges for all
 EPOCHS = 3
 SEED = 0
-# (method, radius, lean, fused blocks)
-RUNS: tuple[tuple[str, int | None, str | None, bool], ...] = (
-    ("vanilla", None, None, False), ("gradfilter", 2, None, False),
-    ("gradfilter", 4, None, False), ("gradfilter", 4, "patch", False),
-    ("gradfilter", 4, "patch", True),
+# (method, radius)
+RUNS: tuple[tuple[str, int | None], ...] = (
+    ("vanilla", None), ("filtered", 2), ("filtered", 4), ("lean", 4), ("fused", 4),
 )
 
 __all__ = ["run_demo"]
@@ -51,8 +49,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         ratio = base["saved_activation_bytes"] / row["saved_activation_bytes"]
         body.append((
-            row["method"] + ("+lean" if row.get("lean") else "")
-            + ("+fused" if row.get("fused_blocks") else ""),
+            row["method"],
             "-" if row["radius"] is None else str(row["radius"]),
             f"{100 * row['val_accuracy']:.2f}%",
             f"{row['step_time_ms']:.0f}",
@@ -80,8 +77,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def _one_run(
-    pretrained: torch.nn.Module, splits, method: str, radius: int | None, lean: str | None,
-    fuse: bool, epochs: int, progress: bool,
+    pretrained: torch.nn.Module, splits, method: str, radius: int | None, epochs: int,
+    progress: bool,
 ) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
@@ -94,15 +91,14 @@ def _one_run(
     val_loader = DataLoader(splits.val, batch_size=EVAL_BATCH_SIZE)
     model = copy.deepcopy(pretrained)
     example = torch.stack([splits.train[i][0] for i in range(BATCH_SIZE)])  # traced once
-    model, info = prepare_model(model, method, radius or 0, TRAIN_LAST, example, lean=lean,
-                                fuse=fuse)
+    model, info = prepare_model(model, method, radius or 0, TRAIN_LAST, example)
     t0 = time.perf_counter()
     metrics = train(model, train_loader, val_loader, epochs=epochs, lr=LR, optimizer=OPTIMIZER,
                     progress=progress)
     row: dict[str, Any] = {
         "method": method,
         "radius": radius,
-        "lean": lean,
+        "lean": info.lean,
         "fused_blocks": info.fused,
         "model": MODEL,
         "dataset": DATASET,
@@ -150,14 +146,11 @@ def run_demo(epochs: int | None = None, quiet: bool = False, out: str = "runs/de
           f"{epochs} epochs, seed {SEED}")
 
     rows = []
-    for method, radius, lean, fuse in RUNS:
+    for method, radius in RUNS:
         name = method if radius is None else f"{method} r={radius}"
-        name += f" + lean {lean}" if lean else ""
-        name += " + fused blocks" if fuse else ""
         if not quiet:
             print(f"\n== {name}", flush=True)
-        row = _one_run(pretrained, splits, method, radius, lean, fuse, epochs,
-                       progress=not quiet)
+        row = _one_run(pretrained, splits, method, radius, epochs, progress=not quiet)
         row["machine"] = machine
         rows.append(row)
         if not quiet:

@@ -13,8 +13,9 @@ Reported per layer and radius (``docs/planner.md`` defines each):
 * ``cos_weight`` / ``cos_input``: cosine similarity of the filtered and exact weight / input
   gradients, averaged over batches;
 * ``energy_kept``: ||P gy||^2 / ||gy||^2, P the projection replacing each output pixel by the mean
-  of its r x r patch (real pixels only, DESIGN §1.2); summed over batches before dividing;
-* backward FLOPs (weight + input gradient, DESIGN §1 cost formulas) and bytes saved for backward,
+  of its r x r patch (real pixels only, docs/spec.md §4.1); summed over batches before dividing;
+* backward FLOPs (weight + input gradient, docs/spec.md §7 cost formulas) and bytes saved for
+backward,
   vanilla and filtered.
 """
 
@@ -32,11 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as GF
+from . import patches
 from .nn import tf_same_pad, tf_same_total
-from .surgery import _is_timm_conv2d_same, conv_layers
+from .surgery import conv_layers, is_timm_conv2d_same
 
 __all__ = [
     "ConvCosts",
+    "conv_geometry",
     "FidelityRow",
     "InspectReport",
     "block_transmission",
@@ -48,10 +51,10 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-conv geometry and costs (DESIGN §1)
+# Per-conv geometry and costs (docs/spec.md §7)
 
 
-def _geometry2d(mod: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int], radius: int):
+def conv_geometry(mod: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int], radius: int):
     """(gh, gw, 2-D input shape, 2-D output shape) of ``mod`` seen as a 2-D conv."""
     one_d = isinstance(mod, nn.Conv1d)
     in2 = tuple(in_shape[:-1]) + (1, in_shape[-1]) if one_d else tuple(in_shape)
@@ -68,7 +71,7 @@ def _geometry2d(mod: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int
 
 
 def _tf_same(mod: nn.Module) -> bool:
-    return bool(getattr(mod, "tf_same", False)) or _is_timm_conv2d_same(mod)
+    return bool(getattr(mod, "tf_same", False)) or is_timm_conv2d_same(mod)
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,13 @@ def conv_costs(
     element_size: int = 4,
     input_grad: bool = True,
 ) -> ConvCosts:
-    """DESIGN §1 costs of ``mod`` on a batch of ``in_shape`` -> ``out_shape``.
+    """docs/spec.md §7 costs of ``mod`` on a batch of ``in_shape`` -> ``out_shape``.
 
     Vanilla backward: 2·N·Cout·(Cin/G)·kh·kw·Ho·Wo FLOPs for each of gW and gx; filtered:
-    2·N·Cout·(Cin/G)·Ph·Pw each (times the kept taps for atrous convs, §1.8). Without
+    2·N·Cout·(Cin/G)·Ph·Pw each (times the kept taps for atrous convs, docs/spec.md §6). Without
     ``input_grad`` (the first trainable layer) gx is not computed.
     """
-    gh, gw, in2, out2 = _geometry2d(mod, in_shape, out_shape, radius)
+    gh, gw, in2, out2 = conv_geometry(mod, in_shape, out_shape, radius)
     n, cin = in2[0], in2[1]
     cout, cin_g = mod.weight.shape[0], mod.weight.shape[1]
     kh, kw = gh.kernel, gw.kernel
@@ -115,7 +118,7 @@ def conv_costs(
 
 def energy_kept(gy: Tensor, radius: int) -> tuple[float, float]:
     """(||P gy||^2, ||gy||^2) for an N×C×H×W (or N×C×L) output gradient, P the r×r patch-mean
-    projection on the centred patch grid of DESIGN §1.1 (means over real pixels only)."""
+    projection on the centred patch grid of docs/spec.md §2.1 (means over real pixels only)."""
     g = gy.detach().double()
     if g.dim() == 3:
         g, rr = g.unsqueeze(-2), (1, radius)
@@ -124,7 +127,7 @@ def energy_kept(gy: Tensor, radius: int) -> tuple[float, float]:
     gh, gw = (
         GF.axis_geometry(g.shape[2 + i], g.shape[2 + i], 1, 1, 1, rr[i]) for i in range(2)
     )
-    sums, scale, _ = GF.patch_mean_output(g, gh, gw)
+    sums, scale, _ = patches.patch_mean_output(g, gh, gw)
     # ||P g||^2 = sum over patches of count * mean^2 = sum of sums^2 / count.
     kept = float((sums.pow(2) * scale).sum())
     return kept, float(g.pow(2).sum())
@@ -498,8 +501,8 @@ def run_inspect(
     from torch.utils.data import DataLoader
 
     from .data import get_dataset
+    from .files import write_json_atomic
     from .models import block_names, create_model
-    from .train.checkpoint import write_json_atomic
 
     if batches < 1 or batch_size < 1:
         raise ValueError(f"--batches and --batch-size must be >= 1, got {batches}, {batch_size}")

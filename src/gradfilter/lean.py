@@ -1,4 +1,4 @@
-"""Memory-lean ReLU/ReLU6 and eval-mode BatchNorm (DESIGN §3, whole-block memory).
+"""Memory-lean ReLU/ReLU6 and eval-mode BatchNorm (docs/spec.md §9, whole-block memory).
 
 Once the convolutions of a block keep only their patch-summed inputs, the activations and
 BatchNorm layers between them keep most of what autograd saves: PyTorch's ReLU saves its full
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional as GF
-from . import native
+from . import native, patches
 
 __all__ = ["batch_norm_eval", "pack_bits", "patch_sums", "relu", "relu6", "unpack_bits"]
 
@@ -65,7 +64,7 @@ class _MaskedActivation(torch.autograd.Function):
     def forward(ctx, x: Tensor, upper: float | None) -> Tensor:
         ctx.shape = x.shape
         # native: one pass for the clamp and the mask, in memory order (channels-last included)
-        ctx.native_format = GF._dense_format(x) if native.applies(x) else None
+        ctx.native_format = patches.dense_format(x) if native.applies(x) else None
         if ctx.native_format is not None:
             y, packed = native.masked_clamp(x, math.inf if upper is None else upper)
             ctx.save_for_backward(packed)
@@ -108,7 +107,7 @@ def patch_sums(x: Tensor, radius: int) -> Tensor:
     spatial = x.shape[2:]
     if len(spatial) == 2:  # one pass (tiny-map GEMM or native kernel), ragged patches included
         h, w = spatial
-        fast = GF._fast_patch_sum(x, radius, radius, 0, 0, -(-h // radius), -(-w // radius))
+        fast = patches.fast_patch_sum(x, radius, radius, 0, 0, -(-h // radius), -(-w // radius))
         if fast is not None:
             return fast
     pads: list[int] = []
@@ -118,7 +117,7 @@ def patch_sums(x: Tensor, radius: int) -> Tensor:
         x = F.pad(x, pads)
     if len(spatial) == 1:
         return x.reshape(*x.shape[:2], -1, radius).sum(3)
-    return GF._sum_exact(x, radius, radius)  # the conv's patch pooling (CPU- and GPU-tuned)
+    return patches.sum_exact(x, radius, radius)  # the conv's patch pooling (CPU- and GPU-tuned)
 
 
 def _patch_counts(spatial: torch.Size, radius: int, like: Tensor) -> Tensor:

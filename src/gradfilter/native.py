@@ -46,8 +46,6 @@ __all__ = [
     "masked_clamp",
     "patch_sum",
     "patch_sum_cm",
-    "set_fused_dw",
-    "set_fused_hand_off",
     "unit_backward",
     "unpool",
     "use_native",
@@ -286,21 +284,11 @@ def fused_hand_offs() -> int:
     return int(_ops().fused_hand_offs())
 
 
-def set_fused_hand_off(enabled: bool) -> bool:
-    """Turn that hand-off on or off (benchmarks/hand_off_ab.py); returns the previous setting."""
-    return bool(_ops().set_fused_hand_off(enabled))
-
-
 def fused_dw_passes() -> int:
     """How many fused-block depthwise units so far ran their conv inside their statistics pass
     (``fused_block_forward`` on tiny maps: stride 1, float32, AVX2) instead of calling
     ``conv2d`` and then reading its output back."""
     return int(_ops().fused_dw_passes())
-
-
-def set_fused_dw(enabled: bool) -> bool:
-    """Turn that on or off (tests, A/B benchmarks); returns the previous setting."""
-    return bool(_ops().set_fused_dw(enabled))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 
 from . import functional as GF
 from ._mixed import mixed_class
+from .blocks import enclosing_blocks, fuse_blocks
 from .nn import (
     FilteredConv1d,
     FilteredConv2d,
@@ -25,9 +27,10 @@ from .nn import (
     PackedReLU6,
     tf_same_total,
 )
+from .selection import match, trace
 
 __all__ = ["BN_MODES", "ConversionReport", "LayerReport", "apply", "conv_layers", "freeze",
-           "remove", "slim"]
+           "is_timm_conv2d_same", "remove", "slim"]
 
 RadiusSpec = int | Mapping[str, int] | Callable[[str, nn.Module], int]
 FilterFn = Callable[[nn.Module, str], bool]
@@ -36,7 +39,7 @@ _FILTERED = (FilteredConv1d, FilteredConv2d)
 _PLAIN_TO_FILTERED: dict[type, type] = {nn.Conv2d: FilteredConv2d, nn.Conv1d: FilteredConv1d}
 
 
-def _is_timm_conv2d_same(module: nn.Module) -> bool:
+def is_timm_conv2d_same(module: nn.Module) -> bool:
     """timm's ``Conv2dSame``: TF 'SAME' padding computed at run time (tf_* EfficientNets)."""
     cls = type(module)
     return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.")
@@ -47,7 +50,7 @@ def _target_class(module: nn.Module) -> tuple[type | None, str]:
     if isinstance(module, _FILTERED):
         return type(module), ""
     cls = type(module)
-    if cls in _PLAIN_TO_FILTERED or _is_timm_conv2d_same(module):
+    if cls in _PLAIN_TO_FILTERED or is_timm_conv2d_same(module):
         if module.padding_mode != "zeros":
             return None, f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
         return (FilteredConv2d if isinstance(module, nn.Conv2d) else FilteredConv1d), ""
@@ -74,10 +77,13 @@ class LayerReport:
 
 @dataclass
 class ConversionReport:
-    """What ``apply`` converted (in forward order when traced) and what it skipped, and why."""
+    """What ``apply`` converted (in forward order when traced) and what it skipped, and why;
+    ``lean``: the ReLU/BatchNorm modules it slimmed, ``fused``: the blocks it fused."""
 
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    lean: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -90,7 +96,8 @@ class ConversionReport:
         return v, f
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [asdict(r) for r in self.layers], "skipped": self.skipped}
+        return {"layers": [asdict(r) for r in self.layers], "skipped": self.skipped,
+                "lean": list(self.lean), "fused": list(self.fused)}
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -118,6 +125,10 @@ class ConversionReport:
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines += [f"skipped {n}: {why}" for n, why in self.skipped]
+        if self.lean:
+            lines.append(f"lean: {len(self.lean)} ReLU/BatchNorm modules")
+        if self.fused:
+            lines.append(f"fused blocks: {', '.join(self.fused)}")
         return "\n".join(lines)
 
 
@@ -127,66 +138,6 @@ def _fmt_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError  # unreachable
-
-
-def _call(model: nn.Module, example_input: Any) -> None:
-    if isinstance(example_input, Mapping):
-        model(**example_input)
-    elif isinstance(example_input, (tuple, list)):
-        model(*example_input)
-    else:
-        model(example_input)
-
-
-def _trace(model: nn.Module, modules: dict[str, nn.Module], example_input: Any):
-    """Run one no-grad eval forward; return {name: (in_shape, out_shape, dtype)} in call order."""
-    seen: dict[str, tuple] = {}
-    handles = []
-    for name, mod in modules.items():
-        def hook(m, args, out, name=name):
-            if name not in seen:
-                seen[name] = (tuple(args[0].shape), tuple(out.shape), args[0].dtype)
-        handles.append(mod.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call(model, example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _match(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-class _Refusals:
-    """What ``fuse_blocks`` / ``fuse_linear`` could not fuse: a module named exactly raises at
-    once with the reason (``on_unsupported="error"``) or is noted (``"skip"``); one matched by a
-    glob only is passed over silently. ``nothing_fused`` is the error when no module fused."""
-
-    def __init__(self, caller: str, what: str, names: str | Iterable[str],
-                 on_unsupported: str) -> None:
-        if on_unsupported not in ("error", "skip"):
-            raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
-        self.caller, self.what, self.on_unsupported = caller, what, on_unsupported
-        self.patterns = [names] if isinstance(names, str) else list(names)
-        self.noted: list[str] = []
-
-    def refuse(self, name: str, why: str) -> None:
-        if name not in self.patterns:
-            return
-        if self.on_unsupported == "error":
-            raise ValueError(f"cannot fuse {name}: {why}")
-        self.noted.append(f"{name}: {why}")
-
-    def nothing_fused(self) -> ValueError:
-        why = "".join(f"\n  {r}" for r in self.noted)
-        return ValueError(f"{self.caller}: no {self.what} matching {self.patterns} can be "
-                          f"fused{why}")
 
 
 def _radius_for(radius: RadiusSpec, name: str, module: nn.Module) -> int | None:
@@ -216,7 +167,7 @@ def _saved_bytes(module: nn.Module, radius: int, in_shape, out_shape, dtype) -> 
     stride = (1, *module.stride) if one_d else module.stride
     dilation = (1, *module.dilation) if one_d else module.dilation
     radius2 = (1, radius) if one_d else (radius, radius)
-    if getattr(module, "tf_same", False) or _is_timm_conv2d_same(module):
+    if getattr(module, "tf_same", False) or is_timm_conv2d_same(module):
         # The conv sees the TF-'SAME'-padded input.
         pads = [tf_same_total(s, k, st, d)
                 for s, k, st, d in zip(in2[2:], w_shape[2:], stride, dilation)]
@@ -235,11 +186,18 @@ def apply(
     names: str | Iterable[str] | None = None,
     filter_fn: FilterFn | None = None,
     example_input: Any = None,
+    lean: str | None = None,
+    fuse: bool = False,
+    input_grad: str = "filtered",
     on_unsupported: str = "error",
     plan: Any = None,
-    input_grad: str = "filtered",
 ) -> ConversionReport:
     """Convert matching ``nn.Conv2d``/``nn.Conv1d`` modules of ``model`` in place; return a report.
+
+    The one call for a model's cheapest configuration: filtered convs, and optionally lean
+    ReLU/BatchNorm layers around them (``lean``) and fused blocks (``fuse``), in the order
+    they must be applied. Each module's train/eval mode is left as it was; :func:`remove`
+    undoes everything.
 
     Selection (criteria combine; none given means every convolution):
       names     glob patterns on qualified module names (``"layer4.*"``);
@@ -258,6 +216,11 @@ def apply(
     ``input_grad``: ``"filtered"`` (default, the paper) or ``"exact"``: the converted convs pass
     the exact input gradient down (weight gradients stay filtered, the saved tensors are the
     same, the backward-input cost is vanilla's); see ``gradfilter.functional.INPUT_GRAD_MODES``.
+    ``lean``: ``"patch"``, ``"exact"`` or ``"frozen"`` also runs :func:`slim` (that BatchNorm
+    mode) on the modules of the converted convs' parents (for a conv whose parent is an
+    ``nn.Sequential``: the modules after it, up to the next conv); BatchNorm's patch radius is
+    the largest of the converted convs there. ``fuse``: :func:`gradfilter.fuse_blocks` on the
+    outermost blocks around the converted convs that it supports (others stay per layer).
     """
     GF.validate_input_grad(input_grad)
     if plan is not None:
@@ -276,7 +239,7 @@ def apply(
 
     selected = {}
     for name, mod in found:
-        if names is not None and not _match(name, names):
+        if names is not None and not match(name, names):
             continue
         if filter_fn is not None and not filter_fn(mod, name):
             continue
@@ -284,7 +247,7 @@ def apply(
             continue
         selected[name] = mod
 
-    traced = _trace(model, dict(found), example_input) if example_input is not None else {}
+    traced = trace(model, dict(found), example_input) if example_input is not None else {}
     if last is not None:
         order = [n for n in traced if n in selected]
         selected = {n: selected[n] for n in order[-last:]}
@@ -322,7 +285,7 @@ def apply(
     for name, mod, cls, r in plan:
         if not isinstance(mod, _FILTERED):
             mod._gradfilter_original_class = type(mod)
-            mod.tf_same = _is_timm_conv2d_same(mod)
+            mod.tf_same = is_timm_conv2d_same(mod)
             mod.__class__ = cls
         mod.radius = r
         mod.input_grad = input_grad
@@ -337,7 +300,50 @@ def apply(
     if traced:
         order = {n: i for i, n in enumerate(traced)}
         report.layers.sort(key=lambda row: order.get(row.name, len(order)))
+    radii = {row.name: row.radius for row in report.layers}
+    if lean is not None and radii:
+        report.lean = _slim_around(model, radii, lean)
+    if fuse and radii:
+        blocks = enclosing_blocks(model, radii)
+        report.fused = fuse_blocks(model, blocks, on_unsupported="skip") if blocks else []
     return report
+
+
+def _lean_scopes(model: nn.Module, convs: Iterable[str]) -> dict[str, list[str]]:
+    """``{module name: [converted convs it belongs with]}`` for :func:`apply`'s ``lean``: every
+    module under a converted conv's parent, or, where that parent is an ``nn.Sequential``,
+    the modules after the conv up to the next child holding a conv."""
+    scopes: dict[str, list[str]] = {}
+    for conv in convs:
+        parent_name, _, leaf = conv.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        prefix = f"{parent_name}." if parent_name else ""
+        if isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            at = next(i for i, (n, _) in enumerate(children) if n == leaf)
+            after = itertools.takewhile(lambda c: not conv_layers(c[1]), children[at + 1:])
+            heads = [f"{prefix}{n}" for n, _ in after]
+        elif parent_name:
+            heads = [parent_name]
+        else:  # a conv at the top of a model that is not a Sequential: no scope of its own
+            heads = []
+        for head in heads:
+            for name, _ in model.get_submodule(head).named_modules(prefix=head):
+                scopes.setdefault(name, []).append(conv)
+    return scopes
+
+
+def _slim_around(model: nn.Module, radii: dict[str, int], bn: str) -> list[str]:
+    """:func:`slim` on the lean scopes of the converted convs ``radii`` ({name: radius})."""
+    scopes = _lean_scopes(model, radii)
+    if not scopes:
+        raise ValueError("lean: the converted convs have no parent module whose ReLU/BatchNorm "
+                         "layers could be slimmed; use gradfilter.slim(model, names=...)")
+
+    def bn_radius(name: str, module: nn.Module) -> int:
+        return max(radii[c] for c in scopes[name])
+
+    return slim(model, names=list(scopes), bn=bn, radius=bn_radius)
 
 
 BN_MODES = ("exact", "patch", "frozen")
@@ -376,7 +382,7 @@ def slim(
         names = [names]
     converted = []
     for name, mod in model.named_modules():
-        if not name or (names is not None and not _match(name, names)):
+        if not name or (names is not None and not match(name, names)):
             continue
         if pack_relu and type(mod) in _PACKED:
             mod._gradfilter_original_class = type(mod)
@@ -394,6 +400,7 @@ def slim(
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"{name}: {e}") from None
             mod.bn_radius = r
+            mod.bn_mode = bn
             if bn == "frozen" and mod.weight is not None:
                 mod.weight.requires_grad_(False)
             converted.append(name)
@@ -428,6 +435,7 @@ def remove(model: nn.Module) -> list[str]:
         if original is not None and not isinstance(mod, _FILTERED):
             del mod._gradfilter_original_class
             mod.__dict__.pop("bn_radius", None)
+            mod.__dict__.pop("bn_mode", None)
             mod.__dict__.pop("_gradfilter_units", None)
             mod.__dict__.pop("_gradfilter_grids", None)
             mod.__dict__.pop("_gradfilter_pool", None)
@@ -457,7 +465,8 @@ def freeze(
     """Freeze every parameter except those of the ``trainable`` modules; return trainable names.
 
     ``trainable`` is a report from :func:`apply`, module names / glob patterns (a module's
-    submodules train with it), or ``fn(name, module) -> bool``. With ``bn_eval`` every BatchNorm
+    submodules train with it), or ``fn(name, module) -> bool``; BatchNorm weights that
+    :func:`slim` froze (``bn="frozen"``) stay frozen. With ``bn_eval`` every BatchNorm
     layer is put in eval mode and kept there through later ``model.train()`` calls (the paper's
     protocol: running statistics frozen, affine parameters train where their module trains).
     """
@@ -469,14 +478,17 @@ def freeze(
         chosen = [n for n, m in model.named_modules() if n and trainable(n, m)]
     else:
         patterns = list(trainable)
-        chosen = [n for n, _ in model.named_modules() if n and _match(n, patterns)]
-        missing = [p for p in patterns if not any(_match(n, [p]) for n in chosen)]
+        chosen = [n for n, _ in model.named_modules() if n and match(n, patterns)]
+        missing = [p for p in patterns if not any(match(n, [p]) for n in chosen)]
         if missing:
             raise ValueError(f"freeze: no module matches {missing}")
     prefixes = tuple(f"{n}." for n in chosen)
+    # slim(bn="frozen") keeps its BatchNorm weights frozen wherever they are
+    pinned = {id(m.weight) for m in model.modules()
+              if m.__dict__.get("bn_mode") == "frozen" and getattr(m, "weight", None) is not None}
     names = []
     for pname, p in model.named_parameters():
-        p.requires_grad_(pname.startswith(prefixes))
+        p.requires_grad_(pname.startswith(prefixes) and id(p) not in pinned)
         if p.requires_grad:
             names.append(pname)
     if bn_eval:

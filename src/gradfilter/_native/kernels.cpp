@@ -1,4 +1,4 @@
-// Native CPU kernels for the full-resolution passes of gradient filtering (DESIGN §1) and of the
+// Native CPU kernels for the full-resolution passes of gradient filtering (docs/spec.md §4) and of the
 // lean activations (src/gradfilter/lean.py).
 //
 // Two passes over full-resolution maps are all the filtered convolution needs: summing a map over
@@ -348,7 +348,7 @@ at::Tensor unpool(const at::Tensor& g, int64_t H, int64_t W, int64_t kh, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// The whole filtered backward of a dense 2-D convolution with summed taps (DESIGN §1.2-§1.7) in
+// The whole filtered backward of a dense 2-D convolution with summed taps (docs/spec.md §4.1–§4.5) in
 // one call, on plain (NCHW) maps: gy's patch sums are reordered at patch resolution into the
 // channel-major matrix the GEMMs take, already scaled, with the bias gradient from the same
 // pass; W̃ and the tap expansion of gW̃ are single loops; gx is unpooled straight from the
@@ -1404,11 +1404,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
 }
 
 std::atomic<int64_t> dw_in_stats_passes{0};  // depthwise units whose conv ran in the stats pass
-std::atomic<bool> dw_in_stats_enabled{true};  // off: every unit calls at::conv2d (A/B, tests)
 
 int64_t fused_dw_passes() { return dw_in_stats_passes.load(); }
-
-bool set_fused_dw(bool enabled) { return dw_in_stats_enabled.exchange(enabled); }
 
 // Whether a fused unit's stride-1 conv can run inside its stats pass (DwSource): float32 on a
 // CPU with AVX2 and FMA, contiguous input, depthwise with a square kernel, a tiny output map
@@ -1417,7 +1414,7 @@ bool dw_in_stats(const at::Tensor& x, const at::Tensor& weight, int64_t groups, 
                  int64_t W, int64_t ph, int64_t pw) {
 #if defined(GF_HAVE_AVX2_TARGET)
   static const bool fma = __builtin_cpu_supports("fma");
-  return dw_in_stats_enabled.load(std::memory_order_relaxed) && fma && cpu_has_avx2() &&
+  return fma && cpu_has_avx2() &&
          x.device().is_cpu() && x.scalar_type() == at::kFloat &&
          weight.scalar_type() == at::kFloat && x.dim() == 4 && x.is_contiguous() &&
          H >= 1 && W >= 1 && groups == x.size(1) && weight.dim() == 4 &&
@@ -1673,18 +1670,18 @@ at::Tensor refine_2x2(const at::Tensor& t, int64_t N, int64_t ph, int64_t pw, in
       .reshape({C, N * fph * fpw});
 }
 
-// a @ b; split: the output's rows cut into one contiguous run per thread, each a single-threaded
+// a @ b with the output's rows cut into one contiguous run per thread, each a single-threaded
 // product. What reads the result next cuts its work the same way (unit_backward's channel loop
 // over g̃x; the copy that spreads a k×k weight gradient), so each thread reads what its own core
 // just wrote. Where the threads' cores do not share a cache (a VM can place its vCPUs so), the
-// fused backward is then 0.25-1.2 ms shorter; elsewhere it is the same (benchmarks/rows_ab.py).
-at::Tensor mm_rows(const at::Tensor& a_in, const at::Tensor& b_in, bool split) {
+// fused backward is then 0.25-1.2 ms shorter; elsewhere it is the same.
+at::Tensor mm_rows(const at::Tensor& a_in, const at::Tensor& b_in) {
   // the pool's threads do not inherit the caller's no-grad mode: hand them plain tensors
   const at::Tensor a = a_in.detach(), b = b_in.detach();
   const int64_t M = a.size(0);
   at::Tensor out = at::empty({M, b.size(1)}, a.options());
   const int64_t T = std::min<int64_t>(at::get_num_threads(), M);
-  if (!split || T <= 1 || at::in_parallel_region()) return at::mm_out(out, a, b);
+  if (T <= 1 || at::in_parallel_region()) return at::mm_out(out, a, b);
   const int64_t rows = (M + T - 1) / T;
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -1701,7 +1698,7 @@ at::Tensor mm_rows(const at::Tensor& a_in, const at::Tensor& b_in, bool split) {
 // cost about a hundred microseconds of Python per unit inside a training step). g_out: the
 // gradient of the block's output map, or (a pooled block's) its patch means (C, N, P); out_grid:
 // the last unit's (k, top, left, ph, pw); per unit i: flags (1 strided, 2 need gW, 4 need the conv
-// bias grad, 8 need γ's, 16 need β's, 32 depthwise, 64 row-split products, see mm_rows),
+// bias grad, 8 need γ's, 16 need β's, 32 depthwise),
 // grids[4i..4i+3] its (ph, pw) and the (ph, pw) of the grid before it; in_grid: (need gx,
 // skip, h, w, kh, kw, top, left); pool_in: the tiny-map unpooling matrix. Returns gx
 // (undefined without need gx) and per unit (gW, bias, γ, β) grads, undefined where not asked
@@ -1753,13 +1750,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_backward(
       g = gx_unit;  // g̃x, one value per patch
     } else {
       if (f & 2) {
-        const at::Tensor gw = mm_rows(gbar, xt[i].t(), f & 64);
+        const at::Tensor gw = mm_rows(gbar, xt[i].t());
         grads[4 * i] = one ? gw.view(w.sizes())
                            : gw.unsqueeze(-1).unsqueeze(-1).expand(w.sizes()).contiguous();
       }
       if (!pass_down) break;
       const at::Tensor wsum = one ? w.flatten(1) : tap_sum(w);  // W̃
-      g = mm_rows(wsum.t(), gbar, f & 64);  // g̃x, one value per patch
+      g = mm_rows(wsum.t(), gbar);  // g̃x, one value per patch
     }
     if (strided)
       g = refine_2x2(g, N, grids[4 * i], grids[4 * i + 1], grids[4 * i + 2], grids[4 * i + 3]);
@@ -1833,11 +1830,8 @@ ForwardHandOff& forward_hand_off() {
 }
 
 std::atomic<int64_t> forward_hand_offs{0};  // forwards that took their input's sums from it
-std::atomic<bool> hand_off_enabled{true};    // off: every block sums its input (A/B benchmarks)
 
 int64_t fused_hand_offs() { return forward_hand_offs.load(); }
-
-bool set_fused_hand_off(bool enabled) { return hand_off_enabled.exchange(enabled); }
 
 // A fused block's forward (blocks.py, _FusedBlock.forward: the same steps, which there cost
 // about a hundred microseconds of Python per unit inside a training step). in_grid: the input's
@@ -1868,8 +1862,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
   const int64_t N = x.size(0);
   ForwardHandOff& hand = forward_hand_off();
   at::Tensor ys;
-  if (hand_off_enabled.load(std::memory_order_relaxed) &&
-      hand.out._unsafe_get_target() == x.unsafeGetTensorImpl() && !hand.out.expired() &&
+  if (hand.out._unsafe_get_target() == x.unsafeGetTensorImpl() && !hand.out.expired() &&
       hand.version == x._version() && hand.sums.scalar_type() == x.scalar_type() &&
       hand.sums.size(0) == x.size(1) && hand.sums.size(1) == N * in_grid[3] * in_grid[4] &&
       std::equal(hand.grid.begin(), hand.grid.end(), in_grid.begin(), in_grid.end())) {
@@ -1967,7 +1960,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
 // Forward: in_grid, geometry, flags (2 byte counts, 4 conv bias, 8 BatchNorm γ, 16 β: which
 // parameters the block has), eps, upper, skip, pool as fused_block_forward takes them (bit 1,
 // keep Σ m·z, is added per call: γ requires grad). Backward: out_grid, inv_counts, per_pixel,
-// grids, flags (1 strided, 32 depthwise, 64 row-split products; the need bits are added per
+// grids, flags (1 strided, 32 depthwise; the need bits are added per
 // call), in_grid (its first entry, need gx, set per call), pool_in as fused_block_backward
 // takes them; a pooled block's gradient (N, C) becomes patch means g/hw over `patches` patches.
 struct FusedPlan : torch::CustomClassHolder {
@@ -2556,9 +2549,7 @@ TORCH_LIBRARY(gradfilter, m) {
         "bool need_b) -> (Tensor, Tensor, Tensor)");
   m.def("linear_fast_path(int batch, ScalarType dtype) -> bool", TORCH_FN(linear_fast_path));
   m.def("fused_hand_offs() -> int", TORCH_FN(fused_hand_offs));
-  m.def("set_fused_hand_off(bool enabled) -> bool", TORCH_FN(set_fused_hand_off));
   m.def("fused_dw_passes() -> int", TORCH_FN(fused_dw_passes));
-  m.def("set_fused_dw(bool enabled) -> bool", TORCH_FN(set_fused_dw));
   m.class_<FusedPlan>("FusedPlan")
       .def(torch::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<double>, std::vector<double>, bool, bool,

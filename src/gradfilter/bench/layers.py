@@ -1,4 +1,4 @@
-"""Per-layer benchmark: the paper's seven 3×3 conv latency configs (DESIGN §4).
+"""Per-layer benchmark: the paper's seven 3×3 conv latency configs (docs/performance.md §1).
 
 For each config and radius, the forward and the backward of one conv are timed for vanilla
 PyTorch and for the filtered op, alternating in the same process; the median of the repeats is
@@ -19,23 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional as GF
-from .machine import describe, machine_info
+from ..machine import describe, machine_info, synchronize
 
 # (channels in = out, height, width) — the paper's latency configs.
 CONFIGS: list[tuple[int, int, int]] = [
     (128, 120, 160), (256, 60, 80), (512, 30, 40), (512, 14, 14),
     (256, 14, 14), (128, 28, 28), (64, 56, 56),
 ]
-# Backward speedup of the paper's reference op on this project's 2-core CPU (DESIGN §4).
+# Backward speedup of the paper's reference op on this project's 2-core CPU (docs/performance.md
+# §1).
 REFERENCE_CPU = {
     2: [6.2, 7.5, 13.0, 6.8, 5.3, 4.4, 2.9],
     4: [13.3, 11.9, 31.2, 9.0, 5.3, 7.2, 5.1],
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _geomean(values: list[float]) -> float:
@@ -62,13 +58,13 @@ def bench_config(c: int, h: int, w: int, radius: int, batch: int, repeats: int,
         if i % 2:
             order.reverse()
         for tag, fwd in order:
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             y = fwd()
-            _sync(device)
+            synchronize(device)
             t1 = time.perf_counter()
             torch.autograd.grad(y, (x, weight), gy)
-            _sync(device)
+            synchronize(device)
             t2 = time.perf_counter()
             del y
             if i >= 2:

@@ -1,6 +1,6 @@
 """End-to-end benchmark: one training step of a real model, vanilla vs gradient filtering.
 
-For each model and "last N blocks" setting, three copies of the model are prepared as a user
+For each model and "last N blocks" setting, four copies of the model are prepared as a user
 would (:func:`gradfilter.train.prepare_model`: last N blocks + classifier train, BatchNorm in
 eval mode):
 
@@ -12,8 +12,7 @@ eval mode):
 * ``fused``     ``lean`` plus :func:`gradfilter.fuse_blocks` on the trainable blocks it
   supports (inverted residuals and conv-BN-act blocks: the whole block's backward at patch
   resolution); the others stay ``lean`` (all of ResNet18's: its BasicBlock ends in a ReLU
-  after the skip sum). Its classifier runs as native kernels (:func:`gradfilter.fuse_linear`;
-  not filtering, docs/performance.md says what it buys).
+  after the skip sum). The classifier is ``nn.Linear`` in every method.
 
 One step is forward + cross-entropy + backward + SGD step; every method's optimizer carries
 :class:`gradfilter.optim.FlushBeforeStep` (as the trainer's does), whose choice is recorded
@@ -45,45 +44,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..machine import cross_core_read_ratio, describe, machine_info, synchronize
 from ..optim import flush_before_step, fused_kwargs
-from .layers import _sync
-from .machine import cross_core_read_ratio, describe, machine_info
+from ..train.trainer import METHODS
 
 MODELS = ("mobilenet_v2", "resnet18", "tf_efficientnet_lite0")
 LAST = (4, 8)
-METHODS = ("vanilla", "filtered", "lean", "fused")
 # cross_core_read_ratio above which a case ran with its threads on cores without a shared cache
 SPLIT_CACHE_RATIO = 1.3
-# Whether build gives the fused method's classifier its native kernels (gradfilter.fuse_linear).
-# False builds it with nn.Linear, the form before session 16 (benchmarks/linear_ab.py instead
-# switches gradfilter.linear.NATIVE between steps of one model)
-FUSE_CLASSIFIER = True
 # Each benchmark optimizer's parameter flush (gradfilter.optim.FlushBeforeStep, attached in
 # build): its choice goes into the results
 FLUSH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def build(model_name: str, method: str, last: int, radius: int, example: torch.Tensor):
-    """A model set up for ``method``; returns (model, optimizer, trainable block names)."""
-    from .. import slim
+    """A model set up for ``method`` as a user would (:func:`gradfilter.train.prepare_model`);
+    returns (model, optimizer, trainable block names)."""
     from ..models import create_model
     from ..train import prepare_model
 
     torch.manual_seed(0)
     net = create_model(model_name, 1000)
-    net, info = prepare_model(net, "vanilla" if method == "vanilla" else "gradfilter",
-                              radius, last, example)
-    if method in ("lean", "fused"):
-        slim(net, names=[f"{b}.*" for b in info.blocks] + info.blocks, bn="patch",
-             radius=radius)
-    if method == "fused":  # where no block can be fused (ResNet's BasicBlock) these stay lean
-        from ..blocks import fusable, fuse_blocks
-        from ..train.trainer import fuse_classifier
-
-        if any(fusable(net.get_submodule(b)) is None for b in info.blocks):
-            fuse_blocks(net, info.blocks, on_unsupported="skip")
-        if FUSE_CLASSIFIER:
-            fuse_classifier(net)
+    net, info = prepare_model(net, method, radius, last, example)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params))
     FLUSH[opt] = flush_before_step(opt)  # every method, as the trainer does
@@ -112,16 +94,16 @@ def _step(net, opt, x, y) -> None:
 def _timed_step(net, opt, x, y, device: torch.device) -> tuple[float, float, float]:
     """One step as :func:`_step`; seconds spent in (forward + loss, backward, optimizer)."""
     opt.zero_grad(set_to_none=True)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     loss = F.cross_entropy(net(x), y)
-    _sync(device)
+    synchronize(device)
     t1 = time.perf_counter()
     loss.backward()
-    _sync(device)
+    synchronize(device)
     t2 = time.perf_counter()
     opt.step()
-    _sync(device)
+    synchronize(device)
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
@@ -164,11 +146,11 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
                 times[m].append(sum(parts))
                 phases[m].append(parts)
         net = nets["vanilla"][0]
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             net(x)
-        _sync(device)
+        synchronize(device)
         if i >= warmup:
             times["forward_only"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -207,7 +189,7 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             _step(net, opt, x, y)
-            _sync(device)
+            synchronize(device)
             row[f"peak_step_bytes_{m}"] = torch.cuda.max_memory_allocated(device) - base
     return row
 
@@ -224,11 +206,11 @@ def _energy_per_step(nets, x, y, device: torch.device, steps: int) -> dict[str, 
         handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
         out = {}
         for m, (net, opt) in nets.items():
-            _sync(device)
+            synchronize(device)
             e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
             for _ in range(steps):
                 _step(net, opt, x, y)
-            _sync(device)
+            synchronize(device)
             out[f"energy_j_{m}"] = (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - e0) \
                 / 1e3 / steps
         return out

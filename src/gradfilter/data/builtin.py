@@ -178,7 +178,8 @@ _ON_DISK = ("imagefolder", "cifar10", "cifar100")
 
 
 def list_datasets() -> list[str]:
-    """Built-in names plus the path-taking spec kinds (as ``kind:PATH``)."""
+    """Every spec :func:`gradfilter.data.get_dataset` takes: built-in names plus the
+    path-taking kinds (as ``kind:PATH``), segmentation included."""
     return [*_BUILTIN, *(f"{k}:PATH" for k in _ON_DISK), "synthetic-seg",
             "synthetic-seg-source", "voc:PATH", "cityscapes:PATH"]
 
@@ -244,20 +245,10 @@ def _cifar(kind: str, spec: str, root: Path, image_size: int, split: str) -> Dat
     return DatasetSplits(kind, train, val, len(classes), classes)
 
 
-def get_dataset(spec: str, image_size: int = 64, split: str = "both") -> DatasetSplits:
-    """Parse ``spec`` (``digits``, ``mnist5k``, ``lfw_faces``, ``imagefolder:PATH``,
-    ``cifar10:PATH``, ``cifar100:PATH``; segmentation: ``synthetic-seg[-source]``, ``voc:PATH``,
-    ``cityscapes:PATH``, see :mod:`.segmentation`) and build its ``split`` ("train", "val" or
-    "both") at ``image_size`` x ``image_size``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
+def get_classification_dataset(spec: str, image_size: int, split: str) -> DatasetSplits:
+    """A classification spec (``digits``, ``mnist5k``, ``lfw_faces``, ``imagefolder:PATH``,
+    ``cifar10:PATH``, ``cifar100:PATH``) built as :func:`gradfilter.data.get_dataset` does."""
     kind, sep, arg = spec.partition(":")
-    if kind in ("synthetic-seg", "synthetic-seg-source", "voc", "cityscapes"):
-        from .segmentation import get_segmentation_dataset
-
-        return get_segmentation_dataset(spec, image_size, split)
     if kind in _BUILTIN and not sep:
         return _BUILTIN[kind](image_size=image_size, split=split)
     if kind in _ON_DISK:

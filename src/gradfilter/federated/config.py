@@ -24,11 +24,10 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "num-clients": 2,
     "partition": "iid",
     "seed": 0,
-    "method": "gradfilter",
+    "method": "filtered",
     "radius": 4,
     "train-last": 2,
-    "lean": "",  # "" (off), "exact", "patch" or "frozen": prepare_model's lean
-    "fuse-blocks": False,
+    "lean": "",  # "" (the method's default), "exact", "patch" or "frozen": prepare_model's lean
     "local-epochs": 1,
     "batch-size": 32,
     "lr": 1e-3,
@@ -86,10 +85,8 @@ def resolve_config(run_config: Mapping[str, Any] | None = None) -> dict[str, Any
             raise ValueError(f"'{key}' must be >= 1, got {cfg[key]}")
     if cfg["lean"] not in LEAN_MODES:
         raise ValueError(f"lean must be one of {LEAN_MODES} ('' is off), got {cfg['lean']!r}")
-    if cfg["fuse-blocks"] and cfg["method"] != "gradfilter":
-        raise ValueError("fuse-blocks needs method 'gradfilter' (fused blocks are filtered)")
-    if cfg["method"] == "gradfilter" and cfg["radius"] < 1:
-        raise ValueError(f"radius must be >= 1 for gradfilter, got {cfg['radius']}")
+    if cfg["method"] != "vanilla" and cfg["radius"] < 1:
+        raise ValueError(f"radius must be >= 1 for method {cfg['method']}, got {cfg['radius']}")
     if not cfg["lr"] > 0:
         raise ValueError(f"lr must be > 0, got {cfg['lr']}")
     if not 0 < cfg["fraction-train"] <= 1:

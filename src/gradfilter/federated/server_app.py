@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from ..train.checkpoint import save_atomic, write_json_atomic
+from ..files import save_atomic, write_json_atomic
 from ..train.trainer import evaluate
 from .config import resolve_config
 from .strategy import make_strategy
@@ -56,7 +56,7 @@ def _round_summary(rec: dict[str, Any], acc: float, t_end: float) -> dict[str, A
 
 def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run the federated rounds of ``cfg`` over ``grid``; write and return the metrics."""
-    from ..bench.machine import machine_info
+    from ..machine import machine_info
 
     t_run = time.perf_counter()
     model, info = build_model(cfg)
@@ -100,7 +100,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     metrics = {
         "kind": "federated",
         **{k.replace("-", "_"): v for k, v in cfg.items() if k not in ("faults", "quiet")},
-        "radius": cfg["radius"] if cfg["method"] == "gradfilter" else None,
+        "radius": cfg["radius"] if cfg["method"] != "vanilla" else None,
         "flower_strategy": type(strategy).__mro__[2].__name__,
         "blocks": info.blocks,
         "filtered_layers": info.report.names if info.report is not None else [],

@@ -48,7 +48,7 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, PrepareInfo]:
     n = min(cfg["batch-size"], len(splits.train))
     example = torch.stack([splits.train[i][0] for i in range(n)])
     return prepare_model(model, cfg["method"], cfg["radius"], cfg["train-last"], example,
-                         lean=cfg["lean"] or None, fuse=cfg["fuse-blocks"])
+                         lean=cfg["lean"] or None)
 
 
 def client_dataset(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> Dataset:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import load_weights_only
 from .efficientnet_lite import tf_efficientnet_lite0
 
 _TORCHVISION = ("mobilenet_v2", "resnet18", "resnet34")
@@ -96,10 +97,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     loaded with ``weights_only=True``."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all land here
-        raise ValueError(f"checkpoint {path} is not a readable PyTorch state_dict: {exc}") from exc
+    state = load_weights_only(path, "checkpoint")
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -148,7 +148,7 @@ class Plan:
             raise ValueError(f"malformed plan: missing or bad entry {exc}") from None
 
     def save(self, path: str | Path) -> Path:
-        from ..train.checkpoint import write_json_atomic
+        from ..files import write_json_atomic
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,7 +415,7 @@ def make_plan(
             "saved_bytes": int(round(costs.mem(k, r, k == start))),
             "step_ms": costs.ms(k, r), "backward_flops": b.flops_bwd[r],
         })
-    from ..bench.machine import machine_info
+    from ..machine import machine_info
 
     return Plan(
         model=model_name, input_shape=tuple(profile.input_shape), blocks=blocks, layers=layers,
@@ -448,4 +448,4 @@ def apply_plan(model: nn.Module, plan: Plan | Mapping[str, Any] | str | Path,
     if names[-plan.train_last:] != plan.block_names:
         raise ValueError(f"plan blocks {plan.block_names} are not this model's last "
                          f"{plan.train_last} blocks {names[-plan.train_last:]}")
-    return prepare_model(model, "gradfilter", dict(plan.layers), plan.train_last, example_input)
+    return prepare_model(model, "filtered", dict(plan.layers), plan.train_last, example_input)

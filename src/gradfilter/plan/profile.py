@@ -1,5 +1,6 @@
 """The planner's cost model: per block and per radius, bytes saved for backward, step time and
-the DESIGN §1 FLOPs, so that the cost of any plan (train the last blocks, each at its own radius)
+the docs/spec.md §7 FLOPs, so that the cost of any plan (train the last blocks, each at its own
+radius)
 is a sum of per-block terms plus a fixed part.
 
 * saved bytes: two forwards per radius (batch 1 and 2) of the model with every block trainable
@@ -8,14 +9,15 @@ is a sum of per-block terms plus a fixed part.
   trainable block, whose frozen predecessor no longer saves it). Activations grow linearly with
   the batch, so ``a + b·N`` fits each term;
 * time: an analytic model, ``step = base + sum over trainable blocks of c · features``, the
-  features being the block's backward FLOPs of dense and of depthwise convs (§1 formulas: vanilla
+  features being the block's backward FLOPs of dense and of depthwise convs (docs/spec.md §7
+  formulas: vanilla
   or filtered at the block's radius), the bytes of its conv input and output maps (the memory
   traffic of BN, activations, patch pooling), its parameter count (optimizer) and its number of
   filtered convs (the per-call overhead of the filtered op, which dominates on small maps).
   ``base`` (only the classifier trains) and the five coefficients ``c`` are calibrated by timing
   a few whole training steps on this machine: several suffix lengths at vanilla, and the whole
   and half suffix at every radius;
-* FLOPs: DESIGN §1 formulas per conv from the traced shapes (``diagnostics.conv_costs``).
+* FLOPs: docs/spec.md §7 formulas per conv from the traced shapes (``diagnostics.conv_costs``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from torch import Tensor, nn
 from ..diagnostics import conv_costs
 from ..models.registry import block_names, classifier_name
 from ..optim import fused_kwargs
-from ..surgery import _trace, apply, conv_layers, freeze
+from ..selection import trace
+from ..surgery import apply, conv_layers, freeze
 
 __all__ = ["BlockCost", "CostProfile", "VANILLA", "profile_model"]
 
@@ -58,7 +61,7 @@ class BlockCost:
     features: dict[int, list[float]] = field(default_factory=dict)  # r -> FEATURES values
     flops_bwd: dict[int, int] = field(default_factory=dict)  # at the profiled batch
     flops_fwd: int = 0
-    conv_saved: dict[int, int] = field(default_factory=dict)  # §1 conv-only bytes
+    conv_saved: dict[int, int] = field(default_factory=dict)  # docs/spec.md §7 conv-only bytes
     skipped: dict[int, list[str]] = field(default_factory=dict)  # convs left plain at radius r
 
     def saved_bytes(self, r: int, batch: int, first: bool) -> float:
@@ -240,7 +243,8 @@ def _nnls(rows: list[list[float]], target: list[float]) -> list[float]:
 
 def _block_features(mod_of: dict[str, nn.Module], traced: dict, b: BlockCost, r: int,
                     batch_shape: Sequence[int]) -> None:
-    """Fill ``b``'s §1 FLOPs, conv-only saved bytes and time features at radius ``r``."""
+    """Fill ``b``'s docs/spec.md §7 FLOPs, conv-only saved bytes and time features at radius
+    ``r``."""
     dense = dw = maps = filtered = 0
     flops = conv_bytes = 0
     for n in b.convs:
@@ -291,7 +295,7 @@ def profile_model(
     if not any(block_convs.values()):
         raise ValueError(f"{type(model).__name__}: no convolutions inside its blocks {blocks}")
     x = torch.randn(*input_shape)
-    traced = _trace(model, dict(convs_all), x)
+    traced = trace(model, dict(convs_all), x)
     if not traced:
         raise ValueError(f"no convolution ran on an input of shape {input_shape}")
     mod_of = dict(convs_all)

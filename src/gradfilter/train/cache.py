@@ -1,4 +1,4 @@
-"""Frozen-prefix feature caching (DESIGN §3).
+"""Frozen-prefix feature caching (docs/accuracy.md, feature cache).
 
 When only the last N blocks train and the inputs are not augmented, everything the model runs
 before its first trainable block computes the same features every epoch. :class:`FeatureCache`

@@ -9,25 +9,22 @@ crash leaves either the previous checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..files import load_weights_only
 
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT_VERSION",
     "get_rng_state",
     "load_training_checkpoint",
-    "save_atomic",
     "set_rng_state",
-    "write_json_atomic",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -76,54 +73,6 @@ def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = 
         generator.set_state(state["generator"])
 
 
-def _chmod_default(path: str | Path) -> None:
-    """Give a ``mkstemp`` file (created 0600) the mode a plain ``open()`` would: 0666 less the
-    umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` atomically: ``write`` fills a temp file in the same folder, which is
-    fsynced and renamed over ``path``; then the folder is fsynced so the rename is durable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _chmod_default(tmp)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open folders
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (a kill leaves the old file or the new one)."""
-    return _write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> Path:
-    """``obj`` as indented JSON at ``path``, written atomically."""
-    data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-    return _write_atomic(path, lambda f: f.write(data))
-
-
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by ``gradfilter finetune`` with ``weights_only=True``.
 
@@ -133,13 +82,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, pickle and weights_only errors
-        raise ValueError(
-            f"checkpoint {path} is corrupt or not a PyTorch file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to start over"
-        ) from exc
+    ckpt = load_weights_only(path, "checkpoint", "delete it to start over")
     if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in _REQUIRED):
         raise ValueError(
             f"checkpoint {path} is not a gradfilter training checkpoint "

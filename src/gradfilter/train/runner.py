@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..files import save_atomic, write_json_atomic
 from ..functional import validate_input_grad
 from .cache import FeatureCache, skip_prefix
 from .checkpoint import (
@@ -28,19 +29,17 @@ from .checkpoint import (
     FORMAT_VERSION,
     get_rng_state,
     load_training_checkpoint,
-    save_atomic,
     set_rng_state,
-    write_json_atomic,
 )
 from .distributed import EpochSampler, init_from_env, wrap
-from .trainer import METHODS, evaluate, prepare_model, seed_everything, train
+from .trainer import METHODS, evaluate, method_lean, prepare_model, seed_everything, train
 
 __all__ = ["MATCH_KEYS", "evaluate_checkpoint", "finetune"]
 
 # Config entries a resumed run must share with its checkpoint: anything else would give a
 # different model, different data or an optimizer state that does not fit.
 MATCH_KEYS = ("model", "data", "image_size", "num_classes", "method", "radius", "train_last",
-              "optimizer", "lean", "input_grad", "fuse")
+              "optimizer", "lean", "input_grad")
 # Entries that may change on resume (with a note): the schedule / data order then differ from
 # an uninterrupted run of the new config.
 NOTE_KEYS = ("epochs", "batch_size", "lr")
@@ -61,12 +60,13 @@ def _normalise_data_spec(spec: str) -> str:
 
 
 def _saved_value(saved: dict[str, Any], key: str) -> Any:
-    """A checkpoint's config entry; runs saved before ``input_grad`` existed filtered it, before
-    ``fuse`` existed did not fuse."""
+    """A checkpoint's config entry, in today's terms: version-0.1 runs name the filtered methods
+    ``gradfilter`` (with ``lean`` and ``fuse`` entries) and may lack ``input_grad``."""
+    legacy = saved.get("method") == "gradfilter"
+    if key == "method" and legacy:
+        return "fused" if saved.get("fuse") else ("lean" if saved.get("lean") else "filtered")
     if key == "input_grad" and key not in saved:
-        return "filtered" if saved.get("method") == "gradfilter" else None
-    if key == "fuse" and key not in saved:
-        return False
+        return "filtered" if legacy else None
     return saved.get(key)
 
 
@@ -99,10 +99,10 @@ def _validate(epochs: int, batch_size: int, lr: float, method: str,
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
     if isinstance(radius, Mapping):  # per-conv radii from a plan
         bad = {k: v for k, v in radius.items() if not isinstance(v, int) or v < 1}
-        if method != "gradfilter" or not radius or bad:
-            raise ValueError(f"per-layer radii need method gradfilter and ints >= 1, got {bad}")
-    elif method == "gradfilter" and (radius is None or radius < 1):
-        raise ValueError(f"--radius must be >= 1 for gradfilter, got {radius}")
+        if method == "vanilla" or not radius or bad:
+            raise ValueError(f"per-layer radii need a filtered method and ints >= 1, got {bad}")
+    elif method != "vanilla" and (radius is None or radius < 1):
+        raise ValueError(f"--radius must be >= 1 for method {method}, got {radius}")
     if image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {image_size}")
 
@@ -132,7 +132,6 @@ def finetune(
     reinit_head: bool = False,
     input_grad: str = "filtered",
     channels_last: bool = False,
-    fuse: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
     ``out``; write and return ``out/metrics.json``'s content.
@@ -145,20 +144,22 @@ def finetune(
     (``reinit_head_keys``); without it a classifier that does not fit is an error.
     ``input_grad``: "filtered" (the paper) or "exact" input gradients through the filtered
     convs (:func:`gradfilter.apply`). ``channels_last``: model and batches in that memory format
-    (faster on CPUs, same math; :func:`.trainer.train`). ``fuse``: fused blocks
-    (:func:`.trainer.prepare_model`)."""
+    (faster on CPUs, same math; :func:`.trainer.train`)."""
     from torch.utils.data import DataLoader
 
-    from ..bench.machine import machine_info
     from ..data import get_dataset
+    from ..machine import machine_info
     from ..models import create_model, has_offline_weights, load_init_checkpoint
     from .metrics import task_for
 
     _validate(epochs, batch_size, lr, method, radius, image_size)
+    lean = method_lean(method, lean)
     validate_input_grad(input_grad)
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {cache_dtype!r}")
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the run (it is created)")
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt: dict[str, Any] | None = None
     if resume:
@@ -183,11 +184,10 @@ def finetune(
         "num_classes": splits.num_classes,
         "method": method,
         "radius": (dict(radius) if isinstance(radius, Mapping) else radius)
-        if method == "gradfilter" else None,
+        if method != "vanilla" else None,
         "train_last": train_last,
         "lean": lean,
-        "input_grad": input_grad if method == "gradfilter" else None,
-        "fuse": fuse,
+        "input_grad": input_grad if method != "vanilla" else None,
         "optimizer": optimizer,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -236,7 +236,7 @@ def finetune(
     n_example = min(batch_size, len(splits.train))
     example = torch.stack([splits.train[i][0] for i in range(n_example)])
     net, info = prepare_model(net, method, radius if radius is not None else 0, train_last,
-                              example, lean=lean, input_grad=input_grad, fuse=fuse)
+                              example, lean=lean, input_grad=input_grad)
     resume_state = None
     if ckpt is not None:
         try:

@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..memory import count_saved
+from ..methods import METHODS
 from ..models.registry import block_names, classifier_name
 from ..optim import flush_before_step, fused_kwargs
-from ..surgery import ConversionReport, apply, freeze, slim
+from ..surgery import BN_MODES, ConversionReport, apply, freeze, slim
 
 __all__ = [
     "METHODS",
+    "method_lean",
     "PrepareInfo",
     "accuracy",
     "cross_entropy",
@@ -45,7 +47,6 @@ __all__ = [
     "train",
 ]
 
-METHODS = ("vanilla", "gradfilter")
 TIMING_WARMUP_STEPS = 2  # first steps (allocator, oneDNN/cuDNN kernel selection) are not timed
 
 
@@ -78,8 +79,7 @@ class PrepareInfo:
     report: ConversionReport | None = None
     lean: str | None = None
     slimmed: list[str] = field(default_factory=list)  # ReLU/BatchNorm layers made lean
-    input_grad: str | None = None  # filtered convs' input-gradient mode (gradfilter only)
-    # blocks whose backward runs fused, and the classifier's fused Linear layers
+    input_grad: str | None = None  # filtered convs' input-gradient mode (filtered methods)
     fused: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +97,16 @@ class PrepareInfo:
         }
 
 
+def method_lean(method: str, lean: str | None = None) -> str | None:
+    """The BatchNorm mode of ``method``'s lean layers (None: no lean layers): ``lean`` where
+    given, else ``"patch"`` for the lean and fused methods."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if lean is not None and lean not in BN_MODES:
+        raise ValueError(f"lean must be one of {BN_MODES} or None, got {lean!r}")
+    return lean if lean is not None else ("patch" if method in ("lean", "fused") else None)
+
+
 def prepare_model(
     model: nn.Module,
     method: str,
@@ -105,30 +115,23 @@ def prepare_model(
     example_input: Any,
     lean: str | None = None,
     input_grad: str = "filtered",
-    fuse: bool = False,
 ) -> tuple[nn.Module, PrepareInfo]:
-    """Set ``model`` up in place for fine-tuning its last ``train_last`` blocks.
+    """Set ``model`` up in place for fine-tuning its last ``train_last`` blocks with ``method``.
 
-    ``method="gradfilter"`` converts every convolution inside those blocks (and a block that is
-    itself a conv, such as EfficientNet's ``conv_head``) to a filtered one of ``radius``;
-    ``"vanilla"`` leaves them plain. Either way only those blocks and the classifier keep
-    ``requires_grad``, and BatchNorm layers stay in eval mode. ``example_input`` is a batch the
-    model accepts (one no-grad forward traces the converted layers' shapes).
-    ``radius`` may also be ``{conv name: radius}`` (a ``gradfilter plan``): only those convs are
-    filtered, each at its own radius; every name must be a conv inside the trained blocks.
-    ``lean`` ("exact", "patch" or "frozen"; None: off) also makes the blocks' ReLU/ReLU6 keep
-    bit masks and their BatchNorm layers keep little (:func:`gradfilter.slim`'s ``bn``).
-    ``input_grad`` ("filtered" or "exact"): what the filtered convs pass down
-    (:func:`gradfilter.apply`'s ``input_grad``).
-    ``fuse`` (gradfilter only): run the backward of every trained block that
-    :func:`gradfilter.fuse_blocks` supports at patch resolution as one node (the others stay
-    per layer); the fused blocks' BatchNorm weight gradients are then exact whatever ``lean``.
-    The classifier's ``nn.Linear`` layers run as native kernels too (:func:`fuse_classifier`).
+    ``method`` (:data:`METHODS`): ``"vanilla"`` plain backprop; ``"filtered"`` every convolution
+    inside those blocks (and a block that is itself a conv, such as EfficientNet's
+    ``conv_head``) filtered at ``radius``; ``"lean"`` also lean ReLU/BatchNorm layers there;
+    ``"fused"`` also fused blocks (:func:`gradfilter.apply`'s ``lean`` and ``fuse``). Only those
+    blocks and the classifier keep ``requires_grad``, and BatchNorm layers stay in eval mode.
+    ``example_input`` is a batch the model accepts (one no-grad forward traces the converted
+    layers' shapes). ``radius`` may also be ``{conv name: radius}`` (a ``gradfilter plan``):
+    only those convs are filtered, each at its own radius; every name must be a conv inside the
+    trained blocks. ``lean`` ("exact", "patch" or "frozen") picks the lean BatchNorm mode (the
+    lean and fused methods default to "patch"; given with vanilla or filtered it slims those
+    methods' blocks too). ``input_grad`` ("filtered" or "exact"): what the filtered convs pass
+    down (:func:`gradfilter.apply`'s ``input_grad``).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if fuse and method != "gradfilter":
-        raise ValueError("fuse=True needs method='gradfilter' (fused blocks are filtered)")
+    lean = method_lean(method, lean)
     blocks_all = block_names(model)
     if not isinstance(train_last, int) or not 1 <= train_last <= len(blocks_all):
         raise ValueError(
@@ -136,68 +139,37 @@ def prepare_model(
             f"got {train_last!r}"
         )
     blocks = blocks_all[-train_last:]
+    scope = [f"{b}.*" for b in blocks] + blocks
     report = None
-    if method == "gradfilter":
-        report = apply(
-            model,
-            radius=radius,
-            names=[f"{b}.*" for b in blocks] + blocks,
-            example_input=example_input,
-            input_grad=input_grad,
-        )
+    slimmed: list[str] = []
+    if method != "vanilla":
+        report = apply(model, radius=radius, names=scope, example_input=example_input,
+                       input_grad=input_grad, lean=lean, fuse=method == "fused")
         if isinstance(radius, Mapping):
             unknown = sorted(set(radius) - set(report.names))
             if unknown:
                 raise ValueError(f"radius names convs not in the last {train_last} blocks "
                                  f"({', '.join(blocks)}): {', '.join(unknown[:5])}")
+        slimmed = report.lean
+    elif lean is not None:  # lean layers around plain convs
+        slimmed = slim(model, names=scope, bn=lean, radius=radius if radius else 1)
     head = classifier_name(model)
     trainable = blocks + ([head] if head is not None else [])
     freeze(model, trainable=trainable, bn_eval=True)
-    slimmed: list[str] = []
-    if lean is not None:
-        if isinstance(radius, Mapping):  # a plan: a BatchNorm takes its block's largest radius
-            def bn_radius(name: str, module: nn.Module) -> int:
-                owner = max((b for b in blocks if name.startswith(f"{b}.")), key=len,
-                            default=name)
-                return max((r for n, r in radius.items() if n.startswith(f"{owner}.")),
-                           default=1)
-        else:
-            bn_radius = radius if radius else 1
-        slimmed = slim(model, names=[f"{b}.*" for b in blocks] + blocks, bn=lean,
-                       radius=bn_radius)
-    fused: list[str] = []
-    if fuse:
-        from ..blocks import fuse_blocks
-
-        fused = fuse_blocks(model, blocks, on_unsupported="skip") + fuse_classifier(model)
     info = PrepareInfo(
         method=method,
         radius=(dict(radius) if isinstance(radius, Mapping) else radius)
-        if method == "gradfilter" else None,
+        if method != "vanilla" else None,
         blocks=blocks,
         trainable=trainable,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         report=report,
         lean=lean,
         slimmed=slimmed,
-        input_grad=input_grad if method == "gradfilter" else None,
-        fused=fused,
+        input_grad=input_grad if method != "vanilla" else None,
+        fused=report.fused if report is not None else [],
     )
     return model, info
-
-
-def fuse_classifier(model: nn.Module) -> list[str]:
-    """:func:`gradfilter.fuse_linear` on the ``nn.Linear`` layers of ``model``'s classifier
-    (:func:`~gradfilter.models.registry.classifier_name`: the layer itself or inside it) that
-    it supports; returns their names (none: nothing changed)."""
-    from ..linear import _why_not, fuse_linear
-
-    head = classifier_name(model)
-    if head is None:
-        return []
-    names = [n for n, m in model.named_modules()
-             if (n == head or n.startswith(f"{head}.")) and _why_not(m) is None]
-    return fuse_linear(model, names) if names else []
 
 
 def _to(obj: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -1,0 +1,11 @@
+"""The training methods, named the same everywhere (``prepare_model``, the CLI, ``bench step``,
+the demo, federated runs). Import-light: the command line reads it before loading torch."""
+
+from __future__ import annotations
+
+__all__ = ["FILTERED_METHODS", "METHODS"]
+
+#: ``vanilla`` plain backprop; ``filtered`` filtered convs (the paper's method); ``lean`` also
+#: lean ReLU/BatchNorm layers; ``fused`` also fused blocks (:func:`gradfilter.apply`).
+METHODS = ("vanilla", "filtered", "lean", "fused")
+FILTERED_METHODS = METHODS[1:]
