@@ -49,7 +49,7 @@ timm_layers = pytest.importorskip("timm.layers")
 
 needs_native = pytest.mark.skipif(not native_buildable(), reason="no C++ toolchain for the kernels")
 
-FUSED_NODE = "_FusedBlockBackward"
+FUSED_NODE = "FusedBlockBackward"
 
 
 def _node(fn) -> str:
@@ -1050,7 +1050,7 @@ def test_globs_fuse_outermost_blocks_and_refitting_says_already_fused():
 
 def test_pure_torch_stats_ignore_infinite_inputs_outside_the_mask():
     from gradfilter import functional as GF
-    from gradfilter.blocks import _unit_stats
+    from gradfilter.blocks.reference import unit_stats as _unit_stats
 
     z = torch.tensor([[[[1.0, -math.inf], [2.0, math.inf]]]])  # one 2×2 patch
     gh = gw = GF.axis_geometry(2, 2, kernel=1, stride=1, dilation=1, radius=2)

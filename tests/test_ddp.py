@@ -100,7 +100,7 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path, fuse
     if fused:  # the block really runs as the fused node, not its per-layer fallback
         assert isinstance(model[2], FusedBlockMixin)
         probe = model[2](torch.randn(2, 6, 12, 12, requires_grad=True))
-        # the Python Function's node or the C++ one (blocks.CPP_NODE), as test_blocks._node
+        # the reference path's Python Function node or the native C++ one, as test_blocks._node
         assert "FusedBlock" in probe.grad_fn.name()
     for rank in range(WORLD):
         got = torch.load(f"{out}.{rank}", weights_only=True)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import draw_channels
 from conftest import native_buildable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,14 +18,7 @@ from gradfilter import native
 
 @st.composite
 def conv_cases(draw):
-    groups_kind = draw(st.sampled_from(["1", "2", "depthwise"]))
-    if groups_kind == "1":
-        groups, cin, cout = 1, draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    elif groups_kind == "2":
-        groups, cin, cout = 2, 2 * draw(st.integers(1, 2)), 2 * draw(st.integers(1, 2))
-    else:
-        c = draw(st.integers(1, 4))
-        groups, cin, cout = c, c, c * draw(st.sampled_from([1, 2]))
+    groups, cin, cout = draw_channels(draw)
     k = draw(st.sampled_from([1, 3, 5]))
     stride = draw(st.sampled_from([1, 2]))
     dilation = draw(st.sampled_from([1, 2]))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
+from . import native, traceable
 from .geometry import (
     INPUT_GRAD_MODES,
     AxisGeometry,
@@ -24,6 +24,8 @@ from .geometry import (
     UnsupportedDilationError,
     axis_geometry,
     check_dilation,
+    conv_args,
+    explicit_padding,
     filtered_saved_bytes,
     validate_input_grad,
     validate_radius,
@@ -205,7 +207,7 @@ class _FilteredConv(torch.autograd.Function):
         ctx.save_for_backward(xt, weight if need_x else None)
         ctx.geometry = (gh, gw)
         ctx.meta = (groups, tuple(w2.shape), one_d, need_x, need_w, need_b)
-        ctx.exact_gx = (tuple(x2.shape), stride, _explicit_padding(padding, w2.shape, dilation),
+        ctx.exact_gx = (tuple(x2.shape), stride, explicit_padding(padding, w2.shape[2:], dilation),
                         dilation) if exact_gx and need_x else None
         return y
 
@@ -284,17 +286,6 @@ def _native_backward(ctx, gy: Tensor, xt: Tensor | None, weight: Tensor | None):
         None, None, None, None, None, None, None
 
 
-def _explicit_padding(padding, w_shape, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(before, after) zero padding per axis of the 2-D view, for ``"same"``/``"valid"`` too."""
-    if padding == "valid":
-        return (0, 0), (0, 0)
-    if padding == "same":  # as F.conv2d: the odd extra element goes after
-        totals = [dilation[i] * (w_shape[2 + i] - 1) for i in range(2)]
-        return tuple((t // 2, t - t // 2) for t in totals)
-    pad = (0, *padding) if len(padding) == 1 else tuple(padding)
-    return tuple((p, p) for p in pad)
-
-
 def _exact_input_grad(gy, weight, groups, x_shape, stride, pads, dilation) -> Tensor:
     """∂L/∂x of the plain convolution: the transposed conv of the full gy with the weight."""
     (t0, b0), (t1, b1) = pads
@@ -310,37 +301,19 @@ def _exact_input_grad(gy, weight, groups, x_shape, stride, pads, dilation) -> Te
 # Public functional API
 
 
-def _tuple(v: IntOrPair, n: int, name: str) -> tuple[int, ...]:
-    t = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-    if len(t) != n:
-        raise ValueError(f"{name} must be an int or {n} ints, got {v!r}")
-    return t
-
-
 def _needs_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d: bool,
               input_grad: str = "filtered") -> Tensor:
+    args = conv_args(x.shape, weight.shape, stride, padding, dilation, radius, input_grad, one_d,
+                     f"gradfilter.{'conv1d' if one_d else 'conv2d'}")
+    if traceable.tracing():  # torch.compile / torch.export: the stop-gradient form
+        return traceable.filtered(x, weight, bias, args, groups, one_d)
     nd = 1 if one_d else 2
-    name = "conv1d" if one_d else "conv2d"
-    radius_t = validate_radius(radius, nd)
-    exact_gx = validate_input_grad(input_grad)
-    if x.dim() not in (nd + 1, nd + 2):
-        raise ValueError(
-            f"gradfilter.{name}: expected a {nd + 2}-D (batched) or {nd + 1}-D (unbatched) input, "
-            f"got {x.dim()}-D with shape {tuple(x.shape)}"
-        )
-    stride_t = _tuple(stride, nd, "stride")
-    dilation_t = _tuple(dilation, nd, "dilation")
-    if not isinstance(padding, str):
-        padding = _tuple(padding, nd, "padding")
-    if one_d:
-        radius_t, stride_t, dilation_t = (1, *radius_t), (1, *stride_t), (1, *dilation_t)
-    kernel = (1, weight.shape[-1]) if one_d else tuple(weight.shape[-2:])
-    for i in range(2):  # fail before any work if a dilation cannot be handled
-        check_dilation(kernel[i], stride_t[i], dilation_t[i], radius_t[i])
+    padding, exact_gx = args.padding, args.exact_gx
+    stride_t, dilation_t, radius_t = args.stride2, args.dilation2, args.radius2
     plain = F.conv1d if one_d else F.conv2d
     if not _needs_graph(x, weight, bias):
         return plain(x, weight, bias, stride_t[-nd:], padding, dilation_t[-nd:], groups)

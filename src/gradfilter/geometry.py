@@ -8,11 +8,14 @@ from dataclasses import dataclass
 __all__ = [
     "INPUT_GRAD_MODES",
     "AxisGeometry",
+    "ConvArgs",
     "IntOrPair",
     "UnsupportedDilationError",
     "axis_geometry",
     "ceil_div",
     "check_dilation",
+    "conv_args",
+    "explicit_padding",
     "filtered_saved_bytes",
     "validate_input_grad",
     "validate_radius",
@@ -133,3 +136,60 @@ def filtered_saved_bytes(
         for i, d in enumerate((-2, -1))
     )
     return in_shape[0] * in_shape[1] * gh.patches * gw.patches * element_size
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    """A filtered conv's arguments, checked: ``stride``, ``dilation`` and ``padding`` as the
+    plain conv takes them, their 2-D view (a 1-D conv is a 2-D one of height 1 and radius 1 on
+    that axis) and whether the input gradient is exact."""
+
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    stride2: tuple[int, int]
+    dilation2: tuple[int, int]
+    radius2: tuple[int, int]
+    exact_gx: bool
+
+
+def _as_tuple(v: IntOrPair, n: int, name: str) -> tuple[int, ...]:
+    t = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    if len(t) != n:
+        raise ValueError(f"{name} must be an int or {n} ints, got {v!r}")
+    return t
+
+
+def conv_args(x_shape, weight_shape, stride, padding, dilation, radius, input_grad: object,
+              one_d: bool, caller: str) -> ConvArgs:
+    """Check a filtered ``conv1d``/``conv2d`` call's arguments (one clear error each, before any
+    work: a dilation the radius cannot represent included) and normalise them."""
+    nd = 1 if one_d else 2
+    radius_t = validate_radius(radius, nd)
+    exact_gx = validate_input_grad(input_grad)
+    if len(x_shape) not in (nd + 1, nd + 2):
+        raise ValueError(f"{caller}: expected a {nd + 2}-D (batched) or {nd + 1}-D (unbatched) "
+                         f"input, got {len(x_shape)}-D with shape {tuple(x_shape)}")
+    stride_t = _as_tuple(stride, nd, "stride")
+    dilation_t = _as_tuple(dilation, nd, "dilation")
+    if not isinstance(padding, str):
+        padding = _as_tuple(padding, nd, "padding")
+    lift = (lambda t: (1, *t)) if one_d else (lambda t: t)
+    stride2, dilation2, radius2 = lift(stride_t), lift(dilation_t), lift(radius_t)
+    kernel = (1, weight_shape[-1]) if one_d else tuple(weight_shape[-2:])
+    for i in range(2):
+        check_dilation(kernel[i], stride2[i], dilation2[i], radius2[i])
+    return ConvArgs(stride_t, dilation_t, padding, stride2, dilation2, radius2, exact_gx)
+
+
+def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(before, after) zero padding of each axis of a 2-D view with this ``kernel`` (kh, kw) and
+    ``dilation``, for ``"same"`` (as ``F.conv2d``: the odd extra element goes after) and
+    ``"valid"`` too; ``padding`` is 1 (a 1-D conv's) or 2 ints otherwise."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    pad = (0, *padding) if len(padding) == 1 else tuple(padding)
+    return tuple((p, p) for p in pad)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native, patches
+from . import native, patches, traceable
 
 __all__ = ["batch_norm_eval", "pack_bits", "patch_sums", "relu", "relu6", "unpack_bits"]
 
@@ -88,15 +88,16 @@ class _MaskedActivation(torch.autograd.Function):
 
 
 def relu(x: Tensor) -> Tensor:
-    """``torch.relu`` whose backward keeps one bit per element."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    """``torch.relu`` whose backward keeps one bit per element (plain ``torch.relu`` while
+    torch.compile/export traces: same gradient, the mask is the compiler's business)."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or traceable.tracing():
         return torch.relu(x)
     return _MaskedActivation.apply(x, None)
 
 
 def relu6(x: Tensor) -> Tensor:
-    """``F.relu6`` whose backward keeps one bit per element."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    """``F.relu6`` whose backward keeps one bit per element (plain ``F.relu6`` while traced)."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or traceable.tracing():
         return F.relu6(x)
     return _MaskedActivation.apply(x, 6.0)
 
@@ -180,11 +181,15 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor,
                     radius: int | None = None) -> Tensor:
     """Eval-mode BatchNorm (running statistics) that saves only what its gradients need: nothing
     for the input and bias, x (``radius=None``) or x's patch sums (``radius=r``) for a weight
-    that requires grad. The forward is ``F.batch_norm(..., training=False)`` itself."""
+    that requires grad. The forward is ``F.batch_norm(..., training=False)`` itself. While
+    torch.compile/export traces, :func:`gradfilter.traceable.batch_norm_eval` (same output and
+    gradients, plain ATen ops) runs instead."""
     if radius is not None and (not isinstance(radius, int) or radius < 1):
         raise ValueError(f"radius must be None or an int >= 1, got {radius!r}")
     if x.dim() < 3:
         raise ValueError(f"batch_norm_eval needs (N, C, *spatial) input, got {tuple(x.shape)}")
+    if traceable.tracing():
+        return traceable.batch_norm_eval(x, running_mean, running_var, weight, bias, eps, radius)
     needs = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs:

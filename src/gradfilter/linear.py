@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
+from . import native, traceable
 from ._mixed import mixed_class
 from .selection import Refusals, match
 
@@ -31,14 +31,14 @@ __all__ = ["FusedLinearMixin", "fuse_linear"]
 class FusedLinearMixin:
     """Mixed in front of an ``nn.Linear`` by :func:`fuse_linear`: with gradients on, a float32
     CPU input and the native kernels built, the layer records one C++ autograd node whose
-    backward is the one-pass kernel; otherwise (no-grad, autocast, another dtype or device) it
-    is ``nn.Linear``'s own forward."""
+    backward is the one-pass kernel; otherwise (no-grad, autocast, another dtype or device,
+    torch.compile / torch.export tracing) it is ``nn.Linear``'s own forward."""
 
     def forward(self, input: Tensor) -> Tensor:
         w = self.weight
         if (input.dtype is torch.float32 and w.dtype is torch.float32 and input.is_cpu
                 and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and native.available()):
+                and not traceable.tracing() and native.available()):
             return torch.ops.gradfilter.linear(input, w, self.bias)
         return F.linear(input, w, self.bias)
 
