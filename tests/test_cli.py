@@ -130,6 +130,26 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert main(_args(out, extra=["--resume"])) == 2
     err = capsys.readouterr().err
     assert str(ckpt) in err and "Traceback" not in err
+    assert "weights_only=False" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_naming_a_file_is_one_clear_error(tmp_path, capsys):
+    out = tmp_path / "a_file"
+    out.write_text("keep me")
+    assert main(_args(out)) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is a file" in err and "Traceback" not in err
+    assert out.read_text() == "keep me"
+
+
+def test_finetune_needs_only_model_data_and_out():
+    """The documented defaults: a newcomer's first command runs."""
+    from gradfilter.cli import build_parser
+
+    args = build_parser().parse_args(["finetune", "--model", "m", "--data", "d", "--out", "o"])
+    assert (args.epochs, args.batch_size, args.lr, args.optimizer, args.radius,
+            args.image_size) == (3, 32, 5e-4, "adamw", 2, 64)
+    assert args.method is None and args.train_last is None  # the command fills fused / 4
 
 
 def test_truncated_checkpoint_is_one_clear_error(full_run, tmp_path, capsys):

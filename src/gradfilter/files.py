@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -70,7 +71,9 @@ def load_weights_only(path: str | Path, what: str = "file", remedy: str = "") ->
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and weights_only errors
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        if "weights_only" in str(exc) and "Weights only load failed" in first:
+        if not zipfile.is_zipfile(path):
+            first = "not a file torch.save wrote"
+        elif "Weights only load failed" in first:
             first = "it holds objects other than tensors and plain containers"
         tail = f"; {remedy}" if remedy else ""
         raise ValueError(f"{what} {path} is corrupt or not a PyTorch weights file "
