@@ -30,3 +30,16 @@ def native_buildable() -> bool:
         if os.environ.get("GRADFILTER_REQUIRE_NATIVE") == "1":
             raise
         return False
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+def simd(request):
+    """A native-kernel test twice: with the CPU's SSE/AVX paths, and with the portable paths that
+    CPUs without them (ARM boards) run, forced on this host (``native.use_simd``)."""
+    if not native_buildable():
+        yield request.param
+        return
+    from gradfilter import native
+
+    with native.use_simd(request.param):
+        yield request.param

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import platform
 
 import pytest
 import torch
@@ -241,11 +242,16 @@ def _fused_copy(block, r):
 
 
 @contextlib.contextmanager
-def _native_form(use_native: bool):
-    """The native path (one C++ call each way from a C++ autograd node) or the PyTorch
-    reference path (a Python autograd Function looping over the units)."""
-    with native.use_native(use_native):
-        yield
+def _native_form(use_native: bool | str):
+    """The native path (one C++ call each way from a C++ autograd node; ``"portable"``: with
+    the kernels' non-SSE/AVX paths) or the PyTorch reference path (a Python autograd Function
+    looping over the units)."""
+    with native.use_native(bool(use_native)):
+        if use_native == "portable":
+            with native.use_simd(False):
+                yield
+        else:
+            yield
 
 
 def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused=True,
@@ -288,7 +294,8 @@ def _check_against_reference(block, h, w, r, seed, x_grad=True, frozen=(), fused
         assert xg.grad is None
 
 
-NATIVE = [False, pytest.param(True, marks=needs_native, id="native")]
+NATIVE = [False, pytest.param(True, marks=needs_native, id="native"),
+          pytest.param("portable", marks=needs_native, id="native-portable")]
 
 
 @pytest.mark.parametrize("use_native", NATIVE)
@@ -377,14 +384,25 @@ DW_CASES = [  # kind, h, w, r, whether the maps are tiny (≤ 256 pixels, ≤ 16
 ]
 
 
+def _cpu_has_avx2_fma() -> bool:
+    """Whether this CPU runs the native kernels' AVX2+FMA paths (x86 only)."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return platform.machine() in ("x86_64", "AMD64") and "avx2" in flags and "fma" in flags
+
+
 @needs_native
+@pytest.mark.usefixtures("simd")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind,h,w,r,tiny", DW_CASES)
 def test_depthwise_conv_inside_the_native_stats_pass_matches_conv2d(kind, h, w, r, tiny,
-                                                                    threads):
-    """Float32 fused blocks whose depthwise units compute their conv inside the native statistics
-    pass (tiny maps) give the PyTorch reference path's outputs and gradients (conv2d); on other
-    maps that pass does not run."""
+                                                                    threads, simd):
+    """Float32 fused blocks give the PyTorch reference path's outputs and gradients (conv2d),
+    whether their depthwise units compute their conv inside the native statistics pass (tiny
+    maps, on an x86 CPU with AVX2 and FMA) or call conv2d (other maps, the portable paths, other
+    CPUs); the pass runs exactly where it should."""
     gen = torch.Generator().manual_seed(h * w + r)
     block = _randomise(DW_BLOCKS[kind](), gen)
     dw_units = sum(1 for c, _, _ in _units_of_any(block) if c.groups > 1)
@@ -410,7 +428,7 @@ def test_depthwise_conv_inside_the_native_stats_pass_matches_conv2d(kind, h, w, 
     finally:
         torch.set_num_threads(before)
     assert got[False][3] == 0
-    assert got[True][3] == (dw_units if tiny else 0)
+    assert got[True][3] == (dw_units if tiny and simd and _cpu_has_avx2_fma() else 0)
     assert _rel_err(got[True][0], got[False][0]) < 1e-5
     assert _rel_err(got[True][1], got[False][1]) < 1e-4
     for name, ref in got[False][2].items():
@@ -651,6 +669,7 @@ def _stats_case(n, c, h, w, k, top, left, ph, pw, upper, dtype, seed, specials=T
     (1, 5, 20, 23, 4, -3, 3, 6, 7),  # grid ends before the map
     (2, 4, 20, 23, 4, 2, 3, 6, 7),
 ])
+@pytest.mark.usefixtures("simd")
 def test_native_bn_act_stats_matches_reference(shape, upper, dtype):
     _stats_case(*shape, upper, dtype, seed=sum(shape))
     _stats_case(*shape, upper, dtype, seed=sum(shape) + 1, specials=False)
@@ -693,6 +712,7 @@ def test_native_bn_act_stats_random_grids(n, c, h, w, k, upper, dtype, seed, dat
 @pytest.mark.parametrize("count_u8", [True, False])
 @pytest.mark.parametrize("with_mz", [True, False])
 @pytest.mark.parametrize("gscale", [1.0, 0.25])
+@pytest.mark.usefixtures("simd")
 def test_native_unit_backward_matches_the_formulas(dtype, count_u8, with_mz, gscale):
     """One fused unit's backward before its products, against its formulas written out in
     float64: ḡ = g·|m|·s/n·gscale, γ: Σ g·(Σm·z − μ|m|)/σ, β: Σ g·|m|, bias: Σ g·|m|·s."""

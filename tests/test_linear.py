@@ -40,6 +40,7 @@ CASES = [(1, 5, 3), (3, 7, 21), (16, 131, 48), (17, 130, 37), (33, 67, 64), (64,
 
 @needs_native
 @pytest.mark.parametrize("batch,rows,cols", CASES)
+@pytest.mark.usefixtures("simd")
 def test_linear_backward_matches_loop_oracle(batch, rows, cols):
     torch.manual_seed(batch * 1000 + rows + cols)
     g, x, w = torch.randn(batch, rows), torch.randn(batch, cols), torch.randn(rows, cols)
@@ -52,6 +53,7 @@ def test_linear_backward_matches_loop_oracle(batch, rows, cols):
 @needs_native
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch,rows,cols", CASES)
+@pytest.mark.usefixtures("simd")
 def test_linear_forward_matches_loop_oracle(batch, rows, cols, bias):
     """The node's forward (its own kernel: 4 × 4 tiles of x's and W's rows, smaller ones at
     the edges) against y[b, o] = Σ_i x[b, i] W[o, i] + b[o] in float64."""

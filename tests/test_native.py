@@ -53,6 +53,7 @@ def grids(draw):
 @needs_native
 @settings(max_examples=80, deadline=None)
 @given(grids(), st.sampled_from([torch.float32, torch.float64]))
+@pytest.mark.usefixtures("simd")
 def test_native_patch_sum_and_unpool_match_loops(grid, dtype):
     n, c, h, w, kh, kw, top, left, ph, pw = grid
     x = torch.randn(n, c, h, w, dtype=dtype)
@@ -190,6 +191,7 @@ def test_allocator_tuning_reaches_child_processes():
 @pytest.mark.parametrize("upper", [None, 6.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("numel", [1, 7, 8, 1024, 1029, 5000])
+@pytest.mark.usefixtures("simd")
 def test_native_masked_activation_is_pytorch_bit_for_bit(upper, dtype, numel):
     from gradfilter import lean
 
@@ -212,6 +214,7 @@ def test_native_masked_activation_is_pytorch_bit_for_bit(upper, dtype, numel):
 @needs_native
 @settings(max_examples=60, deadline=None)
 @given(grids())
+@pytest.mark.usefixtures("simd")
 def test_native_channels_last_matches_loops_and_keeps_the_layout(grid):
     n, c, h, w, kh, kw, top, left, ph, pw = grid
     cl = torch.channels_last

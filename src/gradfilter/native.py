@@ -49,6 +49,7 @@ __all__ = [
     "unit_backward",
     "unpool",
     "use_native",
+    "use_simd",
 ]
 
 _SOURCE = Path(__file__).with_name("_native") / "kernels.cpp"
@@ -116,7 +117,9 @@ def _build() -> None:
         cpp_extension.load(
             name=_LIB_NAME,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
+            # no contraction of a*b+c into FMA: the same rounding as PyTorch's separate ops,
+            # on every ISA (GCC contracts by default where the target has FMA, e.g. AArch64)
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -169,6 +172,21 @@ class use_native:  # noqa: N801 - used like a function, as torch.no_grad
         _state["override"] = self._previous
 
 
+class use_simd:  # noqa: N801 - used like a function, as torch.no_grad
+    """Let the native kernels use AVX2/AVX-512 where the CPU has them (``True``, the default) or
+    force their portable paths (``False``, what CPUs without those run) inside a ``with``
+    block: the tests run both on x86."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self._previous = bool(_ops().set_simd(self.enabled))
+
+    def __exit__(self, *exc: object) -> None:
+        _ops().set_simd(self._previous)
+
+
 def applies(t: Tensor) -> bool:
     """Whether the native kernels handle this tensor (CPU, floating point) under the policy."""
     return t.is_cpu and t.is_floating_point() and available()
@@ -212,7 +230,7 @@ def bn_act_stats(z: Tensor, scale: Tensor, shift: Tensor, upper: float, k: int, 
                  left: int, ph: int, pw: int,
                  count_u8: bool = False,
                  store: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
-    """Eval BatchNorm + activation of a fused block in one pass (src/gradfilter/blocks.py):
+    """Eval BatchNorm + activation of a fused block in one pass (src/gradfilter/blocks/):
     y = clamp(z·scale + shift, 0, upper) (``upper`` NaN: no activation) and, per k×k patch,
     channel-major (C, N, ph, pw): the count of 0 < v < upper (uint8 with ``count_u8``, which
     needs k·k ≤ 255), the sum of z there, the sum of y. ``store=False``: the sums only, y is
@@ -233,7 +251,7 @@ def fused_block_backward(g_out: Tensor, out_grid: list[int], inv_counts: Tensor,
                          weight: list[Tensor], per_pixel: list[Tensor], flags: list[int],
                          grids: list[int], in_grid: list[int],
                          pool_in: Tensor | None) -> tuple[Tensor | None, list[Tensor | None]]:
-    """A fused block's whole backward in one call (``blocks._FusedBlock.backward``'s steps;
+    """A fused block's whole backward in one call (``blocks.reference.FusedBlock.backward``'s steps;
     ``g_out`` the output map's gradient, or a pooled block's patch means (C, N, P)):
     gx (None unless asked for) and per unit its (weight, conv bias, γ, β) grads (None where not
     asked for). The argument layout is documented at the kernel (kernels.cpp)."""
@@ -247,8 +265,8 @@ def fused_block_forward(x: Tensor, in_grid: list[int], conv_weight: list[Tensor]
                         bn_weight: list[Tensor], bn_bias: list[Tensor], eps: list[float],
                         upper: list[float], geometry: list[int], flags: list[int],
                         skip: bool, pool: bool = False) -> tuple[Tensor, list[Tensor | None]]:
-    """A fused block's forward in one call (``blocks._FusedBlock.forward``'s steps): the block
-    output (with ``pool``: its global average (N, C)) and per unit (x̃, mask count, Σ m·z or
+    """A fused block's forward in one call (``blocks.reference.FusedBlock.forward``'s steps): the
+    block output (with ``pool``: its global average (N, C)) and per unit (x̃, mask count, Σ m·z or
     None, scale, 1/σ). Call it under no-grad. The argument layout is documented at the kernel
     (kernels.cpp)."""
     return _ops().fused_block_forward(x, in_grid, conv_weight, conv_bias, bn_mean, bn_var,
@@ -271,9 +289,9 @@ def fused_plan(in_grid: list[int], geometry: list[int], flags: list[int], eps: l
 def fused_block(x: Tensor, params: list[Tensor], stats: list[Tensor],
                 plan: torch.ScriptObject) -> Tensor:
     """A fused block's forward recording one C++ autograd node whose backward is
-    :func:`fused_block_backward` (``blocks._FusedBlock`` without Python in between). ``params``:
-    per unit its conv weight, then conv bias, BatchNorm γ, β where it has them; ``stats``: per
-    unit its BatchNorm running mean and variance."""
+    :func:`fused_block_backward` (``blocks.reference.FusedBlock`` without Python in between).
+    ``params``: per unit its conv weight, then conv bias, BatchNorm γ, β where it has them;
+    ``stats``: per unit its BatchNorm running mean and variance."""
     return _ops().fused_block(x, params, stats, plan)
 
 

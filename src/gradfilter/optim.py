@@ -15,7 +15,7 @@ def fused_kwargs(params: list[torch.Tensor]) -> dict[str, bool]:
     """``{"fused": True}`` where PyTorch's one-kernel SGD/AdamW step applies (floating-point
     parameters, all on the CPU or all on CUDA), else ``{}``. On this project's 2-core CPU it
     makes the step of the benchmark models' last blocks 1.2-1.6x (SGD with momentum) and 2.3-3.1x
-    (AdamW) faster than the default for-each step (``benchmarks/optimizer_ab.py``)."""
+    (AdamW) faster than the default for-each step."""
     kinds = {p.device.type for p in params}
     if len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
         return {"fused": True}
@@ -45,7 +45,7 @@ class FlushBeforeStep:
     lines before the step; a fused filtered backward is too short to. On this project's VM that
     took MobileNetV2 last 4's fused SGD step from 1.0 to 3.7-3.9 ms; flushing the parameters
     first (0.27 ms) brings it back, and costs ~0.2 ms where the cores share their cache
-    (``benchmarks/flush_ab.py``, docs/performance.md). Values are never changed.
+    (docs/performance.md). Values are never changed.
 
     ``mode``: ``"auto"`` times ``probe`` steps alternating with and without the flush (after one
     unmeasured step), flushes from then on if the flushed ones took under ``FLUSH_MARGIN`` of

@@ -42,6 +42,14 @@
 
 namespace {
 
+// Off: the kernels take their portable (non-SSE/AVX) paths on any CPU, so that x86 test runs cover
+// the code other CPUs run (native.use_simd). Read on every dispatch, set between calls.
+std::atomic<bool> simd_enabled{true};
+
+bool set_simd(bool enabled) { return simd_enabled.exchange(enabled); }
+
+inline bool simd() { return simd_enabled.load(std::memory_order_relaxed); }
+
 constexpr int64_t kGrainElements = 1 << 15;  // full-resolution elements per parallel work item
 
 int64_t grain_for(int64_t plane) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(plane, 1)); }
@@ -192,7 +200,7 @@ inline void write_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ r
                       bool stream) {
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (stream && (reinterpret_cast<std::uintptr_t>(dst) & 15) == 0) {
+    if (stream && simd() && (reinterpret_cast<std::uintptr_t>(dst) & 15) == 0) {
       int64_t w = 0;
       for (; w + 4 <= W; w += 4) _mm_stream_ps(dst + w, _mm_loadu_ps(row + w));
       for (; w < W; ++w) dst[w] = row[w];
@@ -574,7 +582,7 @@ void masked_clamp_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t 
       const int64_t e0 = blk * kBlock, len = std::min<int64_t>(kBlock, n - e0);
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (len == kBlock) {
+        if (len == kBlock && simd()) {
           masked_clamp_f32(x + e0, y + e0, bits + e0 / 8, kBlock / 8, bounded, float(hi));
           continue;
         }
@@ -648,7 +656,7 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& bits) {
 
 
 // ---------------------------------------------------------------------------------------------
-// Eval-mode BatchNorm and activation of a fused block (src/gradfilter/blocks.py), in one pass,
+// Eval-mode BatchNorm and activation of a fused block (src/gradfilter/blocks/), in one pass,
 // with the patch statistics its patch-resolution backward needs:
 //   v = z * scale[c] + shift[c];  y = clamp(v, 0, upper) (upper NaN: no activation, y = v);
 //   m = 0 < v < upper (all ones without activation);
@@ -687,7 +695,7 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
     const __m128 vs = _mm_set1_ps(s), vt = _mm_set1_ps(t), zero = _mm_setzero_ps();
     const __m128 vhi = _mm_set1_ps(hi), one = _mm_set1_ps(1.0f);
     const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
-    for (; e + 4 <= n; e += 4) {
+    for (; simd() && e + 4 <= n; e += 4) {
       const __m128 zv = _mm_loadu_ps(z + e);
       const __m128 v = _mm_add_ps(_mm_mul_ps(zv, vs), vt);
       __m128 out = v, m = all;
@@ -1063,7 +1071,7 @@ __attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+  return has && simd();
 }
 #endif
 
@@ -1245,7 +1253,7 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
       const int64_t o0 = (c0 * N + n) * P, step = N * P;  // plane j's sums: o0 + j * step
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (tiny && cnt == B && !wide_rows) {
+        if (tiny && cnt == B && !wide_rows && simd()) {
           float s8[B], t8[B];
           for (int64_t j = 0; j < B; ++j) {
             s8[j] = scale[c0 + j];
@@ -1461,7 +1469,7 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> bn_act
 
 // ---------------------------------------------------------------------------------------------
 // The patch-resolution backward of one fused unit (conv → eval BatchNorm → activation), before
-// its conv's products (src/gradfilter/blocks.py, _FusedBlock.backward). Per channel c and patch
+// its conv's products (src/gradfilter/blocks/reference.py, FusedBlock.backward). Per channel c and patch
 // column j (N·P columns; g one value per patch, n_j the patch's real pixels):
 //   γ's grad  Σ_j g·(Σm·z − μ·|m|) / σ         (only with a masked-z sum)
 //   β's grad  Σ_j g·|m|;  the conv bias's grad  s · Σ_j g·|m|   (s = γ/σ)
@@ -1694,7 +1702,7 @@ at::Tensor mm_rows(const at::Tensor& a_in, const at::Tensor& b_in) {
   return out;
 }
 
-// A fused block's whole backward (blocks.py, _FusedBlock.backward: the same steps, which there
+// A fused block's whole backward (blocks/reference.py, FusedBlock.backward: the same steps, which there
 // cost about a hundred microseconds of Python per unit inside a training step). g_out: the
 // gradient of the block's output map, or (a pooled block's) its patch means (C, N, P); out_grid:
 // the last unit's (k, top, left, ph, pw); per unit i: flags (1 strided, 2 need gW, 4 need the conv
@@ -1833,7 +1841,7 @@ std::atomic<int64_t> forward_hand_offs{0};  // forwards that took their input's 
 
 int64_t fused_hand_offs() { return forward_hand_offs.load(); }
 
-// A fused block's forward (blocks.py, _FusedBlock.forward: the same steps, which there cost
+// A fused block's forward (blocks/reference.py, FusedBlock.forward: the same steps, which there cost
 // about a hundred microseconds of Python per unit inside a training step). in_grid: the input's
 // patch grid (k, top, left, ph, pw); per unit i, geometry[16i..16i+15]: conv stride, its
 // symmetric padding (h, w), explicit input padding (left, right, top, bottom: TF 'same'),
@@ -1951,12 +1959,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_block_forward(
 }
 
 // ---------------------------------------------------------------------------------------------
-// A fused block as one C++ autograd node (blocks.py, _run_fused): fused_block_forward and
+// A fused block as one C++ autograd node (blocks/modules.py, run_fused): fused_block_forward and
 // fused_block_backward without Python between the module call and the kernels. Inside a training
 // step the Python autograd Function around the two calls cost 130-170 us per block each way
 // (interpreter state evicted by the block's own large ops); the node below does the same steps.
 
-// A block's fixed arguments for one input size, batch and dtype (built once, blocks._plan).
+// A block's fixed arguments for one input size, batch and dtype (built once, blocks/native_plan.py).
 // Forward: in_grid, geometry, flags (2 byte counts, 4 conv bias, 8 BatchNorm γ, 16 β: which
 // parameters the block has), eps, upper, skip, pool as fused_block_forward takes them (bit 1,
 // keep Σ m·z, is added per call: γ requires grad). Backward: out_grid, inv_counts, per_pixel,
@@ -2031,7 +2039,7 @@ struct FusedBlockFn : public torch::autograd::Function<FusedBlockFn> {
                                            plan->skip, plan->pool);
     torch::autograd::variable_list keep;
     keep.reserve(7 * U);
-    for (int64_t i = 0; i < U; ++i) {  // what blocks._native_forward saves
+    for (int64_t i = 0; i < U; ++i) {  // what FusedBlock.forward saves
       for (int64_t j = 0; j < 5; ++j) keep.push_back(flat[5 * i + j]);
       keep.push_back(mean[i]);
       keep.push_back(w[i]);
@@ -2131,7 +2139,7 @@ constexpr int64_t kLinearMaxBatch = 64;  // larger batches: MKL's GEMMs are at p
 #if defined(GF_HAVE_AVX2_TARGET)
 bool cpu_has_avx512f() {
   static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
+  return has && simd();
 }
 
 // Rows [o0, o1) of W, every column tile, batch rows [b0, b0 + NB). first: gW's rows start at
@@ -2488,7 +2496,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 // that both threads read in the forward and the fused backward is still in both caches when the
 // optimizer writes it, and each write waits for the other core's copy to be invalidated:
 // MobileNetV2 last 4's fused SGD step took 3.7-3.9 instead of 1.0 ms. Flushing the parameters
-// first (0.27 ms) brings it back (benchmarks/flush_ab.py). Returns false where it cannot flush.
+// first (0.27 ms) brings it back. Returns false where it cannot flush.
 #if defined(GF_HAVE_AVX2_TARGET)
 bool cpu_has_clflushopt() {
   static const bool has = [] {
@@ -2550,6 +2558,7 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("linear_fast_path(int batch, ScalarType dtype) -> bool", TORCH_FN(linear_fast_path));
   m.def("fused_hand_offs() -> int", TORCH_FN(fused_hand_offs));
   m.def("fused_dw_passes() -> int", TORCH_FN(fused_dw_passes));
+  m.def("set_simd(bool enabled) -> bool", TORCH_FN(set_simd));
   m.class_<FusedPlan>("FusedPlan")
       .def(torch::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<double>, std::vector<double>, bool, bool,
