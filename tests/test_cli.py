@@ -258,3 +258,19 @@ def test_every_cli_option_says_what_it_does():
     missing = [f"{name} {a.option_strings or a.dest}" for name, sp in subs.choices.items()
                for a in sp._actions if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, missing
+
+
+def test_cuda_torch_on_an_armv8_0_core_is_warned_with_the_remedy(tmp_path):
+    """The combination that dies with SIGILL (a CUDA-build aarch64 torch on a core without
+    ARMv8.1 atomics, e.g. a Raspberry Pi 4) is named before it crashes; others are not."""
+    from gradfilter.platform_check import platform_warnings
+
+    a72 = tmp_path / "a72"
+    a72.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n")
+    a76 = tmp_path / "a76"
+    a76.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes atomics fphp asimdhp\n")
+    (warning,) = platform_warnings("aarch64", True, a72)
+    assert "SIGILL" in warning and "pip install torch==2.9.1 torchvision==0.24.1" in warning
+    assert platform_warnings("aarch64", True, a76) == []
+    assert platform_warnings("aarch64", False, a72) == []
+    assert platform_warnings("x86_64", True, a72) == []

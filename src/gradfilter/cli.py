@@ -389,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .platform_check import platform_warnings
+
+    for line in platform_warnings():
+        print(f"gradfilter: warning: {line}", file=sys.stderr)
     if args.allocator == "tuned":
         from .allocator import tune_cpu_allocator
 
