@@ -2,7 +2,8 @@
 
 Recent aarch64 torch wheels on PyPI (2.14.1 among them) are CUDA builds whose CPU BLAS (NVPL)
 uses ARMv8.1 atomic instructions: on an ARMv8.0 core (Raspberry Pi 4's Cortex-A72) a
-multi-threaded matrix multiply dies with SIGILL. The CPU wheels (torch 2.9.1 / torchvision 0.24.1) run there.
+multi-threaded matrix multiply dies with SIGILL. The CPU wheels (torch 2.9.1 / torchvision
+0.24.1) run there.
 """
 
 from __future__ import annotations
