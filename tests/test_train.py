@@ -313,3 +313,40 @@ def test_fused_optimizer_steps_match_the_default_ones(name):
     for a, b, start in zip(*results, init):
         assert not torch.equal(a, start)  # the steps moved the parameters
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _small_filtered_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    gradfilter.apply(model, radius=2, names=["3"], lean="patch", example_input=torch.randn(1, 3,
+    16, 16))
+    gradfilter.freeze(model, ["3", "4", "8"])
+    return model
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param(True, marks=pytest.mark.slow,
+                                                               id="inductor")])
+def test_compiled_training_follows_eager_training(backend):
+    """train(compile=...) traces the filtered layers' stop-gradient form: the same losses and
+    weights as the eager run (float rounding apart), and not vanilla's."""
+    data = TensorDataset(torch.randn(32, 3, 16, 16), torch.randint(0, 3, (32,)))
+    runs = []
+    for compile in (False, backend):
+        model = _small_filtered_cnn()
+        loader = DataLoader(data, batch_size=8, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        out = train(model, loader, loader, epochs=2, lr=0.1, progress=False, compile=compile)
+        runs.append((out["train_loss"], model[3].weight.detach().clone()))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    gradfilter.freeze(plain, ["3", "4", "8"])
+    loader = DataLoader(data, batch_size=8, shuffle=True,
+    generator=torch.Generator().manual_seed(0))
+    train(plain, loader, None, epochs=2, lr=0.1, progress=False)
+    assert not torch.allclose(plain[3].weight, runs[1][1], rtol=1e-3, atol=1e-4)

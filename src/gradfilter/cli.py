@@ -115,6 +115,10 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                    help="filtered methods: the input gradient the filtered convs pass down, from "
                         "the patch-mean output gradient (filtered, the paper) or exact (same "
                         "memory, vanilla backward-input cost, for tasks whose accuracy needs it)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor) before training: the filtered layers "
+                        "trace their stop-gradient form (same gradients); the first steps pay "
+                        "about a minute of compilation (docs/performance.md)")
     p.add_argument("--cache-features", action="store_true",
                    help="compute the frozen prefix's features once and train the last blocks "
                         "from that cache (inputs are never augmented here, so it is exact)")
@@ -159,6 +163,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 device=args.device, cache_features=args.cache_features,
                 cache_dtype=args.cache_dtype, lean=args.lean, reinit_head=args.reinit_head,
                 input_grad=args.input_grad, channels_last=args.channels_last,
+                compile=args.compile,
             )
             shutdown()  # under torchrun: leave the process group cleanly
         except KeyboardInterrupt:

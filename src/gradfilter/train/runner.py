@@ -132,6 +132,7 @@ def finetune(
     reinit_head: bool = False,
     input_grad: str = "filtered",
     channels_last: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
     ``out``; write and return ``out/metrics.json``'s content.
@@ -144,7 +145,8 @@ def finetune(
     (``reinit_head_keys``); without it a classifier that does not fit is an error.
     ``input_grad``: "filtered" (the paper) or "exact" input gradients through the filtered
     convs (:func:`gradfilter.apply`). ``channels_last``: model and batches in that memory format
-    (faster on CPUs, same math; :func:`.trainer.train`)."""
+    (faster on CPUs, same math; :func:`.trainer.train`). ``compile``: ``torch.compile`` the
+    model (inductor; :func:`.trainer.train`)."""
     from torch.utils.data import DataLoader
 
     from ..data import get_dataset
@@ -309,7 +311,8 @@ def finetune(
                         optimizer=optimizer, device=device, progress=not quiet,
                         start_epoch=start_epoch, resume_state=resume_state, on_epoch_end=save,
                         loss_fn=task.loss_fn, metric_fn=task.metric_fn,
-                        metric_name=task.metric_name, channels_last=channels_last)
+                        metric_name=task.metric_name, channels_last=channels_last,
+                        compile=compile)
     epochs_run = epochs - start_epoch
     key = f"val_{task.metric_name}"
     val_acc = metrics[key]
@@ -331,6 +334,7 @@ def finetune(
         "epoch_time_s": metrics["train_time_s"] / epochs if epochs_run == epochs and epochs
         else None,
         "channels_last": channels_last,
+        "compile": compile,
         "cache_features": cache_features,
         "cache_dtype": cache_dtype if cache_features else None,
         "cache_time_s": cache.build_time_s if cache is not None else None,

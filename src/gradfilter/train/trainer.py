@@ -297,8 +297,14 @@ def train(
     resume_state: Mapping[str, Any] | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     channels_last: bool = False,
+    compile: bool | str = False,
 ) -> dict[str, Any]:
     """Fine-tune the parameters of ``model`` that require grad; return metrics.
+
+    ``compile``: ``model.compile()`` in place first (``True``: inductor; a string names another
+    ``torch.compile`` backend). Its gradfilter layers then trace their stop-gradient form: the
+    same gradients as eager (docs/performance.md §6); the first steps (and the first evaluation)
+    pay the compilation.
 
     ``channels_last``: the model and its inputs in ``torch.channels_last`` memory format, which
     oneDNN runs faster on CPUs (docs/performance.md: 1.2–1.5× per step); the math is unchanged.
@@ -327,6 +333,8 @@ def train(
         raise ValueError(f"start_epoch must be in 0..{epochs}, got {start_epoch}")
     device = torch.device(device)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if compile:
+        model.compile(backend="inductor" if compile is True else compile)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
