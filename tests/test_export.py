@@ -174,18 +174,22 @@ def test_inductor_float32():
     assert _rel(got, _grads(build(), x)) > 1e-2
 
 
+class _Direct(nn.Module):
+    """A model whose own forward calls a functional filtered conv (``conv``)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.conv(x, self.w, None, 1, 1, radius=2)
+
+
 def test_traceable_functional_in_a_custom_module():
     """gradfilter.traceable.conv2d called by a model's own forward traces in every mode."""
-    class Direct(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64))
-
-        def forward(self, x):
-            return traceable.conv2d(x, self.w, None, 1, 1, radius=2)
-
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-    m = Direct()
+    m = _Direct(traceable.conv2d)
     want = _grads(m, x)
     for mode in MODES:
         assert _rel(_grads(_trace(m, x, mode), x), want) < 1e-12
@@ -197,17 +201,9 @@ def test_functional_op_traced(use_native, mode):
     """gradfilter.conv2d (the functional op) called by a model's own forward: traced, it must
     give the filtered gradients or fail, never vanilla ones or none (needs functional.py to
     run gradfilter.traceable's form while torch.compiler.is_compiling())."""
-    class Direct(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64))
-
-        def forward(self, x):
-            return gf.conv2d(x, self.w, None, 1, 1, radius=2)
-
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     with _use_native(use_native):
-        m = Direct()
+        m = _Direct(gf.conv2d)
         want = _grads(m, x)
         try:
             traced = _trace(m, x, mode)

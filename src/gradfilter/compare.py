@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .methods import default_lean
+
 __all__ = ["compare_runs", "format_table", "load_runs", "metric_key", "plot_labels", "plot_rounds",
            "plot_runs", "to_mib"]
 
@@ -105,8 +107,7 @@ def _label(row: dict[str, Any]) -> str:
     name = row["method"] if radius is None else f"{row['method']} r={radius}"
     if row.get("input_grad") == "exact":
         name += " exact gx"
-    default_lean = "patch" if row["method"] in ("lean", "fused") else None
-    if row.get("lean") and row.get("lean") != default_lean:
+    if row.get("lean") and row.get("lean") != default_lean(row["method"]):
         name += f" lean {row['lean']}"
     if row.get("fused_blocks") and row["method"] != "fused":  # runs of version 0.1
         name += " fused"

@@ -309,7 +309,9 @@ def _filtered(x, weight, bias, stride, padding, dilation, groups, radius, one_d:
               input_grad: str = "filtered") -> Tensor:
     args = conv_args(x.shape, weight.shape, stride, padding, dilation, radius, input_grad, one_d,
                      f"gradfilter.{'conv1d' if one_d else 'conv2d'}")
-    if traceable.tracing():  # torch.compile / torch.export: the stop-gradient form
+    # torch.compile / torch.export trace ATen ops: the autograd.Function below (and its native
+    # kernels) does not survive them, the stop-gradient form does (same output and gradients)
+    if traceable.tracing():
         return traceable.filtered(x, weight, bias, args, groups, one_d)
     nd = 1 if one_d else 2
     padding, exact_gx = args.padding, args.exact_gx

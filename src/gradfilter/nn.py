@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as GF
-from . import lean, traceable
+from . import lean
 
 __all__ = [
     "FilteredConv1d", "FilteredConv2d", "LeanBatchNormMixin", "PackedReLU", "PackedReLU6",
@@ -61,8 +61,7 @@ class _FilteredMixin:
     radius: int
     tf_same: bool = False
     input_grad: str = "filtered"  # or "exact": see gradfilter.functional.INPUT_GRAD_MODES
-    _filtered_conv = None  # gradfilter.functional.conv2d or conv1d
-    _traceable_conv = None  # gradfilter.traceable.conv2d or conv1d (compile/export)
+    _filtered_conv = None  # gradfilter.functional.conv2d or conv1d (traceable when traced)
 
     def __init__(self, *args, radius: int = 4, input_grad: str = "filtered",
                  padding_mode: str = "zeros", **kwargs) -> None:
@@ -79,11 +78,9 @@ class _FilteredMixin:
         if self.tf_same:  # timm's Conv2dSame, converted in place by gradfilter.apply
             x = tf_same_pad(x, self.kernel_size, self.stride, self.dilation)
             padding = 0
-        # torch.compile/torch.export trace ATen ops: the op's autograd.Function (and its native
-        # kernels) do not survive them, its stop-gradient form does (same output and gradients)
-        conv = type(self)._traceable_conv if traceable.tracing() else type(self)._filtered_conv
-        return conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                    radius=self.radius, input_grad=self.input_grad)
+        return type(self)._filtered_conv(x, self.weight, self.bias, self.stride, padding,
+                                         self.dilation, self.groups, radius=self.radius,
+                                         input_grad=self.input_grad)
 
     def extra_repr(self) -> str:
         extra = ", tf_same=True" if self.tf_same else ""
@@ -96,14 +93,12 @@ class FilteredConv2d(_FilteredMixin, nn.Conv2d):
     """``nn.Conv2d`` with a gradient-filtered backward over ``radius``×``radius`` output patches."""
 
     _filtered_conv = staticmethod(GF.conv2d)
-    _traceable_conv = staticmethod(traceable.conv2d)
 
 
 class FilteredConv1d(_FilteredMixin, nn.Conv1d):
     """``nn.Conv1d`` with a gradient-filtered backward over length-``radius`` output patches."""
 
     _filtered_conv = staticmethod(GF.conv1d)
-    _traceable_conv = staticmethod(traceable.conv1d)
 
 
 class PackedReLU(nn.ReLU):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Refusals", "call", "match", "restore_modes", "trace", "training_modes"]
+__all__ = ["Refusals", "call", "match", "trace"]
 
 
 def match(name: str, patterns: Iterable[str]) -> bool:
@@ -31,18 +31,6 @@ def call(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
-def training_modes(model: nn.Module) -> dict[nn.Module, bool]:
-    """Each module's ``training`` flag, to put back with :func:`restore_modes`."""
-    return {m: m.training for m in model.modules()}
-
-
-def restore_modes(modes: dict[nn.Module, bool]) -> None:
-    """Set each module's ``training`` flag back (the attribute itself: a module whose ``train``
-    was pinned by :func:`gradfilter.freeze` stays pinned)."""
-    for m, mode in modes.items():
-        m.training = mode
-
-
 def trace(model: nn.Module, modules: dict[str, nn.Module],
           example_input: Any) -> dict[str, tuple]:
     """One no-grad eval-mode forward; ``{name: (input shape, output shape, input dtype)}`` of the
@@ -54,13 +42,14 @@ def trace(model: nn.Module, modules: dict[str, nn.Module],
             if name not in seen:
                 seen[name] = (tuple(args[0].shape), tuple(out.shape), args[0].dtype)
         handles.append(mod.register_forward_hook(hook))
-    modes = training_modes(model)
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             call(model, example_input)
-    finally:
-        restore_modes(modes)
+    finally:  # the flags themselves: a train() that freeze pinned stays pinned
+        for m, mode in modes.items():
+            m.training = mode
         for h in handles:
             h.remove()
     return seen

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from torch import nn
 
 from .._mixed import mixed_class
-from ..nn import FilteredConv2d
 from ..selection import Refusals, match
 from .modules import FusedBlockMixin, FusedHeadMixin, FusedPoolMixin
 from .units import Unit, block_units, bn_unit, fusable
@@ -140,13 +139,15 @@ def enclosing_blocks(model: nn.Module, convs: Iterable[str]) -> list[str]:
     patch-constant inside). A timm EfficientNet's ``conv_head`` is chosen itself (it fuses with
     ``bn2``)."""
     chosen: set[str] = set()
+    fuses: dict[str, bool] = {}  # per enclosing module, looked at once (its convs share it)
     for conv in convs:
         parts = conv.split(".")
         for depth in range(1, len(parts)):
             name = ".".join(parts[:depth])
             block = model.get_submodule(name)
-            inner = [m for m in block.modules() if isinstance(m, nn.Conv2d | nn.Conv1d)]
-            if all(isinstance(m, FilteredConv2d) for m in inner) and fusable(block) is None:
+            if name not in fuses:  # a supported block's units are all its convs, all filtered
+                fuses[name] = fusable(block) is None
+            if fuses[name]:
                 chosen.add(name)
                 break
             if type(block) not in _CONTAINERS:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..memory import count_saved
-from ..methods import METHODS
+from ..methods import METHODS, default_lean
 from ..models.registry import block_names, classifier_name
 from ..optim import flush_before_step, fused_kwargs
 from ..surgery import BN_MODES, ConversionReport, apply, freeze, slim
@@ -104,7 +104,7 @@ def method_lean(method: str, lean: str | None = None) -> str | None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if lean is not None and lean not in BN_MODES:
         raise ValueError(f"lean must be one of {BN_MODES} or None, got {lean!r}")
-    return lean if lean is not None else ("patch" if method in ("lean", "fused") else None)
+    return lean if lean is not None else default_lean(method)
 
 
 def prepare_model(
