@@ -157,3 +157,42 @@ def test_every_method_keeps_the_plain_classifier():
         assert type(net.classifier[1]) is nn.Linear, m
         filtered = any(isinstance(c, FilteredConv2d) for c in net.modules())
         assert filtered == (m != "vanilla"), m
+
+
+def test_step_bench_compiled_variants_are_measured_against_compiled_vanilla():
+    """--compile: every method also compiled, its E and speed-up taken against the compiled
+    vanilla step and compiled forward-only time (the baseline a user who compiles picks)."""
+    from gradfilter.bench.step import COMPILED, METHODS, _line, bench_case
+
+    row = bench_case("mobilenet_v2", 1, 4, batch=2, size=32, repeats=1,
+                     device=torch.device("cpu"), compile="aot_eager")
+    cv, cf = row[f"step_ms_vanilla{COMPILED}"], row[f"forward_only{COMPILED}_ms"]
+    assert cv > 0 and cf > 0
+    for m in METHODS[1:]:
+        c = f"{m}{COMPILED}"
+        assert row[f"speedup_{c}"] == pytest.approx(cv / row[f"step_ms_{c}"])
+        if cv > cf:
+            assert row[f"efficiency_{c}"] == pytest.approx((cv - row[f"step_ms_{c}"]) / (cv - cf))
+        assert row[f"vs_eager_{c}"] == pytest.approx(row[f"step_ms_{m}"] / row[f"step_ms_{c}"])
+        # eager methods keep the eager baseline
+        assert row[f"speedup_{m}"] == pytest.approx(row["step_ms_vanilla"] / row[f"step_ms_{m}"])
+    assert f"filtered{COMPILED}" in _line(row)
+
+
+def test_cpu_load_spins_processes_while_the_block_runs_and_stops_them():
+    import time
+
+    from gradfilter.machine import cpu_load
+
+    with pytest.raises(ValueError, match="load processes"):
+        with cpu_load(-1):
+            pass
+    t0 = time.process_time()
+    with cpu_load(1):
+        import multiprocessing
+
+        procs = multiprocessing.active_children()
+        assert len(procs) >= 1 and all(p.is_alive() for p in procs)
+        time.sleep(0.5)
+    assert not any(p.is_alive() for p in procs)
+    assert time.process_time() - t0 < 0.5  # the spinning happened in the children

@@ -23,6 +23,10 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# bench step's input presets: (batch or None for the device's default, image size)
+STEP_PROFILES: dict[str, tuple[int | None, int]] = {"default": (None, 224), "pi": (8, 128)}
+
+
 def _bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: vanilla vs filtered, alternating, same process")
     p.add_argument("suite", choices=["layers", "step"],
@@ -36,29 +40,51 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="mobilenet_v2,resnet18,tf_efficientnet_lite0",
                    help="step: comma-separated model names")
     p.add_argument("--last", default="4,8", help="step: comma-separated 'last N blocks'")
-    p.add_argument("--image-size", type=int, default=224, help="step: input size")
+    p.add_argument("--image-size", type=int, default=None, help="step: input size (224)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--channels-last", action="store_true",
                    help="step: run every model (vanilla included) in channels-last memory format")
+    p.add_argument("--compile", action="store_true",
+                   help="step: also run every method compiled (torch.compile, inductor), "
+                        "with compiled vanilla and compiled forward-only as its baseline")
+    p.add_argument("--profile", choices=sorted(STEP_PROFILES), default=None,
+                   help="step: a preset input shape (pi: 128x128, batch 8: what a Raspberry "
+                        "Pi-class board trains); --batch and --image-size override it")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, i.e. the cores)")
+    p.add_argument("--load", type=int, default=0,
+                   help="CPU-bound processes spinning beside the benchmark (another job on the "
+                        "same cores)")
     p.add_argument("--out", default=None, help="JSON file for the results (a PNG is written "
                                                "beside it)")
 
     def run(args: argparse.Namespace) -> int:
+        if args.threads is not None:
+            import torch
+
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         if args.suite == "layers":
             from .bench.layers import run_layers
+            from .machine import cpu_load
 
             radii = [int(r) for r in (args.radii or "2,4").split(",")]
-            return run_layers(radii=radii, batch=args.batch, repeats=args.repeats,
-                              device=args.device, out=args.out)
+            with cpu_load(args.load):
+                return run_layers(radii=radii, batch=args.batch, repeats=args.repeats,
+                                  device=args.device, out=args.out)
         from .bench.step import run_step_bench
 
         radii = [int(r) for r in (args.radii or "4").split(",")]
         if len(radii) != 1:
             raise ValueError("bench step takes one radius")
+        batch, size = STEP_PROFILES[args.profile or "default"]
         run_step_bench(models=args.models.split(","),
                        lasts=[int(n) for n in args.last.split(",")], radius=radii[0],
-                       batch=args.batch, size=args.image_size, repeats=args.repeats,
-                       device=args.device, out=args.out, channels_last=args.channels_last)
+                       batch=args.batch or batch, size=args.image_size or size,
+                       repeats=args.repeats, device=args.device, out=args.out,
+                       channels_last=args.channels_last, compile=args.compile,
+                       threads=args.threads, load=args.load)
         return 0
 
     p.set_defaults(func=run)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -109,3 +112,26 @@ def synchronize(device: torch.device) -> None:
     """Wait for ``device``'s queued work (CUDA); a no-op on the CPU. Timers call it first."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def cpu_load(processes: int) -> Iterator[None]:
+    """``processes`` CPU-bound processes spinning while the block runs (another job on the
+    device's cores), stopped when it ends: the condition a benchmark's speed-ups must survive."""
+    if processes < 0:
+        raise ValueError(f"load processes must be >= 0, got {processes}")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_spin, daemon=True) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join()

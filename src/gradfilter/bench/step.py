@@ -17,7 +17,15 @@ eval mode):
 One step is forward + cross-entropy + backward + SGD step; every method's optimizer carries
 :class:`gradfilter.optim.FlushBeforeStep` (as the trainer's does), whose choice is recorded
 (``flush``). The methods' steps alternate in one
-process; each figure is the median of ``repeats`` steps. The forward-only time (no grad) bounds
+process; each figure is the median of ``repeats`` steps.
+
+With ``compile``, each method also runs compiled (``model.compile()``, inductor: keys
+``<method>_compiled``; the filtered layers trace their stop-gradient form,
+:mod:`gradfilter.traceable`), alternating with the eager ones, and the forward-only time is taken
+compiled too (``forward_only_compiled``). A compiled method's E is taken against the compiled
+vanilla step and the compiled forward-only time: the baseline a user who compiles would pick.
+
+The forward-only time (no grad) bounds
 what any backward trick can reach; the efficiency ``E = (T_vanilla - T_method) / (T_vanilla -
 T_forward_only)`` is the share of that bound reached, from the medians; ``efficiency_paired``
 is the median of the same ratio taken round by round (each round times every method back to
@@ -44,11 +52,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..machine import cross_core_read_ratio, describe, machine_info, synchronize
+from ..machine import (
+    cpu_load,
+    cross_core_read_ratio,
+    describe,
+    machine_info,
+    synchronize,
+)
 from ..optim import flush_before_step, fused_kwargs
 from ..train.trainer import METHODS
 
 MODELS = ("mobilenet_v2", "resnet18", "tf_efficientnet_lite0")
+COMPILED = "_compiled"  # suffix of a compiled variant's keys
 LAST = (4, 8)
 # cross_core_read_ratio above which a case ran with its threads on cores without a shared cache
 SPLIT_CACHE_RATIO = 1.3
@@ -111,8 +126,23 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def variants(compile: bool | str) -> tuple[str, ...]:
+    """The timed variants: every method eager, and with ``compile`` every method compiled."""
+    return (*METHODS, *(f"{m}{COMPILED}" for m in METHODS)) if compile else METHODS
+
+
+def _baseline(variant: str) -> tuple[str, str]:
+    """The (vanilla, forward-only) keys a variant's speed-up and E are taken against."""
+    if variant.endswith(COMPILED):
+        return f"vanilla{COMPILED}", f"forward_only{COMPILED}"
+    return "vanilla", "forward_only"
+
+
 def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, repeats: int,
-               device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+               device: torch.device, channels_last: bool = False,
+               compile: bool | str = False) -> dict[str, Any]:
+    """One model and "last N" setting: every variant's step, alternating (module docstring).
+    ``compile``: also the compiled variants (``True``: inductor; a string names the backend)."""
     from ..memory import count_saved
 
     fmt = _memory_format(channels_last)
@@ -120,12 +150,18 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
     x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     nets = {}
-    for m in METHODS:
+    for v in variants(compile):
+        m = v.removesuffix(COMPILED)
         net, opt, blocks = build(model_name, m, last, radius, x[:2].cpu())
-        nets[m] = (net.to(device, memory_format=fmt).train(), opt)
+        net = net.to(device, memory_format=fmt).train()
+        if v != m:
+            net.compile(backend="inductor" if compile is True else compile)
+        nets[v] = (net, opt)
     row: dict[str, Any] = {"model": model_name, "last": last, "radius": radius, "batch": batch,
-                           "image_size": size, "blocks": blocks, "channels_last": channels_last}
-    for m, (net, _) in nets.items():
+                           "image_size": size, "blocks": blocks, "channels_last": channels_last,
+                           "threads": torch.get_num_threads()}
+    for m in METHODS:  # what autograd saves: eager modules (inductor saves its own choice)
+        net = nets[m][0]
         with count_saved(net.parameters(), model=net) as saved:
             F.cross_entropy(net(x), y)
         row[f"saved_bytes_{m}"] = saved.bytes
@@ -133,51 +169,68 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
     # the VM state that slows a pass over data the other core just wrote (machine.py): before
     # and after the timed rounds
     split_before = cross_core_read_ratio() if device.type == "cpu" else None
-    times: dict[str, list[float]] = {k: [] for k in (*METHODS, "forward_only")}
-    phases: dict[str, list[tuple[float, float, float]]] = {m: [] for m in METHODS}
-    # two warm-up rounds are dropped, after the optimizers' flush choice has settled
+    timed = variants(compile)
+    forward_keys = ("forward_only", *((f"forward_only{COMPILED}",) if compile else ()))
+    row["compile"] = compile
+    times: dict[str, list[float]] = {k: [] for k in (*timed, *forward_keys)}
+    phases: dict[str, list[tuple[float, float, float]]] = {m: [] for m in timed}
+    # two warm-up rounds are dropped (compilation and its recompilations happen there), after
+    # the optimizers' flush choice has settled
     warmup = 2 + max(FLUSH[opt].settle_steps for _, opt in nets.values())
     for i in range(repeats + warmup):
-        order = list(METHODS) if i % 2 == 0 else list(reversed(METHODS))
+        order = list(timed) if i % 2 == 0 else list(reversed(timed))
         for m in order:
             net, opt = nets[m]
             parts = _timed_step(net, opt, x, y, device)
             if i >= warmup:
                 times[m].append(sum(parts))
                 phases[m].append(parts)
-        net = nets["vanilla"][0]
-        synchronize(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            net(x)
-        synchronize(device)
-        if i >= warmup:
-            times["forward_only"].append(time.perf_counter() - t0)
+        for key in forward_keys:
+            net = nets[key.replace("forward_only", "vanilla")][0]
+            synchronize(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                net(x)
+            synchronize(device)
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     if split_before is not None:  # None: one thread, or a GPU case
         row["cross_core_read_ratio"] = [round(split_before, 2),
                                         round(cross_core_read_ratio(), 2)]
-    row["forward_only_ms"] = med["forward_only"]
+    for key in forward_keys:
+        row[f"{key}_ms"] = med[key]
     # whether each method's optimizer flushed its parameters before its steps (auto's choice)
     row["flush"] = {m: FLUSH[opt].flushing for m, (_, opt) in nets.items()}
     # how many probes each made (1 = only the warm-up's; more: its steps drifted mid-case)
     row["flush_probes"] = {m: FLUSH[opt].probes for m, (_, opt) in nets.items()}
-    bound = med["vanilla"] - med["forward_only"]
-    for m in METHODS:
+    for m in timed:
         for k, phase in enumerate(("forward", "backward", "optimizer")):
             row[f"{phase}_ms_{m}"] = statistics.median(p[k] for p in phases[m]) * 1e3
     # The most E any method can reach that keeps vanilla's forward (autograd recording
     # included) and optimizer step: E with a backward of zero time.
-    no_backward = row["forward_ms_vanilla"] + row["optimizer_ms_vanilla"]
-    row["efficiency_bound"] = (med["vanilla"] - no_backward) / bound if bound > 0 else None
-    for m in METHODS:
+    for van in ("vanilla", f"vanilla{COMPILED}")[: 1 + bool(compile)]:
+        fwd = _baseline(van)[1]
+        bound = med[van] - med[fwd]
+        no_backward = row[f"forward_ms_{van}"] + row[f"optimizer_ms_{van}"]
+        suffix = van.removeprefix("vanilla")
+        row[f"efficiency_bound{suffix}"] = ((med[van] - no_backward) / bound if bound > 0
+                                            else None)
+    for m in timed:
         row[f"step_ms_{m}"] = med[m]
-        if m != "vanilla":
-            row[f"speedup_{m}"] = med["vanilla"] / med[m]
-            row[f"efficiency_{m}"] = (med["vanilla"] - med[m]) / bound if bound > 0 else None
-            paired = paired_efficiency(times["vanilla"], times[m], times["forward_only"])
-            row[f"efficiency_paired_{m}"] = None if paired is None else paired[0]
-            row[f"efficiency_iqr_{m}"] = None if paired is None else [paired[1], paired[2]]
+        van, fwd = _baseline(m)
+        if m == van:
+            continue
+        bound = med[van] - med[fwd]
+        row[f"speedup_{m}"] = med[van] / med[m]
+        row[f"efficiency_{m}"] = (med[van] - med[m]) / bound if bound > 0 else None
+        paired = paired_efficiency(times[van], times[m], times[fwd])
+        row[f"efficiency_paired_{m}"] = None if paired is None else paired[0]
+        row[f"efficiency_iqr_{m}"] = None if paired is None else [paired[1], paired[2]]
+        eager = m.removesuffix(COMPILED)
+        if m != eager:  # the compiled method against its eager (native) path
+            row[f"vs_eager_{m}"] = med[eager] / med[m]
+        else:
             row[f"saved_ratio_blocks_{m}"] = (row["saved_bytes_blocks_vanilla"]
                                               / max(row[f"saved_bytes_blocks_{m}"], 1))
     if device.type == "cuda":
@@ -237,43 +290,41 @@ def _peak_rss_worker(model_name, method, last, radius, batch, size, threads,
 
 
 def _case_in_worker(args) -> dict[str, Any]:
-    *case, device, threads, channels_last = args
+    *case, device, threads, channels_last, compile = args
     torch.set_num_threads(threads)
-    return bench_case(*case, torch.device(device), channels_last=channels_last)
+    return bench_case(*case, torch.device(device), channels_last=channels_last, compile=compile)
 
 
 def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None = None,
                    size: int = 224, repeats: int = 7, device: str = "cpu",
                    out: str | None = None, quiet: bool = False,
-                   channels_last: bool = False) -> dict[str, Any]:
+                   channels_last: bool = False, compile: bool = False,
+                   threads: int | None = None, load: int = 0) -> dict[str, Any]:
+    """Run :func:`bench_case` for every model and ``lasts`` setting (on CPU each case in a fresh
+    process with ``threads`` threads, default: this process's), print a line per case, write
+    JSON + PNG to ``out``. ``load``: that many CPU-bound processes spin beside the benchmark
+    (:func:`gradfilter.machine.cpu_load`), as another job on a device would."""
     dev = torch.device(device)
     batch = batch or (32 if dev.type == "cuda" else 16)
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     rows = []
     ctx = multiprocessing.get_context("spawn")
-    for model_name in models:
-        for last in lasts:
-            if dev.type == "cuda":
-                row = bench_case(model_name, last, radius, batch, size, repeats, dev,
-                                 channels_last=channels_last)
-            else:
-                with ctx.Pool(1) as pool:
-                    row = pool.apply(_case_in_worker, ((model_name, last, radius, batch, size,
-                                                        repeats, device, threads,
-                                                        channels_last),))
-                for m in METHODS:
-                    with ctx.Pool(1) as pool:
-                        row[f"peak_step_bytes_{m}"] = pool.apply(
-                            _peak_rss_worker, (model_name, m, last, radius, batch, size, threads,
-                                               channels_last))
-            rows.append(row)
-            if not quiet:
-                print(_line(row), flush=True)
+    with cpu_load(load):
+        for model_name in models:
+            for last in lasts:
+                row = _run_case(ctx, model_name, last, radius, batch, size, repeats, dev,
+                                threads, channels_last, compile)
+                rows.append(row)
+                if not quiet:
+                    print(_line(row), flush=True)
     result = {"machine": machine_info(device), "radius": radius, "batch": batch,
               "image_size": size, "repeats": repeats, "channels_last": channels_last,
-              "rows": rows}
+              "compile": compile, "threads": threads, "load_processes": load, "rows": rows}
     if not quiet:
-        print(f"machine: {describe(result['machine'])}")
+        print(f"machine: {describe(result['machine'])}; {threads} threads"
+              + (f", {load} CPU-bound process(es) beside it" if load else ""))
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +334,24 @@ def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None
         except ImportError:
             pass
     return result
+
+
+def _run_case(ctx, model_name: str, last: int, radius: int, batch: int, size: int, repeats: int,
+              dev: torch.device, threads: int, channels_last: bool,
+              compile: bool) -> dict[str, Any]:
+    if dev.type == "cuda":
+        return bench_case(model_name, last, radius, batch, size, repeats, dev,
+                          channels_last=channels_last, compile=compile)
+    with ctx.Pool(1) as pool:
+        row = pool.apply(_case_in_worker, ((model_name, last, radius, batch, size, repeats,
+                                            dev.type, threads, channels_last, compile),))
+    for m in METHODS:
+        with ctx.Pool(1) as pool:
+            row[f"peak_step_bytes_{m}"] = pool.apply(
+                _peak_rss_worker, (model_name, m, last, radius, batch, size, threads,
+                                   channels_last))
+    return row
+
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -296,14 +365,22 @@ def _line(row: dict[str, Any]) -> str:
     flushed = [m for m, on in (row.get("flush") or {}).items() if on]
     if flushed:
         parts[0] += f" [parameters flushed before the step: {', '.join(flushed)}]"
-    for m in METHODS[1:]:
+    compiled = bool(row.get("compile"))
+    if compiled:
+        parts.append(f"compiled: fwd-only {row[f'forward_only{COMPILED}_ms']:7.1f} ms, vanilla "
+                     f"{row[f'step_ms_vanilla{COMPILED}']:7.1f} ms")
+    for m in variants(compiled):
+        if f"speedup_{m}" not in row:
+            continue
         eff, paired = row[f"efficiency_{m}"], row.get(f"efficiency_paired_{m}")
         e = "E -" if eff is None else f"E {100 * eff:.0f}%"
         if paired is not None:
             lo, hi = row[f"efficiency_iqr_{m}"]
             e += f" [paired {100 * paired:.0f}%, IQR {100 * lo:.0f}-{100 * hi:.0f}%]"
+        extra = (f"{row[f'vs_eager_{m}']:.2f}x its eager path" if m.endswith(COMPILED) else
+                 f"saved in blocks {row[f'saved_ratio_blocks_{m}']:.1f}x less")
         parts.append(f"{m} {row[f'step_ms_{m}']:7.1f} ms ({row[f'speedup_{m}']:.2f}x, {e}, "
-                     f"saved in blocks {row[f'saved_ratio_blocks_{m}']:.1f}x less)")
+                     f"{extra})")
     return " | ".join(parts)
 
 
@@ -317,10 +394,12 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     labels = [f"{r['model']}\nlast {r['last']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     xs = range(len(rows))
-    bars = ("forward_only", *METHODS)
+    compiled = bool(result.get("compile"))
+    bars = ("forward_only", *(("forward_only" + COMPILED,) if compiled else ()),
+            *variants(compiled))
     width = 0.8 / len(bars)
     for k, m in enumerate(bars):
-        key = "forward_only_ms" if m == "forward_only" else f"step_ms_{m}"
+        key = f"{m}_ms" if m.startswith("forward_only") else f"step_ms_{m}"
         axes[0].bar([x + (k - (len(bars) - 1) / 2) * width for x in xs], [r[key] for r in rows],
                     width,
                     label=m.replace("_", " "))
@@ -334,8 +413,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     axes[1].set_ylabel("MiB saved for backward in the trainable blocks")
     axes[1].set_xticks(list(xs), labels, fontsize=7)
     axes[1].legend()
+    load = result.get("load_processes") or 0
     fig.suptitle(f"one training step, batch {result['batch']}, {result['image_size']}², "
-                 f"r={result['radius']} — {describe(result['machine'])}", fontsize=9)
+                 f"r={result['radius']}, {result.get('threads', '?')} threads"
+                 + (f", {load} CPU-bound process(es) beside it" if load else "")
+                 + f" — {describe(result['machine'])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
