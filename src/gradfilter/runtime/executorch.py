@@ -41,6 +41,7 @@ __all__ = [
     "ExecuTorchTrainer",
     "ExportedTraining",
     "UnsupportedForRuntimeError",
+    "export_model",
     "export_training",
     "load_training",
 ]
@@ -395,3 +396,29 @@ def relative_error(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     """Largest ``max|a - b| / max|b|`` over the names of ``b``."""
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30))
                for k in b) if b else math.nan
+
+
+def export_model(*, model: str, num_classes: int, input_shape: tuple[int, int, int, int],
+                 train_last: int, method: str, radius: int, out: str | Path,
+                 lean: str | None = None, pretrained: bool = False,
+                 checkpoint: str | Path | None = None) -> ExportedTraining:
+    """``gradfilter export``: a registry model prepared as ``finetune`` prepares it (last
+    ``train_last`` blocks with ``method``, the rest frozen, training mode), its cross-entropy
+    training step exported to ``out`` for batches of ``input_shape``."""
+    from ..models import create_model, has_offline_weights, load_init_checkpoint
+    from ..models.segmentation import is_segmentation_model
+    from ..train.trainer import prepare_model
+
+    _import_executorch()
+    if is_segmentation_model(model):
+        raise UnsupportedForRuntimeError(
+            f"gradfilter export takes classification models (cross-entropy on class indices); "
+            f"export {model} with gradfilter.export_training and its own loss")
+    net = create_model(model, num_classes, pretrained=pretrained and (
+        checkpoint is None or has_offline_weights(model)))
+    if checkpoint is not None:
+        load_init_checkpoint(net, checkpoint)
+    example = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+    net, _ = prepare_model(net, method, radius, train_last, example, lean=lean)
+    target = torch.zeros(input_shape[0], dtype=torch.long)
+    return export_training(net.train(), example, target, loss=F.cross_entropy, out=out)
