@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradfilter-installed
 
-.PHONY: demo test test-all lint bench
+.PHONY: demo test test-all test-arm lint bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m ''
+
+# The tests on an emulated aarch64 board (root; caches under ~/.cache/gradfilter/arm64; docs/arm.md).
+# Narrow it with ARM_CPUS=cortex-a76 ARM_TESTS="tests/test_native.py -k bn" (make passes both on).
+test-arm:
+	tools/arm/test_arm.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
