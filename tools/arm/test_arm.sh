@@ -117,7 +117,8 @@ rootfs() {  # Debian bookworm arm64 with python, g++ and the CPU torch (once; ca
     host_files
     step "installing $TORCH_PINS"
     mount_fs cortex-a76
-    in_fs cortex-a76 "python3 -m venv $VENV && pip install -q $TORCH_PINS"
+    in_fs cortex-a76 "python3 -m venv $VENV && pip install -q $TORCH_PINS" \
+        || die "could not install $TORCH_PINS from PyPI"
     cleanup
     touch "$FS/.gradfilter-ready"
 }
@@ -139,7 +140,7 @@ install_project() {  # pip install -e . must keep the preinstalled CPU torch
         pip install -q -e . && pip install -q pytest hypothesis timm $TORCH_PINS
         after=\$(python -c 'import torch; print(torch.__version__)')
         echo \"torch before: \$before, after: \$after\"
-        [ \"\$before\" = \"\$after\" ] || { echo 'pip install -e . replaced torch' >&2; exit 1; }"
+        [ \"\$before\" = \"\$after\" ]" || die "pip install -e . failed or replaced torch"
     cp "$ROOT/pyproject.toml" "$stamp"
 }
 
@@ -148,7 +149,8 @@ run_cpu() {  # build the native kernels and run the tests on emulated core $1
     mount_fs "$cpu"
     step "$cpu: building the native kernels"
     in_fs "$cpu" "cd $SRC && GRADFILTER_NATIVE=1 python -c \
-        'from gradfilter import native; assert native.available(); print(\"native kernels: ok\")'"
+        'from gradfilter import native; assert native.available(); print(\"native kernels: ok\")'" \
+        || die "$cpu: the native kernels did not build"
     step "$cpu: pytest $ARM_TESTS"
     local rc=0
     in_fs "$cpu" "cd $SRC && GRADFILTER_REQUIRE_NATIVE=1 python -m pytest -q -p no:cacheprovider \
