@@ -162,13 +162,18 @@ def test_every_method_keeps_the_plain_classifier():
 def test_step_bench_compiled_variants_are_measured_against_compiled_vanilla():
     """--compile: every method also compiled, its E and speed-up taken against the compiled
     vanilla step and compiled forward-only time (the baseline a user who compiles picks)."""
-    from gradfilter.bench.step import COMPILED, METHODS, _line, bench_case
+    from gradfilter.bench.step import COMPILED, _line, bench_case
 
+    with pytest.raises(ValueError, match="unknown method.*fast"):
+        bench_case("mobilenet_v2", 1, 4, batch=2, size=32, repeats=1,
+                   device=torch.device("cpu"), methods=("fast",))
     row = bench_case("mobilenet_v2", 1, 4, batch=2, size=32, repeats=1,
-                     device=torch.device("cpu"), compile="aot_eager")
+                     device=torch.device("cpu"), compile="aot_eager", methods=("fused",))
+    assert row["methods"] == ["vanilla", "fused"]
+    assert "step_ms_filtered" not in row and f"step_ms_filtered{COMPILED}" not in row
     cv, cf = row[f"step_ms_vanilla{COMPILED}"], row[f"forward_only{COMPILED}_ms"]
     assert cv > 0 and cf > 0
-    for m in METHODS[1:]:
+    for m in ["fused"]:
         c = f"{m}{COMPILED}"
         assert row[f"speedup_{c}"] == pytest.approx(cv / row[f"step_ms_{c}"])
         if cv > cf:
@@ -176,7 +181,7 @@ def test_step_bench_compiled_variants_are_measured_against_compiled_vanilla():
         assert row[f"vs_eager_{c}"] == pytest.approx(row[f"step_ms_{m}"] / row[f"step_ms_{c}"])
         # eager methods keep the eager baseline
         assert row[f"speedup_{m}"] == pytest.approx(row["step_ms_vanilla"] / row[f"step_ms_{m}"])
-    assert f"filtered{COMPILED}" in _line(row)
+    assert f"fused{COMPILED}" in _line(row)
 
 
 def test_cpu_load_spins_processes_while_the_block_runs_and_stops_them():

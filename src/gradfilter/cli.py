@@ -47,6 +47,11 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="step: also run every method compiled (torch.compile, inductor), "
                         "with compiled vanilla and compiled forward-only as its baseline")
+    p.add_argument("--compile-mode", default=None,
+                   help="step: torch.compile mode with --compile (e.g. reduce-overhead: CUDA "
+                        "graphs of the whole forward and backward on a GPU)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="step: comma-separated methods (vanilla, the baseline, always runs)")
     p.add_argument("--profile", choices=sorted(STEP_PROFILES), default=None,
                    help="step: a preset input shape (pi: 128x128, batch 8: what a Raspberry "
                         "Pi-class board trains); --batch and --image-size override it")
@@ -84,6 +89,7 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                        batch=args.batch or batch, size=args.image_size or size,
                        repeats=args.repeats, device=args.device, out=args.out,
                        channels_last=args.channels_last, compile=args.compile,
+                       compile_mode=args.compile_mode, methods=args.methods.split(","),
                        threads=args.threads, load=args.load)
         return 0
 

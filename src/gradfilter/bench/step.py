@@ -126,9 +126,18 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def variants(compile: bool | str) -> tuple[str, ...]:
+def variants(compile: bool | str, methods: tuple[str, ...] = METHODS) -> tuple[str, ...]:
     """The timed variants: every method eager, and with ``compile`` every method compiled."""
-    return (*METHODS, *(f"{m}{COMPILED}" for m in METHODS)) if compile else METHODS
+    return (*methods, *(f"{m}{COMPILED}" for m in methods)) if compile else tuple(methods)
+
+
+def check_methods(methods) -> tuple[str, ...]:
+    """``methods`` in :data:`METHODS` order, vanilla (the baseline) always first."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m == "vanilla" or m in methods)
 
 
 def _baseline(variant: str) -> tuple[str, str]:
@@ -140,9 +149,12 @@ def _baseline(variant: str) -> tuple[str, str]:
 
 def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, repeats: int,
                device: torch.device, channels_last: bool = False,
-               compile: bool | str = False) -> dict[str, Any]:
+               compile: bool | str = False, compile_mode: str | None = None,
+               methods=METHODS) -> dict[str, Any]:
     """One model and "last N" setting: every variant's step, alternating (module docstring).
-    ``compile``: also the compiled variants (``True``: inductor; a string names the backend)."""
+    ``compile``: also the compiled variants (``True``: inductor; a string names the backend),
+    compiled with ``compile_mode`` (e.g. ``"reduce-overhead"``: CUDA graphs on a GPU)."""
+    methods = check_methods(methods)
     from ..memory import count_saved
 
     fmt = _memory_format(channels_last)
@@ -150,17 +162,18 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
     x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     nets = {}
-    for v in variants(compile):
+    for v in variants(compile, methods):
         m = v.removesuffix(COMPILED)
         net, opt, blocks = build(model_name, m, last, radius, x[:2].cpu())
         net = net.to(device, memory_format=fmt).train()
         if v != m:
-            net.compile(backend="inductor" if compile is True else compile)
+            net.compile(backend="inductor" if compile is True else compile, mode=compile_mode)
         nets[v] = (net, opt)
     row: dict[str, Any] = {"model": model_name, "last": last, "radius": radius, "batch": batch,
                            "image_size": size, "blocks": blocks, "channels_last": channels_last,
-                           "threads": torch.get_num_threads()}
-    for m in METHODS:  # what autograd saves: eager modules (inductor saves its own choice)
+                           "threads": torch.get_num_threads(), "methods": list(methods),
+                           "compile_mode": compile_mode}
+    for m in methods:  # what autograd saves: eager modules (inductor saves its own choice)
         net = nets[m][0]
         with count_saved(net.parameters(), model=net) as saved:
             F.cross_entropy(net(x), y)
@@ -169,7 +182,7 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
     # the VM state that slows a pass over data the other core just wrote (machine.py): before
     # and after the timed rounds
     split_before = cross_core_read_ratio() if device.type == "cpu" else None
-    timed = variants(compile)
+    timed = variants(compile, methods)
     forward_keys = ("forward_only", *((f"forward_only{COMPILED}",) if compile else ()))
     row["compile"] = compile
     times: dict[str, list[float]] = {k: [] for k in (*timed, *forward_keys)}
@@ -235,7 +248,7 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
                                               / max(row[f"saved_bytes_blocks_{m}"], 1))
     if device.type == "cuda":
         # NVML's counter moves in coarse steps: give each method about two seconds of steps
-        steps = max(10, int(2000 / max(min(med[m] for m in METHODS), 0.1)))
+        steps = max(10, int(2000 / max(min(med[m] for m in methods), 0.1)))
         row.update(_energy_per_step(nets, x, y, device, steps=steps))
         for m, (net, opt) in nets.items():
             torch.cuda.empty_cache()
@@ -290,15 +303,16 @@ def _peak_rss_worker(model_name, method, last, radius, batch, size, threads,
 
 
 def _case_in_worker(args) -> dict[str, Any]:
-    *case, device, threads, channels_last, compile = args
+    *case, device, threads, options = args
     torch.set_num_threads(threads)
-    return bench_case(*case, torch.device(device), channels_last=channels_last, compile=compile)
+    return bench_case(*case, torch.device(device), **options)
 
 
 def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None = None,
                    size: int = 224, repeats: int = 7, device: str = "cpu",
                    out: str | None = None, quiet: bool = False,
-                   channels_last: bool = False, compile: bool = False,
+                   channels_last: bool = False, compile: bool | str = False,
+                   compile_mode: str | None = None, methods=METHODS,
                    threads: int | None = None, load: int = 0) -> dict[str, Any]:
     """Run :func:`bench_case` for every model and ``lasts`` setting (on CPU each case in a fresh
     process with ``threads`` threads, default: this process's), print a line per case, write
@@ -309,19 +323,23 @@ def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None
     threads = threads or torch.get_num_threads()
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    options = {"channels_last": channels_last, "compile": compile,
+               "compile_mode": compile_mode, "methods": check_methods(methods)}
     rows = []
     ctx = multiprocessing.get_context("spawn")
     with cpu_load(load):
         for model_name in models:
             for last in lasts:
-                row = _run_case(ctx, model_name, last, radius, batch, size, repeats, dev,
-                                threads, channels_last, compile)
+                row = _run_case(ctx, (model_name, last, radius, batch, size, repeats), dev,
+                                threads, options)
                 rows.append(row)
                 if not quiet:
                     print(_line(row), flush=True)
     result = {"machine": machine_info(device), "radius": radius, "batch": batch,
               "image_size": size, "repeats": repeats, "channels_last": channels_last,
-              "compile": compile, "threads": threads, "load_processes": load, "rows": rows}
+              "compile": compile, "compile_mode": compile_mode,
+              "methods": list(options["methods"]), "threads": threads,
+              "load_processes": load, "rows": rows}
     if not quiet:
         print(f"machine: {describe(result['machine'])}; {threads} threads"
               + (f", {load} CPU-bound process(es) beside it" if load else ""))
@@ -336,20 +354,20 @@ def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None
     return result
 
 
-def _run_case(ctx, model_name: str, last: int, radius: int, batch: int, size: int, repeats: int,
-              dev: torch.device, threads: int, channels_last: bool,
-              compile: bool) -> dict[str, Any]:
+def _run_case(ctx, case: tuple, dev: torch.device, threads: int,
+              options: dict[str, Any]) -> dict[str, Any]:
+    """One case: in this process on a GPU; on CPU in a fresh process, and each method's peak
+    RSS growth in a fresh process of its own."""
     if dev.type == "cuda":
-        return bench_case(model_name, last, radius, batch, size, repeats, dev,
-                          channels_last=channels_last, compile=compile)
+        return bench_case(*case, dev, **options)
     with ctx.Pool(1) as pool:
-        row = pool.apply(_case_in_worker, ((model_name, last, radius, batch, size, repeats,
-                                            dev.type, threads, channels_last, compile),))
-    for m in METHODS:
+        row = pool.apply(_case_in_worker, ((*case, dev.type, threads, options),))
+    model_name, last, radius, batch, size, _ = case
+    for m in options["methods"]:
         with ctx.Pool(1) as pool:
             row[f"peak_step_bytes_{m}"] = pool.apply(
                 _peak_rss_worker, (model_name, m, last, radius, batch, size, threads,
-                                   channels_last))
+                                   options["channels_last"]))
     return row
 
 
@@ -366,10 +384,11 @@ def _line(row: dict[str, Any]) -> str:
     if flushed:
         parts[0] += f" [parameters flushed before the step: {', '.join(flushed)}]"
     compiled = bool(row.get("compile"))
+    methods = tuple(row.get("methods", METHODS))
     if compiled:
         parts.append(f"compiled: fwd-only {row[f'forward_only{COMPILED}_ms']:7.1f} ms, vanilla "
                      f"{row[f'step_ms_vanilla{COMPILED}']:7.1f} ms")
-    for m in variants(compiled):
+    for m in variants(compiled, methods):
         if f"speedup_{m}" not in row:
             continue
         eff, paired = row[f"efficiency_{m}"], row.get(f"efficiency_paired_{m}")
@@ -395,8 +414,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     xs = range(len(rows))
     compiled = bool(result.get("compile"))
+    methods = tuple(result.get("methods", METHODS))
     bars = ("forward_only", *(("forward_only" + COMPILED,) if compiled else ()),
-            *variants(compiled))
+            *variants(compiled, methods))
     width = 0.8 / len(bars)
     for k, m in enumerate(bars):
         key = f"{m}_ms" if m.startswith("forward_only") else f"step_ms_{m}"
@@ -406,9 +426,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     axes[0].set_ylabel("ms per training step (median)")
     axes[0].set_xticks(list(xs), labels, fontsize=7)
     axes[0].legend()
-    width = 0.8 / len(METHODS)
-    for k, m in enumerate(METHODS):
-        axes[1].bar([x + (k - (len(METHODS) - 1) / 2) * width for x in xs],
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        axes[1].bar([x + (k - (len(methods) - 1) / 2) * width for x in xs],
                     [r[f"saved_bytes_blocks_{m}"] / 2**20 for r in rows], width, label=m)
     axes[1].set_ylabel("MiB saved for backward in the trainable blocks")
     axes[1].set_xticks(list(xs), labels, fontsize=7)
