@@ -166,6 +166,47 @@ class ExportedTraining:
         return ExecuTorchTrainer(self.buffer)
 
 
+def _crop_negative_pads(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``constant_pad_nd`` with negative pads (a crop: autograd's backward of a pad)
+    as slices followed by the non-negative pad; ExecuTorch's kernel rejects negative pads.
+    Returns the number of rewritten nodes."""
+    aten = torch.ops.aten
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.constant_pad_nd.default:
+            continue
+        src, pad = node.args[0], list(node.args[1])
+        if min(pad) >= 0:
+            continue
+        fake = src.meta["val"]
+        nd = fake.dim()
+        value = node.args[2] if len(node.args) > 2 else 0.0
+        with gm.graph.inserting_before(node):
+            cur, val = src, fake
+            for i in range(len(pad) // 2):
+                dim = nd - 1 - i
+                before, after = pad[2 * i], pad[2 * i + 1]
+                start, end = max(-before, 0), val.shape[dim] - max(-after, 0)
+                if start or end != val.shape[dim]:
+                    cur = gm.graph.call_function(aten.slice.Tensor, (cur, dim, start, end))
+                    with fake.fake_mode:
+                        val = aten.slice.Tensor(val, dim, start, end)
+                    cur.meta["val"] = val
+            rest = [max(p, 0) for p in pad]
+            if any(rest):
+                cur2 = gm.graph.call_function(aten.constant_pad_nd.default, (cur, rest, value))
+                with fake.fake_mode:
+                    cur2.meta["val"] = aten.constant_pad_nd.default(val, rest, value)
+                cur = cur2
+        node.replace_all_uses_with(cur)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 def _operator_names(program: Any) -> dict[str, list[str]]:
     ops: dict[str, list[str]] = {}
     for plan in program.execution_plan:
@@ -209,6 +250,7 @@ def export_training(
     try:
         joint = torch.export.export(step, (x, y), strict=False)
         programs["forward"] = _export_forward_backward(joint)
+        _crop_negative_pads(programs["forward"].graph_module)
         if predict:
             params = dict(copy_.named_parameters())
             pred = _Predict(copy_, names).eval()  # evaluation: dropout off
@@ -270,6 +312,7 @@ class ExecuTorchTrainer:
         if isinstance(program, (str, Path)):
             self.module = _load_for_executorch_for_training(str(program))
         else:
+            self._buffer = program  # the runtime reads the program from it: keep it alive
             self.module = _load_for_executorch_for_training_from_buffer(program)
         methods = self.module.model.method_names()
         meta = self.module.model.method_meta("forward")

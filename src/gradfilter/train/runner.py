@@ -107,6 +107,50 @@ def _validate(epochs: int, batch_size: int, lr: float, method: str,
         raise ValueError(f"--image-size must be >= 1, got {image_size}")
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def _check_runtime(runtime: str | None, lr_schedule: str | None, optimizer: str, resume: bool,
+                   device: str, cache_features: bool, compile: bool,
+                   channels_last: bool) -> str:
+    """The learning-rate schedule; refuses options the runtime does not run."""
+    if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if runtime is None:
+        return lr_schedule or "cosine"
+    if runtime != "executorch":
+        raise ValueError(f"runtime must be 'executorch' or None (PyTorch), got {runtime!r}")
+    from ..runtime.executorch import OPTIMIZERS
+
+    flags = {"optimizer " + optimizer: optimizer not in OPTIMIZERS,
+             "a cosine learning-rate schedule": lr_schedule == "cosine",
+             "--resume (the runtime keeps its momentum inside)": resume,
+             f"device {device}": str(device) != "cpu", "--cache-features": cache_features,
+             "--compile": compile, "--channels-last": channels_last}
+    bad = [k for k, v in flags.items() if v]
+    if bad:
+        raise ValueError("--runtime executorch trains with the runtime's SGD (momentum 0.9, "
+                         "constant learning rate) on the CPU; it does not take "
+                         + ", ".join(bad) + " (use --optimizer sgd)")
+    return "constant"
+
+
+def _export_runtime(net: torch.nn.Module, dataset: Any, batch: int, loss_fn: Any,
+                    out_dir: Path, quiet: bool) -> Any:
+    """``net``'s training step exported to ``out_dir/train.pte`` (one training batch's shape;
+    the first samples, so that the data order's generator is not drawn from)."""
+    from torch.utils.data import default_collate
+
+    from ..runtime.executorch import export_training
+
+    inputs, targets = default_collate([dataset[i] for i in range(batch)])
+    if not quiet:
+        print(f"exporting the training step to {out_dir / 'train.pte'} (ExecuTorch)",
+              file=sys.stderr)
+    net.train()
+    return export_training(net, inputs, targets, loss=loss_fn, out=out_dir / "train.pte")
+
+
 def finetune(
     *,
     model: str,
@@ -133,6 +177,8 @@ def finetune(
     input_grad: str = "filtered",
     channels_last: bool = False,
     compile: bool = False,
+    runtime: str | None = None,
+    lr_schedule: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model``'s last ``train_last`` blocks on ``data``; checkpoint every epoch into
     ``out``; write and return ``out/metrics.json``'s content.
@@ -146,7 +192,11 @@ def finetune(
     ``input_grad``: "filtered" (the paper) or "exact" input gradients through the filtered
     convs (:func:`gradfilter.apply`). ``channels_last``: model and batches in that memory format
     (faster on CPUs, same math; :func:`.trainer.train`). ``compile``: ``torch.compile`` the
-    model (inductor; :func:`.trainer.train`)."""
+    model (inductor; :func:`.trainer.train`). ``runtime``: ``"executorch"`` exports the
+    training step to ``out/train.pte`` and runs every step and evaluation in the ExecuTorch
+    runtime (:mod:`gradfilter.runtime.executorch`; SGD only, constant learning rate, CPU, no
+    resume). ``lr_schedule``: ``"cosine"`` (the default in PyTorch) or ``"constant"`` (the
+    runtime's)."""
     from torch.utils.data import DataLoader
 
     from ..data import get_dataset
@@ -155,6 +205,8 @@ def finetune(
     from .metrics import task_for
 
     _validate(epochs, batch_size, lr, method, radius, image_size)
+    lr_schedule = _check_runtime(runtime, lr_schedule, optimizer, resume, device,
+                                 cache_features, compile, channels_last)
     lean = method_lean(method, lean)
     validate_input_grad(input_grad)
     if cache_dtype not in CACHE_DTYPES:
@@ -198,6 +250,8 @@ def finetune(
         "pretrained": pretrained,
         "init_checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
         "reinit_head": reinit_head,
+        "lr_schedule": lr_schedule,
+        "runtime": runtime or "pytorch",
     }
     if reinit_head and checkpoint is None:
         raise ValueError("--reinit-head needs --checkpoint (the weights whose classifier to drop)")
@@ -306,13 +360,18 @@ def finetune(
         }, ckpt_path)
 
     t0 = time.perf_counter()
+    program = None
+    if runtime is not None:
+        program = _export_runtime(net, splits.train, min(batch_size, len(splits.train)),
+                                  task.loss_fn, out_dir, quiet)
     with skip_prefix(net, cache.prefix) if cache is not None else contextlib.nullcontext():
         metrics = train(trained, train_loader, val_loader, epochs=epochs, lr=lr,
                         optimizer=optimizer, device=device, progress=not quiet,
                         start_epoch=start_epoch, resume_state=resume_state, on_epoch_end=save,
                         loss_fn=task.loss_fn, metric_fn=task.metric_fn,
                         metric_name=task.metric_name, channels_last=channels_last,
-                        compile=compile)
+                        compile=compile, cosine=lr_schedule == "cosine",
+                        runtime=program.trainer() if program is not None else None)
     epochs_run = epochs - start_epoch
     key = f"val_{task.metric_name}"
     val_acc = metrics[key]
@@ -352,6 +411,9 @@ def finetune(
         "machine": machine_info(device),
         "world_size": dist_info.world_size if dist_info is not None else 1,
     }
+    if program is not None:
+        result.update(program=str(program.path), program_bytes=program.size_bytes,
+                      planned_bytes=program.planned_bytes)
     if is_main:
         write_json_atomic(result, out_dir / "metrics.json")
     return result

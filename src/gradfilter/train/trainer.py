@@ -298,8 +298,15 @@ def train(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     channels_last: bool = False,
     compile: bool | str = False,
+    runtime: Any = None,
 ) -> dict[str, Any]:
     """Fine-tune the parameters of ``model`` that require grad; return metrics.
+
+    ``runtime``: an on-device runtime that runs each step instead of PyTorch
+    (:class:`gradfilter.runtime.executorch.ExecuTorchTrainer`, loaded from ``model``'s exported
+    training program): ``optimizer`` must be one it runs, ``cosine`` off; evaluation runs its
+    forward; ``model`` receives the trained parameters after every epoch and at the end.
+    ``backward_time_ms`` is then NaN (the runtime runs forward and backward as one call).
 
     ``compile``: ``model.compile()`` in place first (``True``: inductor; a string names another
     ``torch.compile`` backend). Its gradfilter layers then trace their stop-gradient form: the
@@ -338,7 +345,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
-    if optimizer == "sgd":
+    if runtime is not None:
+        if cosine:
+            raise ValueError("the runtime's optimizer has a constant learning rate: "
+                             "pass cosine=False")
+        runtime.set_optimizer(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        opt = runtime
+    elif optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused_kwargs(params)
         )
@@ -346,7 +359,7 @@ def train(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused_kwargs(params))
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    if device.type == "cpu":  # evict the parameters before a step where that is faster
+    if device.type == "cpu" and runtime is None:  # evict the parameters before a step
         flush_before_step(opt)
     steps_per_epoch = _len(train_loader) or 0
     total_steps = steps_per_epoch * epochs
@@ -389,23 +402,32 @@ def train(
             inputs, targets = _to(inputs, device, channels_last), _to(targets, device)
             _sync(device)
             t0 = time.perf_counter()
-            if saved_bytes is None:
+            if runtime is not None:  # the whole step, in the runtime
+                if saved_bytes is None:  # what the same graph saves in PyTorch
+                    with count_saved(model.parameters()) as saved:
+                        _forward(model, inputs)
+                    saved_bytes = saved.bytes
+                    t0 = time.perf_counter()
+                loss = runtime.step(inputs, targets)[0]
+                step_times.append(time.perf_counter() - t0)
+            elif saved_bytes is None:
                 with count_saved(model.parameters()) as saved:
                     loss = loss_fn(_forward(model, inputs), targets)
                 saved_bytes = saved.bytes
             else:
                 loss = loss_fn(_forward(model, inputs), targets)
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            t1 = time.perf_counter()
-            loss.backward()
-            _sync(device)
-            backward_times.append(time.perf_counter() - t1)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            _sync(device)
-            step_times.append(time.perf_counter() - t0)
+            if runtime is None:
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+                t1 = time.perf_counter()
+                loss.backward()
+                _sync(device)
+                backward_times.append(time.perf_counter() - t1)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                _sync(device)
+                step_times.append(time.perf_counter() - t0)
             n = _batch_size(targets)
             loss_value = loss.item()
             loss_sum += loss_value * n
@@ -414,8 +436,11 @@ def train(
             batches.update(loss=f"{loss_value:.3f}")
         batches.close()
         train_loss.append(loss_sum / loss_n if loss_n else math.nan)
+        if runtime is not None:
+            runtime.copy_to(model)
         if val_loader is not None:
-            val_metric.append(evaluate(model, val_loader, metric_fn, device,
+            val_metric.append(evaluate(model if runtime is None else runtime.as_module(),
+                                       val_loader, metric_fn, device,
                                        channels_last=channels_last))
         postfix = {"loss": f"{train_loss[-1]:.3f}"}
         if val_metric:
