@@ -7,6 +7,7 @@ from .linear import fuse_linear
 from .memory import count_saved
 from .nn import FilteredConv1d, FilteredConv2d
 from .optim import FlushBeforeStep, flush_before_step
+from .runtime import export_training  # lazy: imports ExecuTorch only when called
 from .surgery import (
     ConversionReport,
     LayerReport,
@@ -32,6 +33,7 @@ __all__ = [
     "conv_layers",
     "flush_before_step",
     "count_saved",
+    "export_training",
     "freeze",
     "fuse_blocks",
     "fuse_linear",

@@ -29,9 +29,10 @@ STEP_PROFILES: dict[str, tuple[int | None, int]] = {"default": (None, 224), "pi"
 
 def _bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: vanilla vs filtered, alternating, same process")
-    p.add_argument("suite", choices=["layers", "step"],
+    p.add_argument("suite", choices=["layers", "step", "executorch"],
                    help="layers: the paper's per-layer configs; step: one training step of "
-                        "real models (end to end)")
+                        "real models (end to end); executorch: the training step inside the "
+                        "ExecuTorch runtime (needs the executorch extra)")
     p.add_argument("--radii", default=None,
                    help="comma-separated radii (layers: 2,4; step: 4)")
     p.add_argument("--batch", type=int, default=None,
@@ -78,6 +79,17 @@ def _bench(sub: argparse._SubParsersAction) -> None:
             with cpu_load(args.load):
                 return run_layers(radii=radii, batch=args.batch, repeats=args.repeats,
                                   device=args.device, out=args.out)
+        if args.suite == "executorch":
+            from .bench.runtime import run_runtime_bench
+
+            radii = [int(r) for r in (args.radii or "4").split(",")]
+            if len(radii) != 1:
+                raise ValueError("bench executorch takes one radius")
+            run_runtime_bench(models=args.models.split(","),
+                              lasts=[int(n) for n in args.last.split(",")], radius=radii[0],
+                              batch=args.batch or 8, size=args.image_size or 128,
+                              repeats=args.repeats, out=args.out)
+            return 0
         from .bench.step import run_step_bench
 
         radii = [int(r) for r in (args.radii or "4").split(",")]
@@ -159,6 +171,13 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels-last", action="store_true",
                    help="model and batches in channels-last memory format: the same math, "
                         "1.2-1.5x faster steps on CPUs (docs/performance.md)")
+    p.add_argument("--runtime", choices=["pytorch", "executorch"], default="pytorch",
+                   help="executorch: export the training step to OUT/train.pte and run every "
+                        "step and evaluation in the ExecuTorch runtime (its SGD: needs "
+                        "--optimizer sgd; constant learning rate; the executorch extra)")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default=None,
+                   help="learning rate per step (default: cosine; constant with --runtime "
+                        "executorch, whose SGD has no schedule)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt and metrics.json")
 
@@ -195,7 +214,8 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                 device=args.device, cache_features=args.cache_features,
                 cache_dtype=args.cache_dtype, lean=args.lean, reinit_head=args.reinit_head,
                 input_grad=args.input_grad, channels_last=args.channels_last,
-                compile=args.compile,
+                compile=args.compile, lr_schedule=args.lr_schedule,
+                runtime=None if args.runtime == "pytorch" else args.runtime,
             )
             shutdown()  # under torchrun: leave the process group cleanly
         except KeyboardInterrupt:
@@ -399,6 +419,47 @@ def _plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the (filtered) training step of a model to an "
+                                      "ExecuTorch program (.pte) for on-device training")
+    p.add_argument("--model", required=True, help="a classification model (as finetune --model)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="built-in offline weights (tf_efficientnet_lite0 only)")
+    p.add_argument("--checkpoint", default=None, help="state_dict or checkpoint.pt to start from")
+    p.add_argument("--num-classes", type=int, required=True, help="classifier size")
+    p.add_argument("--train-last", type=int, default=4,
+                   help="number of last blocks to train, plus the classifier (default: 4)")
+    p.add_argument("--method", choices=METHODS, default="filtered",
+                   help="backward of the trained blocks (as finetune --method; default: "
+                        "filtered)")
+    p.add_argument("--radius", type=int, default=2, help="patch radius (default: 2)")
+    p.add_argument("--lean", choices=["exact", "patch", "frozen"], default=None,
+                   help="lean BatchNorm mode (as finetune --lean)")
+    p.add_argument("--input-shape", required=True,
+                   help="B,C,H,W of a training batch (the program's fixed shape)")
+    p.add_argument("--out", default="train.pte", help="the program file (default: train.pte)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .plan.command import parse_shape
+        from .runtime.executorch import export_model
+
+        try:
+            prog = export_model(model=args.model, num_classes=args.num_classes,
+                                input_shape=parse_shape(args.input_shape),
+                                train_last=args.train_last, method=args.method,
+                                radius=args.radius, lean=args.lean, pretrained=args.pretrained,
+                                checkpoint=args.checkpoint, out=args.out)
+        except ModuleNotFoundError as e:
+            print(f"gradfilter export: error: {e}", file=sys.stderr)
+            return 2
+        planned = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in prog.planned_bytes.items())
+        print(f"wrote {prog.path} ({prog.size_bytes / 2**20:.1f} MiB; planned memory: "
+              f"{planned})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
@@ -421,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _federated(sub)
     _inspect(sub)
     _plan(sub)
+    _export(sub)
     return parser
 
 
