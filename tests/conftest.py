@@ -32,10 +32,11 @@ def native_buildable() -> bool:
         return False
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+@pytest.fixture(params=[True, 1, False], ids=["simd", "simd4", "portable"])
 def simd(request):
-    """A native-kernel test twice: with the CPU's SSE/AVX paths, and with the portable paths that
-    CPUs without them (ARM boards) run, forced on this host (``native.use_simd``)."""
+    """A native-kernel test three times (``native.use_simd``): with every vector path the CPU
+    has (AVX2/AVX-512 on x86), with the 4-lane paths alone (SSE2 on x86: the helpers ARM's NEON
+    paths share, so x86 runs the code ARM boards run), and with the portable scalar paths."""
     if not native_buildable():
         yield request.param
         return

@@ -401,8 +401,8 @@ def test_depthwise_conv_inside_the_native_stats_pass_matches_conv2d(kind, h, w, 
                                                                     threads, simd):
     """Float32 fused blocks give the PyTorch reference path's outputs and gradients (conv2d),
     whether their depthwise units compute their conv inside the native statistics pass (tiny
-    maps, on an x86 CPU with AVX2 and FMA) or call conv2d (other maps, the portable paths, other
-    CPUs); the pass runs exactly where it should."""
+    maps, on an x86 CPU with AVX2 and FMA) or call conv2d (other maps, the 4-lane and portable
+    paths, other CPUs); the pass runs exactly where it should."""
     gen = torch.Generator().manual_seed(h * w + r)
     block = _randomise(DW_BLOCKS[kind](), gen)
     dw_units = sum(1 for c, _, _ in _units_of_any(block) if c.groups > 1)
@@ -428,7 +428,7 @@ def test_depthwise_conv_inside_the_native_stats_pass_matches_conv2d(kind, h, w, 
     finally:
         torch.set_num_threads(before)
     assert got[False][3] == 0
-    assert got[True][3] == (dw_units if tiny and simd and _cpu_has_avx2_fma() else 0)
+    assert got[True][3] == (dw_units if tiny and simd is True and _cpu_has_avx2_fma() else 0)
     assert _rel_err(got[True][0], got[False][0]) < 1e-5
     assert _rel_err(got[True][1], got[False][1]) < 1e-4
     for name, ref in got[False][2].items():

@@ -212,6 +212,41 @@ def test_native_masked_activation_is_pytorch_bit_for_bit(upper, dtype, numel):
 
 
 @needs_native
+@pytest.mark.parametrize("count_u8", [True, False])
+def test_native_four_lane_paths_equal_the_portable_paths_bit_for_bit(count_u8):
+    """The 4-lane vector paths (native.use_simd(1): SSE2 on x86, NEON on AArch64) keep the
+    portable paths' order of every sum, and each multiply and add rounds on its own (the build
+    does not contract them into FMAs): on any CPU they give the portable paths' results bit for
+    bit. (Both are checked against oracles elsewhere; this pins the ISA-independence.)"""
+    gen = torch.Generator().manual_seed(int(count_u8))
+    x = torch.randn(3000, generator=gen) * 5
+    x[:4] = torch.tensor([float("nan"), 0.0, -0.0, 6.0])
+    g = torch.randn(13, 37, generator=gen)  # 37 columns: 4 blocks of 8 and a tail
+    count = torch.randint(0, 17, (13, 37), generator=gen)
+    unit = (g, count.to(torch.uint8) if count_u8 else count.float(),
+            torch.randn(13, 37, generator=gen) * 3, torch.randn(13, generator=gen),
+            torch.rand(13, generator=gen) + 0.1, torch.randn(13, generator=gen),
+            torch.randint(1, 17, (1, 37), generator=gen).float(), 0.25)
+    got = {}
+    for level in (1, 0):
+        with native.use_native(True), native.use_simd(level):
+            out = [*native.masked_clamp(x, 6.0), *native.unit_backward(*unit)]
+            for n, c, h, w, k in ((2, 16, 7, 7, 4), (2, 9, 20, 23, 3)):  # tiny planes, others
+                same = torch.Generator().manual_seed(c)  # the same maps at both levels
+                z = torch.randn(n, c, h, w, generator=same) * 4
+                scale, shift = torch.randn(c, generator=same) * 1.5, torch.randn(c, generator=same)
+                ph, pw = -(-(h + 1) // k), -(-(w + 1) // k)
+                out += native.bn_act_stats(z, scale, shift, 6.0, k, 1, 1, ph, pw, count_u8)
+        got[level] = out
+    assert len(got[1]) == 14
+    for a, b in zip(got[1], got[0]):
+        assert a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan())
+        if a.is_floating_point():  # the bits, ±0 included
+            a, b = a[~a.isnan()].view(torch.int32), b[~b.isnan()].view(torch.int32)
+        assert torch.equal(a, b)
+
+
+@needs_native
 @settings(max_examples=60, deadline=None)
 @given(grids())
 @pytest.mark.usefixtures("simd")

@@ -57,6 +57,10 @@ _SOURCE = Path(__file__).with_name("_native") / "kernels.cpp"
 # library built against another torch's headers must not be loaded.
 _LIB_NAME = "gradfilter_native_" + "".join(
     c if c.isalnum() else "_" for c in torch.__version__.split("+")[0])
+# No contraction of a*b+c into FMA: the same rounding as PyTorch's separate ops, on every ISA
+# (GCC contracts by default where the target has FMA, e.g. AArch64). No -march: the NEON and
+# SSE2 paths are baseline on their ISAs, AVX2/AVX-512 are chosen at run time.
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "override": None}
 
@@ -117,9 +121,7 @@ def _build() -> None:
         cpp_extension.load(
             name=_LIB_NAME,
             sources=[str(_SOURCE)],
-            # no contraction of a*b+c into FMA: the same rounding as PyTorch's separate ops,
-            # on every ISA (GCC contracts by default where the target has FMA, e.g. AArch64)
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -173,15 +175,18 @@ class use_native:  # noqa: N801 - used like a function, as torch.no_grad
 
 
 class use_simd:  # noqa: N801 - used like a function, as torch.no_grad
-    """Let the native kernels use AVX2/AVX-512 where the CPU has them (``True``, the default) or
-    force their portable paths (``False``, what CPUs without those run) inside a ``with``
-    block: the tests run both on x86."""
+    """Which vector paths the native kernels take inside a ``with`` block: ``True`` (or 2, the
+    default) all the CPU has, AVX2/AVX-512 included; ``1`` the 4-lane paths alone (SSE2 on x86,
+    NEON on AArch64: on x86 this runs the code ARM boards run); ``False`` (0) the portable
+    scalar paths. The tests run each on x86."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool | int) -> None:
+        self.level = 2 if enabled is True else int(enabled)
+        if self.level not in (0, 1, 2):
+            raise ValueError(f"use_simd takes True, False, 0, 1 or 2, got {enabled!r}")
 
     def __enter__(self) -> None:
-        self._previous = bool(_ops().set_simd(self.enabled))
+        self._previous = int(_ops().set_simd(self.level))
 
     def __exit__(self, *exc: object) -> None:
         _ops().set_simd(self._previous)

@@ -39,16 +39,94 @@
 #include <immintrin.h>
 #define GF_HAVE_AVX2_TARGET 1
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
 namespace {
 
-// Off: the kernels take their portable (non-SSE/AVX) paths on any CPU, so that x86 test runs cover
-// the code other CPUs run (native.use_simd). Read on every dispatch, set between calls.
-std::atomic<bool> simd_enabled{true};
+// Which vector paths the kernels may take (native.use_simd), read on every dispatch, set between
+// calls: 2 all this CPU has (AVX2/AVX-512 where present), 1 the 4-lane paths alone (SSE2 on
+// x86, NEON on AArch64: what ARM boards run, testable on x86), 0 the portable scalar paths.
+std::atomic<int64_t> simd_level{2};
 
-bool set_simd(bool enabled) { return simd_enabled.exchange(enabled); }
+int64_t set_simd(int64_t level) { return simd_level.exchange(std::clamp<int64_t>(level, 0, 2)); }
 
-inline bool simd() { return simd_enabled.load(std::memory_order_relaxed); }
+inline bool simd() { return simd_level.load(std::memory_order_relaxed) > 0; }
+
+// Whether the AVX2/AVX-512 paths may run (with the CPU's support, checked where they are).
+inline bool wide_simd() { return simd_level.load(std::memory_order_relaxed) > 1; }
+
+// 4-lane float vectors (GF_V4): one set of helpers over SSE2 (x86-64 baseline) and NEON (AArch64
+// baseline, the Pi 4's Cortex-A72 included), so the 4-lane kernel paths are one code for both
+// ISAs. Intrinsics rather than auto-vectorisation or at::vec: the lane order of every sum is
+// fixed in the source (deterministic, the same on both ISAs, no compiler heuristics), NaN and
+// ±0 behave as the x86 instructions do (below), and the build needs no -march. With
+// -ffp-contract=off a multiply and an add stay two roundings on AArch64 too.
+#if defined(__SSE2__)
+#define GF_V4 1
+constexpr bool kNeon = false;
+using v4 = __m128;
+inline v4 v4_load(const float* p) { return _mm_loadu_ps(p); }
+inline void v4_store(float* p, v4 v) { _mm_storeu_ps(p, v); }
+inline v4 v4_set1(float x) { return _mm_set1_ps(x); }
+inline v4 v4_zero() { return _mm_setzero_ps(); }
+inline v4 v4_all() { return _mm_castsi128_ps(_mm_set1_epi32(-1)); }
+inline v4 v4_add(v4 a, v4 b) { return _mm_add_ps(a, b); }
+inline v4 v4_sub(v4 a, v4 b) { return _mm_sub_ps(a, b); }
+inline v4 v4_mul(v4 a, v4 b) { return _mm_mul_ps(a, b); }
+inline v4 v4_max(v4 a, v4 b) { return _mm_max_ps(a, b); }
+inline v4 v4_min(v4 a, v4 b) { return _mm_min_ps(a, b); }
+inline v4 v4_gt(v4 a, v4 b) { return _mm_cmpgt_ps(a, b); }
+inline v4 v4_lt(v4 a, v4 b) { return _mm_cmplt_ps(a, b); }
+inline v4 v4_and(v4 a, v4 b) { return _mm_and_ps(a, b); }
+inline int v4_movemask(v4 m) { return _mm_movemask_ps(m); }
+inline void v4_transpose(v4& a, v4& b, v4& c, v4& d) { _MM_TRANSPOSE4_PS(a, b, c, d); }
+// 8 bytes widened to floats: lanes 0-3 and 4-7
+inline void v4_bytes8(const uint8_t* p, v4& lo, v4& hi) {
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i w = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), zero);
+  lo = _mm_cvtepi32_ps(_mm_unpacklo_epi16(w, zero));
+  hi = _mm_cvtepi32_ps(_mm_unpackhi_epi16(w, zero));
+}
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define GF_V4 1
+constexpr bool kNeon = true;
+using v4 = float32x4_t;
+inline v4 v4_load(const float* p) { return vld1q_f32(p); }
+inline void v4_store(float* p, v4 v) { vst1q_f32(p, v); }
+inline v4 v4_set1(float x) { return vdupq_n_f32(x); }
+inline v4 v4_zero() { return vdupq_n_f32(0.0f); }
+inline v4 v4_all() { return vreinterpretq_f32_u32(vdupq_n_u32(~0u)); }
+inline v4 v4_add(v4 a, v4 b) { return vaddq_f32(a, b); }
+inline v4 v4_sub(v4 a, v4 b) { return vsubq_f32(a, b); }
+inline v4 v4_mul(v4 a, v4 b) { return vmulq_f32(a, b); }
+// maxps / minps: a > b ? a : b (b where either is NaN, and for ±0), unlike fmax / fmin
+inline v4 v4_max(v4 a, v4 b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+inline v4 v4_min(v4 a, v4 b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+inline v4 v4_gt(v4 a, v4 b) { return vreinterpretq_f32_u32(vcgtq_f32(a, b)); }
+inline v4 v4_lt(v4 a, v4 b) { return vreinterpretq_f32_u32(vcltq_f32(a, b)); }
+inline v4 v4_and(v4 a, v4 b) {
+  return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(a), vreinterpretq_u32_f32(b)));
+}
+inline int v4_movemask(v4 m) {  // the lanes' sign bits as bits 0-3
+  const int32x4_t shift = {0, 1, 2, 3};
+  return static_cast<int>(
+      vaddvq_u32(vshlq_u32(vshrq_n_u32(vreinterpretq_u32_f32(m), 31), shift)));
+}
+inline void v4_transpose(v4& a, v4& b, v4& c, v4& d) {
+  const float32x4x2_t ab = vtrnq_f32(a, b), cd = vtrnq_f32(c, d);
+  a = vcombine_f32(vget_low_f32(ab.val[0]), vget_low_f32(cd.val[0]));
+  b = vcombine_f32(vget_low_f32(ab.val[1]), vget_low_f32(cd.val[1]));
+  c = vcombine_f32(vget_high_f32(ab.val[0]), vget_high_f32(cd.val[0]));
+  d = vcombine_f32(vget_high_f32(ab.val[1]), vget_high_f32(cd.val[1]));
+}
+inline void v4_bytes8(const uint8_t* p, v4& lo, v4& hi) {
+  const uint16x8_t w = vmovl_u8(vld1_u8(p));
+  lo = vcvtq_f32_u32(vmovl_u16(vget_low_u16(w)));
+  hi = vcvtq_f32_u32(vmovl_u16(vget_high_u16(w)));
+}
+#endif
 
 constexpr int64_t kGrainElements = 1 << 15;  // full-resolution elements per parallel work item
 
@@ -547,25 +625,25 @@ typedef uint64_t __attribute__((__may_alias__)) alias_u64;
 
 constexpr int64_t kBlock = 1024;  // elements per inner block (a multiple of 8)
 
-#if defined(__SSE2__)
-// float on x86: compare and movemask give the 8 mask bits directly. maxps/minps return their
-// second operand when one is NaN, so max(0, x) and min(hi, .) keep NaN as PyTorch's clamp does.
+#if defined(GF_V4)
+// float, 4-lane vectors: compare and movemask give the 8 mask bits directly. v4_max/v4_min return
+// their second operand when one is NaN, so max(0, x) and min(hi, .) keep NaN as PyTorch's clamp.
 inline void masked_clamp_f32(const float* x, float* y, uint8_t* bits, int64_t bytes, bool bounded,
                              float upper) {
-  const __m128 zero = _mm_setzero_ps(), hi = _mm_set1_ps(upper);
+  const v4 zero = v4_zero(), hi = v4_set1(upper);
   for (int64_t b = 0; b < bytes; ++b) {
-    const __m128 a = _mm_loadu_ps(x + 8 * b), c = _mm_loadu_ps(x + 8 * b + 4);
-    __m128 ya = _mm_max_ps(zero, a), yc = _mm_max_ps(zero, c);
-    __m128 pa = _mm_cmpgt_ps(a, zero), pc = _mm_cmpgt_ps(c, zero);
+    const v4 a = v4_load(x + 8 * b), c = v4_load(x + 8 * b + 4);
+    v4 ya = v4_max(zero, a), yc = v4_max(zero, c);
+    v4 pa = v4_gt(a, zero), pc = v4_gt(c, zero);
     if (bounded) {
-      ya = _mm_min_ps(hi, ya);
-      yc = _mm_min_ps(hi, yc);
-      pa = _mm_and_ps(pa, _mm_cmplt_ps(a, hi));
-      pc = _mm_and_ps(pc, _mm_cmplt_ps(c, hi));
+      ya = v4_min(hi, ya);
+      yc = v4_min(hi, yc);
+      pa = v4_and(pa, v4_lt(a, hi));
+      pc = v4_and(pc, v4_lt(c, hi));
     }
-    _mm_storeu_ps(y + 8 * b, ya);
-    _mm_storeu_ps(y + 8 * b + 4, yc);
-    bits[b] = static_cast<uint8_t>(_mm_movemask_ps(pa) | (_mm_movemask_ps(pc) << 4));
+    v4_store(y + 8 * b, ya);
+    v4_store(y + 8 * b + 4, yc);
+    bits[b] = static_cast<uint8_t>(v4_movemask(pa) | (v4_movemask(pc) << 4));
   }
 }
 #endif
@@ -580,7 +658,7 @@ void masked_clamp_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t 
     uint8_t m[kBlock];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t e0 = blk * kBlock, len = std::min<int64_t>(kBlock, n - e0);
-#if defined(__SSE2__)
+#if defined(GF_V4)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (len == kBlock && simd()) {
           masked_clamp_f32(x + e0, y + e0, bits + e0 / 8, kBlock / 8, bounded, float(hi));
@@ -690,23 +768,23 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
                          acc_t* __restrict__ ty, acc_t* __restrict__ tmz, acc_t* __restrict__ tm,
                          int64_t n, acc_t s, acc_t t, bool act, acc_t hi) {
   int64_t e = 0;
-#if defined(__SSE2__)
+#if defined(GF_V4)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const __m128 vs = _mm_set1_ps(s), vt = _mm_set1_ps(t), zero = _mm_setzero_ps();
-    const __m128 vhi = _mm_set1_ps(hi), one = _mm_set1_ps(1.0f);
-    const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
+    const v4 vs = v4_set1(s), vt = v4_set1(t), zero = v4_zero();
+    const v4 vhi = v4_set1(hi), one = v4_set1(1.0f);
+    const v4 all = v4_all();
     for (; simd() && e + 4 <= n; e += 4) {
-      const __m128 zv = _mm_loadu_ps(z + e);
-      const __m128 v = _mm_add_ps(_mm_mul_ps(zv, vs), vt);
-      __m128 out = v, m = all;
-      if (act) {  // maxps/minps return the second operand on NaN: NaN stays NaN, as clamp
-        out = _mm_min_ps(vhi, _mm_max_ps(zero, v));
-        m = _mm_and_ps(_mm_cmpgt_ps(v, zero), _mm_cmplt_ps(v, vhi));
+      const v4 zv = v4_load(z + e);
+      const v4 v = v4_add(v4_mul(zv, vs), vt);
+      v4 out = v, m = all;
+      if (act) {  // v4_max/v4_min return the second operand on NaN: NaN stays NaN, as clamp
+        out = v4_min(vhi, v4_max(zero, v));
+        m = v4_and(v4_gt(v, zero), v4_lt(v, vhi));
       }
-      if (y != nullptr) _mm_storeu_ps(y + e, out);
-      _mm_storeu_ps(ty + e, out);
-      _mm_storeu_ps(tmz + e, _mm_and_ps(m, zv));
-      _mm_storeu_ps(tm + e, _mm_and_ps(m, one));
+      if (y != nullptr) v4_store(y + e, out);
+      v4_store(ty + e, out);
+      v4_store(tmz + e, v4_and(m, zv));
+      v4_store(tm + e, v4_and(m, one));
     }
   }
 #endif
@@ -720,7 +798,7 @@ inline void bn_act_plane(const scalar_t* __restrict__ z, scalar_t* __restrict__ 
   }
 }
 
-#if defined(__SSE2__)
+#if defined(GF_V4)
 // Tiny float planes, a full block of 8: first 4 planes × 4 pixels at a time (y stored, and y,
 // m * z, m transposed 4×4 into pixel-major buffers pm[quantity][pixel][8 planes]), then each
 // patch's pixel list summed with the 8 planes in two vectors per quantity. sums: [P][3][8].
@@ -732,39 +810,39 @@ inline void bn_act_tiny_block_f32(const float* const* zp, float* const* yp, cons
   float* pmy = pm;
   float* pmz = pm + HW * 8;
   float* pmm = pm + 2 * HW * 8;
-  const __m128 zero = _mm_setzero_ps(), vhi = _mm_set1_ps(hi), one = _mm_set1_ps(1.0f);
-  const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  const v4 zero = v4_zero(), vhi = v4_set1(hi), one = v4_set1(1.0f);
+  const v4 all = v4_all();
   for (int64_t g = 0; g < 2; ++g) {
     const float* const* zg = zp + g * 4;
     float* const* yg = yp + g * 4;
-    __m128 S[4], T[4];
+    v4 S[4], T[4];
     for (int j = 0; j < 4; ++j) {
-      S[j] = _mm_set1_ps(s8[g * 4 + j]);
-      T[j] = _mm_set1_ps(t8[g * 4 + j]);
+      S[j] = v4_set1(s8[g * 4 + j]);
+      T[j] = v4_set1(t8[g * 4 + j]);
     }
     int64_t e = 0;
     for (; e + 4 <= HW; e += 4) {
-      __m128 o[4], mz[4], mm[4];
+      v4 o[4], mz[4], mm[4];
       for (int j = 0; j < 4; ++j) {
-        const __m128 zv = _mm_loadu_ps(zg[j] + e);
-        const __m128 v = _mm_add_ps(_mm_mul_ps(zv, S[j]), T[j]);
-        __m128 out = v, m = all;
-        if (act) {  // maxps/minps return the second operand on NaN: NaN stays NaN, as clamp
-          out = _mm_min_ps(vhi, _mm_max_ps(zero, v));
-          m = _mm_and_ps(_mm_cmpgt_ps(v, zero), _mm_cmplt_ps(v, vhi));
+        const v4 zv = v4_load(zg[j] + e);
+        const v4 v = v4_add(v4_mul(zv, S[j]), T[j]);
+        v4 out = v, m = all;
+        if (act) {  // v4_max/v4_min return the second operand on NaN: NaN stays NaN, as clamp
+          out = v4_min(vhi, v4_max(zero, v));
+          m = v4_and(v4_gt(v, zero), v4_lt(v, vhi));
         }
-        if (yg[j] != nullptr) _mm_storeu_ps(yg[j] + e, out);
+        if (yg[j] != nullptr) v4_store(yg[j] + e, out);
         o[j] = out;
-        mz[j] = _mm_and_ps(m, zv);
-        mm[j] = _mm_and_ps(m, one);
+        mz[j] = v4_and(m, zv);
+        mm[j] = v4_and(m, one);
       }
-      _MM_TRANSPOSE4_PS(o[0], o[1], o[2], o[3]);
-      _MM_TRANSPOSE4_PS(mz[0], mz[1], mz[2], mz[3]);
-      _MM_TRANSPOSE4_PS(mm[0], mm[1], mm[2], mm[3]);
+      v4_transpose(o[0], o[1], o[2], o[3]);
+      v4_transpose(mz[0], mz[1], mz[2], mz[3]);
+      v4_transpose(mm[0], mm[1], mm[2], mm[3]);
       for (int k = 0; k < 4; ++k) {
-        _mm_storeu_ps(pmy + (e + k) * 8 + g * 4, o[k]);
-        _mm_storeu_ps(pmz + (e + k) * 8 + g * 4, mz[k]);
-        _mm_storeu_ps(pmm + (e + k) * 8 + g * 4, mm[k]);
+        v4_store(pmy + (e + k) * 8 + g * 4, o[k]);
+        v4_store(pmz + (e + k) * 8 + g * 4, mz[k]);
+        v4_store(pmm + (e + k) * 8 + g * 4, mm[k]);
       }
     }
     for (; e < HW; ++e)
@@ -776,23 +854,23 @@ inline void bn_act_tiny_block_f32(const float* const* zp, float* const* yp, cons
       }
   }
   for (int64_t q = 0; q < P; ++q) {
-    __m128 y0 = zero, y1 = zero, z0 = zero, z1 = zero, m0 = zero, m1 = zero;
+    v4 y0 = zero, y1 = zero, z0 = zero, z1 = zero, m0 = zero, m1 = zero;
     for (int64_t i = first[q]; i < first[q + 1]; ++i) {
       const int64_t o = pixels[i] * 8;
-      y0 = _mm_add_ps(y0, _mm_loadu_ps(pmy + o));
-      y1 = _mm_add_ps(y1, _mm_loadu_ps(pmy + o + 4));
-      z0 = _mm_add_ps(z0, _mm_loadu_ps(pmz + o));
-      z1 = _mm_add_ps(z1, _mm_loadu_ps(pmz + o + 4));
-      m0 = _mm_add_ps(m0, _mm_loadu_ps(pmm + o));
-      m1 = _mm_add_ps(m1, _mm_loadu_ps(pmm + o + 4));
+      y0 = v4_add(y0, v4_load(pmy + o));
+      y1 = v4_add(y1, v4_load(pmy + o + 4));
+      z0 = v4_add(z0, v4_load(pmz + o));
+      z1 = v4_add(z1, v4_load(pmz + o + 4));
+      m0 = v4_add(m0, v4_load(pmm + o));
+      m1 = v4_add(m1, v4_load(pmm + o + 4));
     }
     float* d = sums + q * 24;
-    _mm_storeu_ps(d, m0);
-    _mm_storeu_ps(d + 4, m1);
-    _mm_storeu_ps(d + 8, z0);
-    _mm_storeu_ps(d + 12, z1);
-    _mm_storeu_ps(d + 16, y0);
-    _mm_storeu_ps(d + 20, y1);
+    v4_store(d, m0);
+    v4_store(d + 4, m1);
+    v4_store(d + 8, z0);
+    v4_store(d + 12, z1);
+    v4_store(d + 16, y0);
+    v4_store(d + 20, y1);
   }
 }
 #endif
@@ -1071,7 +1149,7 @@ __attribute__((target("avx2"))) void bn_act_plane_rows_avx2(
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
-  return has && simd();
+  return has && wide_simd();
 }
 #endif
 
@@ -1251,7 +1329,7 @@ void bn_act_stats_kernel(const scalar_t* z, const scalar_t* scale, const scalar_
       }
 #endif
       const int64_t o0 = (c0 * N + n) * P, step = N * P;  // plane j's sums: o0 + j * step
-#if defined(__SSE2__)
+#if defined(GF_V4)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (tiny && cnt == B && !wide_rows && simd()) {
           float s8[B], t8[B];
@@ -1513,6 +1591,44 @@ __attribute__((target("avx2"))) void unit_backward_row_avx2(
 }
 #endif
 
+#if defined(GF_V4)
+// unit_backward_kernel's whole blocks of 8 columns for one float channel, 4-lane vectors: its
+// eight partial sums pm, pz as two vectors each, every lane in the portable loop's order (the
+// same results, bit for bit). Returns the columns done.
+template <typename count_t>
+int64_t unit_backward_blocks_v4(const float* g, const count_t* count, const float* mz,
+                                const float* inv_n, float s, float mu, int64_t M, float* out,
+                                float* pm, float* pz) {
+  const v4 vs = v4_set1(s), vmu = v4_set1(mu);
+  v4 m0 = v4_zero(), m1 = m0, z0 = m0, z1 = m0;
+  int64_t j = 0;
+  for (; j + 8 <= M; j += 8) {
+    v4 n0, n1;
+    if constexpr (std::is_same_v<count_t, uint8_t>) {
+      v4_bytes8(count + j, n0, n1);
+    } else {
+      n0 = v4_load(count + j);
+      n1 = v4_load(count + j + 4);
+    }
+    const v4 g0 = v4_load(g + j), g1 = v4_load(g + j + 4);
+    const v4 gm0 = v4_mul(g0, n0), gm1 = v4_mul(g1, n1);
+    m0 = v4_add(m0, gm0);
+    m1 = v4_add(m1, gm1);
+    v4_store(out + j, v4_mul(v4_mul(gm0, vs), v4_load(inv_n + j)));
+    v4_store(out + j + 4, v4_mul(v4_mul(gm1, vs), v4_load(inv_n + j + 4)));
+    if (mz != nullptr) {
+      z0 = v4_add(z0, v4_mul(g0, v4_sub(v4_load(mz + j), v4_mul(vmu, n0))));
+      z1 = v4_add(z1, v4_mul(g1, v4_sub(v4_load(mz + j + 4), v4_mul(vmu, n1))));
+    }
+  }
+  v4_store(pm, m0);
+  v4_store(pm + 4, m1);
+  v4_store(pz, z0);
+  v4_store(pz + 4, z1);
+  return j;
+}
+#endif
+
 template <typename scalar_t, typename count_t>
 void unit_backward_kernel(const scalar_t* g, const count_t* count, const scalar_t* mz,
                           const scalar_t* scale, const scalar_t* inv_std, const scalar_t* mean,
@@ -1545,6 +1661,16 @@ void unit_backward_kernel(const scalar_t* g, const count_t* count, const scalar_
       const acc_t s = acc_t(scale[c]);
       acc_t pm[L] = {}, pz[L] = {};
       int64_t j = 0;
+#if defined(GF_V4)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // x86 at level 2 keeps its AVX2-or-scalar choice (its measured path); there the 4-lane
+        // path, NEON's, runs at level 1 (use_simd(1)) to be tested
+        if (simd() && (kNeon || !wide_simd()))
+          j = unit_backward_blocks_v4(gc, nc, mz ? mz + c * M : nullptr, inv_n.data(), s,
+                                      acc_t(mean[c]), M, out, pm, pz);
+      }
+#endif
+      const int64_t done = j;  // whole blocks the vector path took
       for (; j + L <= M; j += L)
         for (int64_t k = 0; k < L; ++k) {
           const acc_t gm = acc_t(gc[j + k]) * acc_t(nc[j + k]);
@@ -1559,7 +1685,7 @@ void unit_backward_kernel(const scalar_t* g, const count_t* count, const scalar_
       if (mz != nullptr) {
         const scalar_t* __restrict__ zc = mz + c * M;
         const acc_t mu = acc_t(mean[c]);
-        for (j = 0; j + L <= M; j += L)
+        for (j = done; j + L <= M; j += L)
           for (int64_t k = 0; k < L; ++k)
             pz[k] += acc_t(gc[j + k]) * (acc_t(zc[j + k]) - mu * acc_t(nc[j + k]));
         for (; j < M; ++j) pz[0] += acc_t(gc[j]) * (acc_t(zc[j]) - mu * acc_t(nc[j]));
@@ -2139,7 +2265,7 @@ constexpr int64_t kLinearMaxBatch = 64;  // larger batches: MKL's GEMMs are at p
 #if defined(GF_HAVE_AVX2_TARGET)
 bool cpu_has_avx512f() {
   static const bool has = __builtin_cpu_supports("avx512f");
-  return has && simd();
+  return has && wide_simd();
 }
 
 // Rows [o0, o1) of W, every column tile, batch rows [b0, b0 + NB). first: gW's rows start at
@@ -2558,7 +2684,7 @@ TORCH_LIBRARY(gradfilter, m) {
   m.def("linear_fast_path(int batch, ScalarType dtype) -> bool", TORCH_FN(linear_fast_path));
   m.def("fused_hand_offs() -> int", TORCH_FN(fused_hand_offs));
   m.def("fused_dw_passes() -> int", TORCH_FN(fused_dw_passes));
-  m.def("set_simd(bool enabled) -> bool", TORCH_FN(set_simd));
+  m.def("set_simd(int level) -> int", TORCH_FN(set_simd));
   m.class_<FusedPlan>("FusedPlan")
       .def(torch::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<double>, std::vector<double>, bool, bool,
