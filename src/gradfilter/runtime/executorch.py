@@ -17,7 +17,8 @@ prefix) into a ``.pte`` program with two methods:
 Not exportable, refused at export with the reason: BatchNorm in training mode (batch
 statistics), and any graph that needs an operator the ExecuTorch runtime has no kernel for
 (``torch.nn.AdaptiveAvgPool2d`` to 1×1 is exported as the equal mean, whose backward the
-runtime has). Global average pooling through ``F.adaptive_avg_pool2d`` decomposes to a mean.
+runtime has). Global average pooling through ``F.adaptive_avg_pool2d`` decomposes to a mean;
+pads by negative amounts (autograd's backward of a pad) become slices.
 Programs run on ExecuTorch's portable CPU kernels; no delegate (XNNPACK) is used for training
 graphs: delegated weights would not follow the optimizer's updates.
 """
