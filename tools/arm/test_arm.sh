@@ -9,8 +9,11 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${GRADFILTER_ARM_CACHE:-$HOME/.cache/gradfilter/arm64}
 ARM_CPUS=${ARM_CPUS:-cortex-a72 cortex-a76}
+# the op, native, lean, blocks, surgery and training tests; linear and optim: the classifier and
+# parameter-flush kernels, so that every native kernel runs
 ARM_TESTS=${ARM_TESTS:-tests/test_ops_spec.py tests/test_ops_behaviour.py tests/test_native.py \
-tests/test_lean.py tests/test_blocks.py tests/test_surgery.py tests/test_train.py}
+tests/test_lean.py tests/test_blocks.py tests/test_surgery.py tests/test_train.py \
+tests/test_linear.py tests/test_optim.py}
 TORCH_PINS="torch==2.9.1 torchvision==0.24.1"  # aarch64 CPU wheels (OpenBLAS), ARMv8.0-safe
 MIRROR=http://deb.debian.org/debian
 FS=$CACHE/rootfs
@@ -151,9 +154,9 @@ run_cpu() {  # build the native kernels and run the tests on emulated core $1
     in_fs "$cpu" "cd $SRC && GRADFILTER_NATIVE=1 python -c \
         'from gradfilter import native; assert native.available(); print(\"native kernels: ok\")'" \
         || die "$cpu: the native kernels did not build"
-    step "$cpu: pytest $ARM_TESTS"
+    step "$cpu: pytest $ARM_TESTS"  # -q from pyproject.toml (a second -q drops the counts line)
     local rc=0
-    in_fs "$cpu" "cd $SRC && GRADFILTER_REQUIRE_NATIVE=1 python -m pytest -q -p no:cacheprovider \
+    in_fs "$cpu" "cd $SRC && GRADFILTER_REQUIRE_NATIVE=1 python -m pytest -p no:cacheprovider \
         --junitxml=/root/pytest-$cpu.xml $ARM_TESTS" 2>&1 | tee "$log" || rc=$?
     cleanup
     SUMMARY+=("$cpu: $(tail -n 1 "$log") (exit $rc)")
