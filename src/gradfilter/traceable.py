@@ -127,6 +127,39 @@ def _input_path(x: Tensor, weight: Tensor, stride, pads, dilation, groups, out_h
     return v - v.detach()
 
 
+class _Attached(torch.autograd.Function):
+    """``y`` unchanged; the gradient reaching ``d`` is the sum of y's over each output patch
+    (the adjoint of repeating d over the patches). What ``y + crop(up(d))`` computes with d = 0,
+    without the full-resolution add: fused into the next elementwise kernel, torch.compile's
+    code indexes d by ``h // r`` there and loses its vector loops (on CPUs), costing more than
+    the filtered backward saves."""
+
+    @staticmethod
+    def forward(y: Tensor, d: Tensor, grid: tuple[int, ...]) -> Tensor:
+        return y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.grid = inputs[2]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        pad_h, patches_h, r_h, pad_w, patches_w, r_w = ctx.grid
+        gd = _axis_sum(_axis_sum(g, 2, pad_h, patches_h, r_h), 3, pad_w, patches_w, r_w)
+        return g, gd, None
+
+
+def _attach(y: Tensor, d: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
+    """``y + crop(up(d))`` for a zero ``d`` of patch resolution: its value is y's; its gradient
+    w.r.t. d the patch sums of the output's. torch.compile gets :class:`_Attached`; export
+    (whose programs carry plain ATen ops to other runtimes) the repetition and the add."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        grid = (gh.out_pad, gh.patches, gh.radius, gw.out_pad, gw.patches, gw.radius)
+        return _Attached.apply(y, d, grid)
+    d = _axis_repeat(d, 2, gh.out_pad, gh.radius, gh.out_size)
+    return y + _axis_repeat(d, 3, gw.out_pad, gw.radius, gw.out_size)
+
+
 def _filtered_2d(x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stride, padding,
                  dilation, groups: int, radius, exact: bool) -> Tensor:
     """y (the plain conv's output, no graph) plus the zero-valued terms that carry the filtered
@@ -157,8 +190,7 @@ def _filtered_2d(x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stri
         db = (bias - bias.detach()).view(1, -1, 1, 1)
         d = db.expand(y.shape[0], -1, gh.patches, gw.patches) if d is None else d + db
     if d is not None:
-        d = _axis_repeat(d, 2, gh.out_pad, gh.radius, gh.out_size)
-        out = out + _axis_repeat(d, 3, gw.out_pad, gw.radius, gw.out_size)
+        out = _attach(out, d, gh, gw)
     if exact and need_x:
         out = out + _input_path(x, weight, stride, explicit_padding(padding, weight.shape[2:],
                                                                   dilation),
