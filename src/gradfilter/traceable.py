@@ -128,14 +128,15 @@ def _input_path(x: Tensor, weight: Tensor, stride, pads, dilation, groups, out_h
 
 
 class _Attached(torch.autograd.Function):
-    """``y`` unchanged; the gradient reaching ``d`` is the sum of y's over each output patch
-    (the adjoint of repeating d over the patches). What ``y + crop(up(d))`` computes with d = 0,
-    without the full-resolution add: fused into the next elementwise kernel, torch.compile's
-    code indexes d by ``h // r`` there and loses its vector loops (on CPUs), costing more than
-    the filtered backward saves."""
+    """``y`` unchanged; the gradient reaching ``d`` is the sum of y's over each patch of the
+    ``grid`` (per spatial axis: pad before the grid, patches, patch length), the adjoint of
+    repeating d over the patches. What ``y + crop(up(d))`` computes with d = 0, without the
+    full-resolution add: fused into the next elementwise kernel, torch.compile's code indexes
+    d by ``h // r`` there and loses its vector loops (on CPUs), costing more than the filtered
+    backward saves."""
 
     @staticmethod
-    def forward(y: Tensor, d: Tensor, grid: tuple[int, ...]) -> Tensor:
+    def forward(y: Tensor, d: Tensor, grid: tuple[tuple[int, int, int], ...]) -> Tensor:
         return y.clone()
 
     @staticmethod
@@ -144,20 +145,22 @@ class _Attached(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        pad_h, patches_h, r_h, pad_w, patches_w, r_w = ctx.grid
-        gd = _axis_sum(_axis_sum(g, 2, pad_h, patches_h, r_h), 3, pad_w, patches_w, r_w)
+        gd = g
+        for i, (pad, patches, k) in enumerate(ctx.grid):
+            gd = _axis_sum(gd, 2 + i, pad, patches, k)
         return g, gd, None
 
 
-def _attach(y: Tensor, d: Tensor, gh: AxisGeometry, gw: AxisGeometry) -> Tensor:
-    """``y + crop(up(d))`` for a zero ``d`` of patch resolution: its value is y's; its gradient
-    w.r.t. d the patch sums of the output's. torch.compile gets :class:`_Attached`; export
-    (whose programs carry plain ATen ops to other runtimes) the repetition and the add."""
+def _attach(y: Tensor, d: Tensor, grid: tuple[tuple[int, int, int], ...]) -> Tensor:
+    """``y + crop(up(d))`` for a zero ``d`` on a patch ``grid`` of y's spatial axes (see
+    :class:`_Attached`): its value is y's; its gradient w.r.t. d the patch sums of the output's.
+    torch.compile gets :class:`_Attached`; export (whose programs carry plain ATen ops to other
+    runtimes) the repetition and the add."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        grid = (gh.out_pad, gh.patches, gh.radius, gw.out_pad, gw.patches, gw.radius)
         return _Attached.apply(y, d, grid)
-    d = _axis_repeat(d, 2, gh.out_pad, gh.radius, gh.out_size)
-    return y + _axis_repeat(d, 3, gw.out_pad, gw.radius, gw.out_size)
+    for i, (pad, _, k) in enumerate(grid):
+        d = _axis_repeat(d, 2 + i, pad, k, y.shape[2 + i])
+    return y + d
 
 
 def _filtered_2d(x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stride, padding,
@@ -190,7 +193,8 @@ def _filtered_2d(x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stri
         db = (bias - bias.detach()).view(1, -1, 1, 1)
         d = db.expand(y.shape[0], -1, gh.patches, gw.patches) if d is None else d + db
     if d is not None:
-        out = _attach(out, d, gh, gw)
+        grid = tuple((g.out_pad, g.patches, g.radius) for g in (gh, gw))
+        out = _attach(out, d, grid)
     if exact and need_x:
         out = out + _input_path(x, weight, stride, explicit_padding(padding, weight.shape[2:],
                                                                   dilation),
@@ -308,7 +312,5 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor,
                 xs = _axis_sum(xs, 2 + i, 0, patches, radius)
                 counts = _axis_sum(counts, i, 0, patches, radius)
             t = (xs / counts - mean) * inv_std * dw
-            for i, size in enumerate(spatial):
-                t = _axis_repeat(t, 2 + i, 0, radius, size)
-            out = out + t
+            out = _attach(out, t, tuple((0, -(-size // radius), radius) for size in spatial))
     return out
