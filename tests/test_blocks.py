@@ -55,10 +55,16 @@ FUSED_NODE = "FusedBlockBackward"
 
 def _node(fn) -> str:
     """FUSED_NODE for a fused block's autograd node (the PyTorch reference path's Python
-    Function or the native path's C++ node), else the node's type name."""
-    if fn is not None and "FusedBlockFn" in fn.name():
-        return FUSED_NODE
-    return type(fn).__name__
+    Function or the native path's C++ node), else the node's type name. (torch < 2.10 refuses
+    ``name()`` on a Python Function's node: its type name is enough there.)"""
+    kind = type(fn).__name__
+    if fn is None or kind == FUSED_NODE:
+        return kind
+    try:
+        full = fn.name()
+    except RuntimeError:
+        return kind
+    return FUSED_NODE if "FusedBlockFn" in full else kind
 
 
 def _ceil_div(a, b):
