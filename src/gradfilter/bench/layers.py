@@ -8,7 +8,6 @@ in a fresh worker process so that one config's heap and cache state does not lea
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import statistics
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import functional as GF
 from ..machine import describe, machine_info, synchronize
+from . import save_result
 
 # (channels in = out, height, width) — the paper's latency configs.
 CONFIGS: list[tuple[int, int, int]] = [
@@ -114,11 +114,8 @@ def run_layers(radii=(2, 4), batch: int | None = None, repeats: int = 7, device:
         ref_txt = f" (reference code: {_geomean(ref):.1f}x)" if ref and dev.type == "cpu" else ""
         print(f"geomean backward speedup r={r}: {g:.1f}x{ref_txt}")
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        _plot(result, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+        path = save_result(result, out, _plot)
+        print(f"wrote {path} and its plot")
     return 0
 
 
@@ -131,14 +128,11 @@ def _row_line(row: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     radii = sorted({r["radius"] for r in result["rows"]})
     labels = [f"{c}\n{h}x{w}" for c, h, w in CONFIGS]
     fig, ax = plt.subplots(figsize=(9, 4))

@@ -12,7 +12,6 @@ mode (no dropout), so every program does the same work every step.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from ..machine import describe, machine_info
+from . import save_result
 
 __all__ = ["METHODS", "MODELS", "run_runtime_bench"]
 
@@ -36,13 +36,13 @@ def _forward_only(net: torch.nn.Module, x: torch.Tensor) -> tuple[Any, bytes, di
     from executorch.exir import to_edge
     from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
+    from ..runtime.executorch import planned_bytes
+
     with torch.no_grad():
         ep = torch.export.export(net, (x,), strict=False)
     prog = to_edge(ep).to_executorch()
-    planned = {p.name: int(sum(p.non_const_buffer_sizes))
-               for p in prog.executorch_program.execution_plan}
     buffer = prog.buffer
-    return _load_for_executorch_from_buffer(buffer), buffer, planned
+    return _load_for_executorch_from_buffer(buffer), buffer, planned_bytes(prog.executorch_program)
 
 
 def _case(model_name: str, last: int, radius: int, batch: int, size: int, repeats: int,
@@ -72,10 +72,10 @@ def _case(model_name: str, last: int, radius: int, batch: int, size: int, repeat
     fwd, buffer, planned = _forward_only(plain, x)
     row["forward_only"] = {"planned_bytes": planned["forward"], "pte_bytes": len(buffer),
                            "ms": []}
-    for _ in range(1):  # warm-up: the first run allocates and faults in the planned memory
-        fwd.run_method("forward", (x,))
-        for trainer in programs.values():
-            trainer.step(x, y)
+    # warm-up: the first run allocates and faults in the planned memory
+    fwd.run_method("forward", (x,))
+    for trainer in programs.values():
+        trainer.step(x, y)
     for _ in range(repeats):  # rounds alternate the programs (a drifting machine moves all)
         t0 = time.perf_counter()
         fwd.run_method("forward", (x,))
@@ -114,9 +114,9 @@ def run_runtime_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int = 8
                       out: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Benchmark every model and ``lasts`` setting in the ExecuTorch runtime; print a line per
     case; write JSON (+ PNG) to ``out``."""
-    from ..runtime.executorch import _import_executorch
+    from ..runtime.executorch import require_executorch
 
-    _import_executorch()
+    require_executorch()
     methods = tuple(methods)
     if repeats < 1 or batch < 1 or size < 1:
         raise ValueError(f"repeats, batch and size must be >= 1, got {repeats}, {batch}, {size}")
@@ -138,13 +138,7 @@ def run_runtime_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int = 8
     if not quiet:
         print(f"machine: {describe(result['machine'])}; {result['threads']} threads")
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        try:
-            plot(result, path.with_suffix(".png"))
-        except ImportError:
-            pass
+        save_result(result, out, plot)
     return result
 
 

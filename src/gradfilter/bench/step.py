@@ -40,7 +40,6 @@ process's peak RSS over one step in a fresh process on CPU.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import resource
 import statistics
@@ -61,6 +60,7 @@ from ..machine import (
 )
 from ..optim import flush_before_step, fused_kwargs
 from ..train.trainer import METHODS
+from . import save_result
 
 MODELS = ("mobilenet_v2", "resnet18", "tf_efficientnet_lite0")
 COMPILED = "_compiled"  # suffix of a compiled variant's keys
@@ -222,7 +222,7 @@ def bench_case(model_name: str, last: int, radius: int, batch: int, size: int, r
             row[f"{phase}_ms_{m}"] = statistics.median(p[k] for p in phases[m]) * 1e3
     # The most E any method can reach that keeps vanilla's forward (autograd recording
     # included) and optimizer step: E with a backward of zero time.
-    for van in ("vanilla", f"vanilla{COMPILED}")[: 1 + bool(compile)]:
+    for van in (v for v in timed if v.removesuffix(COMPILED) == "vanilla"):
         fwd = _baseline(van)[1]
         bound = med[van] - med[fwd]
         no_backward = row[f"forward_ms_{van}"] + row[f"optimizer_ms_{van}"]
@@ -344,13 +344,7 @@ def run_step_bench(models=MODELS, lasts=LAST, radius: int = 4, batch: int | None
         print(f"machine: {describe(result['machine'])}; {threads} threads"
               + (f", {load} CPU-bound process(es) beside it" if load else ""))
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        try:
-            plot(result, path.with_suffix(".png"))
-        except ImportError:
-            pass
+        save_result(result, out, plot)
     return result
 
 

@@ -26,8 +26,7 @@ graphs: delegated weights would not follow the optimizer's updates.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,8 @@ __all__ = [
     "export_model",
     "export_training",
     "load_training",
+    "planned_bytes",
+    "require_executorch",
 ]
 
 #: Optimizers the runtime runs: ExecuTorch's SGD (momentum, weight decay, constant rate).
@@ -57,7 +58,8 @@ class UnsupportedForRuntimeError(ValueError):
     """The model (or an option) cannot be exported to the runtime with its exact backward."""
 
 
-def _import_executorch() -> None:
+def require_executorch() -> None:
+    """Import the ExecuTorch runtime, or raise one error naming the extra that provides it."""
     try:
         import executorch.exir  # noqa: F401
         import executorch.extension.training  # noqa: F401
@@ -208,12 +210,16 @@ def _crop_negative_pads(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-def _operator_names(program: Any) -> dict[str, list[str]]:
-    ops: dict[str, list[str]] = {}
-    for plan in program.execution_plan:
-        ops[plan.name] = sorted({f"{o.name}.{o.overload}" if o.overload else o.name
-                                 for o in plan.operators})
-    return ops
+def planned_bytes(program: Any) -> dict[str, int]:
+    """Per method of an ExecuTorch program: the bytes the runtime plans for its non-constant
+    tensors (``non_const_buffer_sizes``: activations, gradients, outputs)."""
+    return {p.name: int(sum(p.non_const_buffer_sizes)) for p in program.execution_plan}
+
+
+def _operator_names(program: Any) -> list[str]:
+    """The operators every method of ``program`` calls (``name.overload``), sorted."""
+    return sorted({f"{o.name}.{o.overload}" if o.overload else o.name
+                   for plan in program.execution_plan for o in plan.operators})
 
 
 def export_training(
@@ -234,7 +240,7 @@ def export_training(
     :class:`UnsupportedForRuntimeError` with the reason when the step cannot run in the runtime
     with its exact (filtered) backward.
     """
-    _import_executorch()
+    require_executorch()
     from executorch.exir import to_edge
     from executorch.extension.pybindings.portable_lib import _get_operator_names
     from torch.export.experimental import _export_forward_backward
@@ -265,16 +271,13 @@ def export_training(
     executorch = to_edge(programs).to_executorch()
     program = executorch.executorch_program
     ops = _operator_names(program)
-    have = set(_get_operator_names())
-    missing = sorted({o for v in ops.values() for o in v} - have)
+    missing = sorted(set(ops) - set(_get_operator_names()))
     if missing:
         raise UnsupportedForRuntimeError(
             "the ExecuTorch runtime has no kernel for " + ", ".join(missing) + " (needed by "
             "the exported training step); the model cannot train there with its backward")
-    planned = {p.name: int(sum(p.non_const_buffer_sizes)) for p in program.execution_plan
-               if p.name in programs}
-    result = ExportedTraining(executorch.buffer, planned,
-                              sorted({o for v in ops.values() for o in v}))
+    planned = {k: v for k, v in planned_bytes(program).items() if k in programs}
+    result = ExportedTraining(executorch.buffer, planned, ops)
     if out is not None:
         result.save(out)
     return result
@@ -304,7 +307,7 @@ class ExecuTorchTrainer:
     """
 
     def __init__(self, program: bytes | str | Path) -> None:
-        _import_executorch()
+        require_executorch()
         from executorch.extension.training import (
             _load_for_executorch_for_training,
             _load_for_executorch_for_training_from_buffer,
@@ -436,12 +439,6 @@ def load_training(path: str | Path) -> ExecuTorchTrainer:
     return ExecuTorchTrainer(path)
 
 
-def relative_error(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    """Largest ``max|a - b| / max|b|`` over the names of ``b``."""
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30))
-               for k in b) if b else math.nan
-
-
 def export_model(*, model: str, num_classes: int, input_shape: tuple[int, int, int, int],
                  train_last: int, method: str, radius: int, out: str | Path,
                  lean: str | None = None, pretrained: bool = False,
@@ -453,7 +450,7 @@ def export_model(*, model: str, num_classes: int, input_shape: tuple[int, int, i
     from ..models.segmentation import is_segmentation_model
     from ..train.trainer import prepare_model
 
-    _import_executorch()
+    require_executorch()
     if is_segmentation_model(model):
         raise UnsupportedForRuntimeError(
             f"gradfilter export takes classification models (cross-entropy on class indices); "

@@ -410,13 +410,13 @@ def train(
                     t0 = time.perf_counter()
                 loss = runtime.step(inputs, targets)[0]
                 step_times.append(time.perf_counter() - t0)
-            elif saved_bytes is None:
-                with count_saved(model.parameters()) as saved:
-                    loss = loss_fn(_forward(model, inputs), targets)
-                saved_bytes = saved.bytes
             else:
-                loss = loss_fn(_forward(model, inputs), targets)
-            if runtime is None:
+                if saved_bytes is None:
+                    with count_saved(model.parameters()) as saved:
+                        loss = loss_fn(_forward(model, inputs), targets)
+                    saved_bytes = saved.bytes
+                else:
+                    loss = loss_fn(_forward(model, inputs), targets)
                 opt.zero_grad(set_to_none=True)
                 _sync(device)
                 t1 = time.perf_counter()
